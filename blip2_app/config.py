@@ -1,0 +1,142 @@
+"""Settings: one validated dataclass built from command-line flags and BLIP2_* environment variables.
+
+Every flag `--some-flag` has the environment variable `BLIP2_SOME_FLAG`; a flag wins over the
+variable, the variable over the default. Handlers never read these: `Settings` is passed in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+
+from .errors import SettingsError
+from .loading import PRECISIONS, PRESETS
+
+DEFAULT_MODEL = "blip2-opt-2.7b"
+PRECISION_CHOICES = ("auto", *PRESETS)
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = DEFAULT_MODEL
+    retrieval_model: str = "auto"  # "auto": the model's registry partner; "none": no retrieval
+    precision: str = "auto"
+    vision_precision: str | None = None
+    qformer_precision: str | None = None
+    llm_precision: str | None = None
+    device: str = "auto"
+    models_file: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 7860
+    share: bool = False
+    concurrency: int = 1
+    max_queue: int = 16
+    cache_entries: int = 256
+    cache_mb: int = 512
+    max_image_pixels: int = 40_000_000
+    max_upload_mb: int = 25
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISION_CHOICES:
+            raise SettingsError(
+                f"precision must be one of {', '.join(PRECISION_CHOICES)}; got {self.precision!r}."
+            )
+        for name in ("vision_precision", "qformer_precision", "llm_precision"):
+            value = getattr(self, name)
+            if value is not None and value not in PRECISIONS:
+                raise SettingsError(f"{name} must be one of {', '.join(PRECISIONS)}; got {value!r}.")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise SettingsError(f"device must be auto, cpu or cuda[:N]; got {self.device!r}.")
+        if not 0 < self.port < 65536:
+            raise SettingsError(f"port must be between 1 and 65535; got {self.port}.")
+        positive = ("concurrency", "max_queue", "max_image_pixels", "max_upload_mb")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name} must be at least 1; got {getattr(self, name)}.")
+        for name in ("cache_entries", "cache_mb"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{name} must be 0 (off) or more; got {getattr(self, name)}.")
+        if self.threads is not None and self.threads < 1:
+            raise SettingsError(f"threads must be at least 1; got {self.threads}.")
+        if not self.model.strip():
+            raise SettingsError("model must not be empty.")
+
+    @property
+    def precision_overrides(self) -> dict[str, str | None]:
+        return {"vision": self.vision_precision, "qformer": self.qformer_precision, "llm": self.llm_precision}
+
+    @classmethod
+    def from_sources(
+        cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+    ) -> Settings:
+        parser = argparse.ArgumentParser(description="BLIP-2 Studio: captioning, visual chat and retrieval.")
+        add_arguments(parser, env if env is not None else os.environ)
+        args = parser.parse_args(argv)
+        return cls.from_namespace(args)
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> Settings:
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        return cls(**values)
+
+    def replace(self, **changes) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _env_value(env: Mapping[str, str], name: str, kind: type, default):
+    raw = env.get(f"BLIP2_{name.upper()}")
+    if raw is None or raw == "":
+        return default
+    if kind is bool:
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
+    try:
+        return kind(raw)
+    except ValueError as error:
+        raise SystemExit(f"BLIP2_{name.upper()}={raw!r} is not a valid {kind.__name__}.") from error
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser, env: Mapping[str, str], only: Sequence[str] | None = None
+) -> None:
+    """Add a flag per Settings field (or the `only` ones), defaulting to its BLIP2_* variable."""
+    helps = {
+        "model": "registry name, local checkpoint folder or hub id (tiny-random starts offline)",
+        "retrieval_model": "retrieval (ITM) model: 'auto' = the model's partner, 'none' = no retrieval",
+        "precision": "preset for all components: auto, " + ", ".join(PRESETS),
+        "vision_precision": "override for the vision encoder: " + ", ".join(PRECISIONS),
+        "qformer_precision": "override for the Q-Former: " + ", ".join(PRECISIONS),
+        "llm_precision": "override for the language model: " + ", ".join(PRECISIONS),
+        "device": "auto (cuda if present, else cpu), cpu, cuda, cuda:N",
+        "models_file": "JSON file with extra registry entries",
+        "host": "address to bind (127.0.0.1 keeps the app private to this machine)",
+        "port": "port to listen on",
+        "share": "create a public gradio.live link (off unless asked)",
+        "concurrency": "model requests run at the same time",
+        "max_queue": "requests waiting at most; more get 'queue full'",
+        "cache_entries": "vision-feature cache size in images (0 = off)",
+        "cache_mb": "vision-feature cache size in MB",
+        "max_image_pixels": "largest image accepted, in pixels (width x height)",
+        "max_upload_mb": "largest upload accepted, in MB",
+        "threads": "PyTorch CPU threads (default: PyTorch's choice)",
+    }
+    for f in fields(Settings):
+        if only is not None and f.name not in only:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        if f.name == "share":
+            parser.add_argument(
+                flag, action="store_true", default=_env_value(env, f.name, bool, default), help=helps[f.name]
+            )
+            continue
+        kind = int if f.type in ("int", "int | None") else str
+        parser.add_argument(
+            flag,
+            type=kind,
+            default=_env_value(env, f.name, kind, default),
+            help=helps[f.name] + f" [{default}]",
+        )

@@ -1,0 +1,25 @@
+"""Errors whose message is written for the person using the app.
+
+The UI turns a `UserFacingError` into `gr.Error(str(error))` and the CLI prints it on one line;
+anything else is a bug and only its traceback reaches the server log.
+"""
+
+
+class UserFacingError(Exception):
+    """Base class: `str(error)` is one complete, specific sentence (or short paragraph)."""
+
+
+class ModelLoadError(UserFacingError):
+    """A model could not be found, downloaded or loaded with the requested precision."""
+
+
+class InvalidRequestError(UserFacingError, ValueError):
+    """A request parameter is outside what the app accepts (message says which and why)."""
+
+
+class EmptyOutputError(UserFacingError):
+    """The model produced no text; the message says so instead of returning an empty string."""
+
+
+class SettingsError(UserFacingError, ValueError):
+    """A flag or environment variable has a value the app cannot use."""

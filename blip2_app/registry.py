@@ -1,0 +1,234 @@
+"""Model registry as data: names -> checkpoint, family, prompts, image size, default precision.
+
+The built-in entries live in `registry.json` beside this file; users add or override entries with
+their own JSON file of the same shape (`--models-file`), no code change. Any hub id or local
+checkpoint folder works too: its family is read from its `config.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelLoadError
+from .generation import GenerationSettings
+
+BUILTIN_REGISTRY = Path(__file__).with_name("registry.json")
+TINY_PREFIX = "tiny:"
+
+
+@dataclass(frozen=True)
+class PromptTemplates:
+    """Prompt text per task; `{question}`, `{answer}`, `{instruction}`, `{prompt}` are filled in."""
+
+    caption_short: str
+    caption_detailed: str
+    vqa_short: str
+    chat_query: str
+    chat_turn: str
+    turn_separator: str = " "
+    instruction: str = "{instruction} {prompt}"
+
+    def __post_init__(self) -> None:
+        needs = {
+            "vqa_short": ("{question}",),
+            "chat_query": ("{question}",),
+            "chat_turn": ("{question}", "{answer}"),
+            "instruction": ("{instruction}", "{prompt}"),
+        }
+        for field_name, placeholders in needs.items():
+            text = getattr(self, field_name)
+            for placeholder in placeholders:
+                if placeholder not in text:
+                    raise ValueError(f"Prompt template {field_name}={text!r} must contain {placeholder}.")
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a kind of checkpoint needs: classes to load it with and how its prompts look."""
+
+    name: str
+    architecture: str
+    processor: str
+    text_model_types: tuple[str, ...]
+    decoder_only: bool
+    instruction_aware: bool
+    context_tokens: int
+    templates: PromptTemplates | None
+
+    @property
+    def generates_text(self) -> bool:
+        return self.templates is not None
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    checkpoint: str
+    family: Family
+    image_size: int
+    precision: str
+    retrieval: str | None
+    description: str
+    decoding: GenerationSettings
+    templates: PromptTemplates | None
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.checkpoint.startswith(TINY_PREFIX)
+
+
+def _family_from_dict(name: str, data: Mapping[str, Any]) -> Family:
+    templates = data.get("templates")
+    return Family(
+        name=name,
+        architecture=data["architecture"],
+        processor=data["processor"],
+        text_model_types=tuple(data.get("text_model_types", ())),
+        decoder_only=bool(data["decoder_only"]),
+        instruction_aware=bool(data.get("instruction_aware", False)),
+        context_tokens=int(data["context_tokens"]),
+        templates=PromptTemplates(**templates) if templates else None,
+    )
+
+
+class Registry:
+    """Named models and families, merged from the built-in file and any user files."""
+
+    def __init__(self, data: Mapping[str, Any]):
+        self._raw = data
+        self.decoding = GenerationSettings(**data.get("decoding", {}))
+        self.families = {name: _family_from_dict(name, fam) for name, fam in data["families"].items()}
+        self.models = {name: self._entry(name, spec) for name, spec in data["models"].items()}
+
+    @classmethod
+    def load(cls, extra_files: Iterable[str | Path] = ()) -> Registry:
+        data = json.loads(BUILTIN_REGISTRY.read_text())
+        for path in extra_files:
+            data = _merge(data, _read_user_file(Path(path)))
+        try:
+            return cls(data)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ModelLoadError(f"The model registry is invalid: {error}") from error
+
+    def _entry(self, name: str, spec: Mapping[str, Any]) -> ModelEntry:
+        family_name = spec["family"]
+        if family_name not in self.families:
+            raise ValueError(f"model {name!r} names unknown family {family_name!r}")
+        family = self.families[family_name]
+        templates = family.templates
+        if templates is not None and spec.get("templates"):
+            templates = dataclasses.replace(templates, **spec["templates"])
+        return ModelEntry(
+            name=name,
+            checkpoint=spec["checkpoint"],
+            family=family,
+            image_size=int(spec.get("image_size", 224)),
+            precision=spec.get("precision", "auto"),
+            retrieval=spec.get("retrieval"),
+            description=spec.get("description", ""),
+            decoding=self.decoding.replace(**spec.get("decoding", {})),
+            templates=templates,
+        )
+
+    def names(self) -> list[str]:
+        return sorted(self.models)
+
+    def resolve(self, name_or_path: str) -> ModelEntry:
+        """A registry name, a local checkpoint folder or a hub id -> its entry."""
+        if name_or_path in self.models:
+            return self.models[name_or_path]
+        path = Path(name_or_path).expanduser()
+        if path.is_dir():
+            return self._entry_for_checkpoint(str(path), _read_json(path / "config.json"))
+        if path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") != 1:
+            known = ", ".join(self.names())
+            raise ModelLoadError(
+                f"Unknown model {name_or_path!r}: it is not a registry name, not a local folder and not a "
+                f"hub id of the form owner/name. Known names: {known}."
+            )
+        for entry in self.models.values():
+            if entry.checkpoint == name_or_path:
+                return entry
+        return self._entry_for_checkpoint(name_or_path, _hub_config(name_or_path))
+
+    def _entry_for_checkpoint(self, checkpoint: str, config: Mapping[str, Any]) -> ModelEntry:
+        family = self.detect_family(config)
+        vision = config.get("vision_config") or {}
+        spec = {
+            "checkpoint": checkpoint,
+            "family": family.name,
+            "image_size": vision.get("image_size", 224),
+            "precision": "auto",
+            "retrieval": None,
+            "description": f"Checkpoint {checkpoint} ({family.name}).",
+        }
+        return self._entry(checkpoint, spec)
+
+    def detect_family(self, config: Mapping[str, Any]) -> Family:
+        architectures = config.get("architectures") or []
+        text_type = (config.get("text_config") or {}).get("model_type")
+        for family in self.families.values():
+            if family.architecture in architectures and (
+                not family.text_model_types or text_type in family.text_model_types
+            ):
+                return family
+        raise ModelLoadError(
+            f"This checkpoint is not a BLIP-2 model we know: architectures={architectures}, "
+            f"language model type={text_type!r}. Supported: "
+            + ", ".join(sorted({f.architecture for f in self.families.values()}))
+            + "."
+        )
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key in ("families", "models", "decoding"):
+        if key in extra:
+            merged[key] = {**base.get(key, {}), **extra[key]}
+    return merged
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as error:
+        raise ModelLoadError(f"{path.parent} is not a checkpoint folder: it has no config.json.") from error
+    except (OSError, json.JSONDecodeError) as error:
+        raise ModelLoadError(f"Cannot read {path}: {error}.") from error
+
+
+def _read_user_file(path: Path) -> dict[str, Any]:
+    data = _read_json(path) if path.exists() else None
+    if data is None:
+        raise ModelLoadError(f"The models file {path} does not exist.")
+    if not isinstance(data, dict) or not ({"models", "families", "decoding"} & data.keys()):
+        raise ModelLoadError(
+            f"The models file {path} must be a JSON object with a 'models' (and optionally 'families' "
+            "or 'decoding') key, like blip2_app/registry.json."
+        )
+    return data
+
+
+def _hub_config(repo_id: str) -> dict[str, Any]:
+    """config.json of a hub checkpoint: the local cache first, then the network."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text())
+    except Exception as error:  # network, auth, missing repo: all mean "cannot use this id here"
+        raise ModelLoadError(unreachable_checkpoint_message(repo_id, error)) from error
+
+
+def unreachable_checkpoint_message(checkpoint: str, error: BaseException) -> str:
+    return (
+        f"Could not load the model {checkpoint!r}: it is not in the local Hugging Face cache and could "
+        f"not be downloaded ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+        "If you have the checkpoint on disk, pass its folder: --model /path/to/blip2-opt-2.7b "
+        "(or set BLIP2_MODEL). To start offline without weights, use --model tiny-random "
+        "(random weights: the app works, its words are noise)."
+    )

@@ -1,0 +1,79 @@
+"""The command line shares the engine; failures are one line on stderr and a non-zero exit."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PHOTOS = Path(__file__).parent / "data" / "photos"
+HOSTILE = Path(__file__).parent / "data" / "hostile"
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "blip2_app", *args], capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def test_caption_json_matches_the_engine(load_tiny):
+    image = str(PHOTOS / "skimage_coffee.png")
+    result = run(
+        "caption", "--model", "tiny-random", "--decoding", "greedy", "--max-new-tokens", "6", "--json", image
+    )
+    assert result.returncode == 0, result.stderr
+    line = json.loads(result.stdout.strip())
+    from blip2_app.generation import GenerationSettings
+
+    engine = load_tiny("tiny-random", retrieval_model="none")
+    expected = engine.caption([image], generation=GenerationSettings(decoding="greedy", max_new_tokens=6))
+    assert line["image"] == image
+    assert line["captions"][0]["generated_text"] == expected[0][0].text
+
+
+def test_custom_prompt_and_several_captions():
+    image = str(PHOTOS / "skimage_camera.png")
+    result = run("caption", "--model", "tiny-random", "--prompt", "a photo of", "--num-captions", "3", image)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith(image + "\t") for line in lines)
+
+
+def test_ask(load_tiny):
+    image = str(PHOTOS / "skimage_rocket.jpg")
+    result = run("ask", "--model", "tiny-random", "--json", image, "what is this?")
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["prompt"] == "Question: what is this? Short answer:"
+    assert (
+        answer["generated_text"]
+        == load_tiny("tiny-random", retrieval_model="none").answer(image, "what is this?").text
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("caption", "--model", "tiny-random", str(HOSTILE / "pillow_truncated_jpeg.jpg")), "truncated JPEG"),
+        (
+            ("caption", "--model", "no-such-model", str(PHOTOS / "skimage_camera.png")),
+            "Unknown model 'no-such-model'",
+        ),
+        (
+            ("caption", "--model", "tiny-random", "--num-beams", "1000", str(PHOTOS / "skimage_camera.png")),
+            "num_beams",
+        ),
+        (("ask", "--model", "tiny-random", str(PHOTOS / "skimage_camera.png"), "   "), "question is empty"),
+        (
+            ("caption", "--model", "nobody/offline-model", str(PHOTOS / "skimage_camera.png")),
+            "--model tiny-random",
+        ),
+    ],
+)
+def test_failures_are_one_line(args, message):
+    result = run(*args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0]

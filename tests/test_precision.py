@@ -1,0 +1,75 @@
+"""Per-component precision is what the loaded modules really hold."""
+
+import pytest
+import torch
+from bitsandbytes.nn import Linear4bit, Linear8bitLt
+
+from blip2_app.errors import ModelLoadError
+from blip2_app.generation import GenerationSettings
+from blip2_app.loading import ComponentPrecisions, resolve_precisions
+
+
+def linear_classes_by_component(model) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            found.setdefault(name.split(".")[0], set()).add(type(module).__name__)
+    return found
+
+
+@pytest.mark.parametrize(("preset", "quantized_class"), [("int8", Linear8bitLt), ("nf4", Linear4bit)])
+def test_quantized_preset_quantizes_only_the_language_model(load_tiny, images, preset, quantized_class):
+    engine = load_tiny("tiny-random", precision=preset, retrieval_model="none")
+    model = engine.captioner.model
+    quantized = {
+        name.split(".")[0] for name, module in model.named_modules() if isinstance(module, quantized_class)
+    }
+    assert quantized == {"language_model"}
+    classes = linear_classes_by_component(model)
+    assert classes["vision_model"] == {"Linear"} and classes["qformer"] == {"Linear"}
+    assert {p.dtype for p in model.vision_model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.qformer.parameters()} == {torch.float32}
+    report = engine.captioner.report()["components"]
+    assert report["llm"]["requested"] == preset
+    assert report["llm"]["linear_layers"][quantized_class.__name__] > 0
+    assert report["vision"]["dtypes"] == {"bfloat16": report["vision"]["dtypes"]["bfloat16"]}
+    # And it still generates.
+    out = engine.caption([images[0]], generation=GenerationSettings(decoding="greedy", max_new_tokens=4))
+    assert len(out[0][0].token_ids) >= 1
+
+
+def test_per_component_overrides(load_tiny):
+    engine = load_tiny("tiny-random", precision="fp32", vision_precision="bf16", retrieval_model="none")
+    model = engine.captioner.model
+    assert {p.dtype for p in model.vision_model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.qformer.parameters()} == {torch.float32}
+    assert {p.dtype for p in model.language_model.parameters()} == {torch.float32}
+    assert not any(isinstance(m, (Linear8bitLt, Linear4bit)) for m in model.modules())
+
+
+def test_fp16_on_cpu_becomes_bf16_with_a_note(load_tiny):
+    engine = load_tiny("tiny-random", precision="fp16", retrieval_model="none")
+    assert engine.captioner.precisions == ComponentPrecisions("bf16", "fp32", "bf16")
+    assert any("fp16 is not supported on CPU" in note for note in engine.captioner.notes)
+    assert torch.float16 not in {p.dtype for p in engine.captioner.model.parameters()}
+
+
+def test_int8_and_nf4_together_are_refused():
+    with pytest.raises(ModelLoadError, match="one quantization mode"):
+        ComponentPrecisions("nf4", "fp32", "int8")
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(ModelLoadError, match="Unknown precision 'int3'"):
+        ComponentPrecisions("int3", "fp32", "fp32")
+
+
+def test_auto_uses_the_registry_default(load_tiny):
+    from blip2_app.registry import Registry
+
+    registry = Registry.load()
+    cpu = torch.device("cpu")
+    assert resolve_precisions("auto", registry.resolve("blip2-opt-2.7b"), cpu)[0].llm == "int8"
+    assert resolve_precisions("auto", registry.resolve("tiny-random"), cpu)[0] == ComponentPrecisions(
+        "fp32", "fp32", "fp32"
+    )
