@@ -111,16 +111,15 @@ class Engine:
             prepared.append(PreparedImage(image, image_content_hash(image)))
         return prepared
 
-    def _cached_batches(
+    def _cached(
         self,
-        loaded: LoadedModel,
-        kind: str,
+        namespace: tuple,
         images: list[PreparedImage],
-        compute: Callable[[torch.Tensor], torch.Tensor],
+        compute: Callable[[list[PreparedImage]], torch.Tensor],
         progress: Progress | None = None,
     ) -> torch.Tensor:
-        """Per-image tensors from the cache, computing the missing ones in batches of pixels."""
-        keys = [(kind, loaded.entry.name, p.content_hash) for p in images]
+        """Per-image tensors from the cache; the missing ones are computed in batches and stored."""
+        keys = [(*namespace, p.content_hash) for p in images]
         found = {i: self.cache.get(k) for i, k in enumerate(keys)}
         missing = [i for i, v in found.items() if v is None]
         done = len(images) - len(missing)
@@ -128,11 +127,8 @@ class Engine:
             progress(done, len(images))
         for start in range(0, len(missing), self.vision_batch_size):
             chunk = missing[start : start + self.vision_batch_size]
-            pixels = loaded.processor.image_processor(
-                [images[i].image for i in chunk], return_tensors="pt"
-            ).pixel_values.to(loaded.device, loaded.component_dtype("vision"))
             with torch.inference_mode():
-                values = compute(pixels)
+                values = compute([images[i] for i in chunk])
             for i, value in zip(chunk, values, strict=True):
                 found[i] = value
                 self.cache.put(keys[i], value)
@@ -142,13 +138,18 @@ class Engine:
         return torch.stack([found[i] for i in range(len(images))])
 
     def _vision_embeds(self, loaded: LoadedModel, images: list[PreparedImage], progress=None) -> torch.Tensor:
-        return self._cached_batches(
-            loaded,
-            "vision",
-            images,
-            lambda px: loaded.model.vision_model(pixel_values=px).last_hidden_state,
-            progress,
-        )
+        """Vision encoder output. Keyed by the encoder module and the pixel preprocessing, so a
+        captioning and a retrieval model that share one encoder also share its cached outputs."""
+        vision = loaded.model.vision_model
+
+        def compute(batch: list[PreparedImage]) -> torch.Tensor:
+            pixels = loaded.processor.image_processor(
+                [p.image for p in batch], return_tensors="pt"
+            ).pixel_values
+            pixels = pixels.to(loaded.device, loaded.component_dtype("vision"))
+            return vision(pixel_values=pixels).last_hidden_state
+
+        return self._cached(("vision", id(vision), loaded.pixel_signature), images, compute, progress)
 
     def _query_outputs(
         self, loaded: LoadedModel, image_embeds: torch.Tensor, qformer_ids=None, qformer_mask=None
@@ -182,16 +183,13 @@ class Engine:
         def project(query_output: torch.Tensor) -> torch.Tensor:
             # get_image_features casts the Q-Former output to the vision dtype before projecting;
             # with per-component precision the projection's own dtype is the one that must match.
-            return model.language_projection(query_output.to(model.language_projection.weight.dtype))
+            return model.language_projection(query_output.to(input_dtype(model.language_projection)))
 
         if not loaded.entry.family.instruction_aware:
-            return self._cached_batches(
-                loaded,
-                "language_inputs",
+            return self._cached(
+                ("language_inputs", id(model)),
                 images,
-                lambda px: project(
-                    self._query_outputs(loaded, model.vision_model(pixel_values=px).last_hidden_state)
-                ),
+                lambda batch: project(self._query_outputs(loaded, self._vision_embeds(loaded, batch))),
             )
         # InstructBLIP's Q-Former reads the instruction too: only the vision encoder is cached.
         image_embeds = self._vision_embeds(loaded, images)
@@ -467,7 +465,7 @@ class Engine:
         with torch.inference_mode():
             query = self._query_outputs(loaded, image_embeds)
             projections = F.normalize(
-                model.vision_projection(query.to(model.vision_projection.weight.dtype)), dim=-1
+                model.vision_projection(query.to(input_dtype(model.vision_projection))), dim=-1
             )
         return ImageFeatures([p.content_hash for p in prepared], query.float(), projections.float())
 
@@ -490,7 +488,7 @@ class Engine:
         with torch.inference_mode():
             embeds = model.embeddings(input_ids=tokens.input_ids)
             out = model.qformer(query_embeds=embeds, query_length=0, attention_mask=tokens.attention_mask)
-            cls = out.last_hidden_state[:, 0, :].to(model.text_projection.weight.dtype)
+            cls = out.last_hidden_state[:, 0, :].to(input_dtype(model.text_projection))
             return F.normalize(model.text_projection(cls), dim=-1).float()
 
     def multimodal_features(self, images: Sequence[ImageInput], texts: Sequence[str]) -> torch.Tensor:
@@ -528,7 +526,7 @@ class Engine:
         model = self._require_matcher().model
         multimodal = self.multimodal_features(images, texts)
         with torch.inference_mode():
-            logits = model.itm_head(multimodal.to(model.itm_head.weight.dtype)).mean(dim=1)
+            logits = model.itm_head(multimodal.to(input_dtype(model.itm_head))).mean(dim=1)
             return logits.float().softmax(dim=-1)[:, 1]
 
     # ----------------------------------------------------------------- status
@@ -539,6 +537,12 @@ class Engine:
             matcher=self.matcher.report() if self.matcher else None,
             cache=dict(vars(stats)),
         )
+
+
+def input_dtype(layer: torch.nn.Module) -> torch.dtype:
+    """The dtype a Linear layer expects; dynamic-int8 layers take fp32 (their .weight is a method)."""
+    weight = layer.weight
+    return torch.float32 if callable(weight) else weight.dtype
 
 
 def trim_generated(row: list[int], eos: int | None, pad: int | None) -> list[int]:

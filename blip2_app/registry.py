@@ -71,7 +71,7 @@ class ModelEntry:
     checkpoint: str
     family: Family
     image_size: int
-    precision: str
+    precision: dict[str, str]  # device type ("cpu", "cuda") -> precision preset
     retrieval: str | None
     description: str
     decoding: GenerationSettings
@@ -128,7 +128,7 @@ class Registry:
             checkpoint=spec["checkpoint"],
             family=family,
             image_size=int(spec.get("image_size", 224)),
-            precision=spec.get("precision", "auto"),
+            precision=_precision_by_device(spec.get("precision", "auto")),
             retrieval=spec.get("retrieval"),
             description=spec.get("description", ""),
             decoding=self.decoding.replace(**spec.get("decoding", {})),
@@ -183,6 +183,13 @@ class Registry:
             + ", ".join(sorted({f.architecture for f in self.families.values()}))
             + "."
         )
+
+
+def _precision_by_device(value: str | Mapping[str, str]) -> dict[str, str]:
+    """A preset name for every device, or {"cpu": ..., "cuda": ...}."""
+    if isinstance(value, str):
+        return {"cpu": value, "cuda": value}
+    return {"cpu": value.get("cpu", "auto"), "cuda": value.get("cuda", "auto")}
 
 
 def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:

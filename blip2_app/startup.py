@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -42,14 +43,15 @@ def load_engine(settings: Settings, registry: Registry | None = None) -> Engine:
         if retrieval_name != "none":
             matcher_entry = registry.resolve(retrieval_name)
     if matcher_entry is not None:
-        # The retrieval model is small apart from its vision encoder: no quantized LLM to pick.
         precisions, notes = resolve_precisions(
-            settings.precision if settings.precision in ("auto", "fp32") else "bf16",
-            matcher_entry,
-            device,
-            {"vision": settings.vision_precision},
+            settings.precision, matcher_entry, device, settings.precision_overrides
         )
-        matcher = load_model(matcher_entry, precisions, device)
+        # A retrieval model has no language model: its "llm" precision must not trigger bitsandbytes.
+        precisions = dataclasses.replace(precisions, llm=precisions.qformer)
+        if captioner is not None and captioner.precisions.vision != precisions.vision:
+            # Sharing the encoder needs one precision for it; the captioning model's wins.
+            precisions = dataclasses.replace(precisions, vision=captioner.precisions.vision)
+        matcher = load_model(matcher_entry, precisions, device, share_vision_with=captioner)
         matcher.notes.extend(notes)
 
     cache = FeatureCache(max_entries=settings.cache_entries, max_bytes=settings.cache_mb * 1024 * 1024)

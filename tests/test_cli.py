@@ -77,3 +77,29 @@ def test_failures_are_one_line(args, message):
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0]
+
+
+def test_index_and_search_round_trip(tmp_path, load_tiny):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for photo in PHOTOS.glob("*.*"):
+        if photo.suffix != ".tsv":
+            (folder / photo.name).write_bytes(photo.read_bytes())
+    (folder / "broken.jpg").write_bytes((HOSTILE / "pillow_truncated_jpeg.jpg").read_bytes())
+    out = tmp_path / "index"
+    result = run("index", str(folder), "--out", str(out), "--model", "tiny-random")
+    assert result.returncode == 0, result.stderr
+    assert "Indexed 3 images" in result.stdout
+    assert "broken.jpg" in result.stderr and "truncated JPEG" in result.stderr
+    result = run("search", str(out), "a cup of coffee", "--top-k", "2", "--model", "tiny-random", "--json")
+    assert result.returncode == 0, result.stderr
+    hits = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [h["rank"] for h in hits] == [1, 2]
+    engine = load_tiny("tiny-random-itm")
+    names = sorted(p.name for p in folder.iterdir() if p.name != "broken.jpg")
+    scores = engine.itc([str(folder / n) for n in names], ["a cup of coffee"])[:, 0]
+    best = [names[i] for i in scores.argsort(descending=True)[:2].tolist()]
+    assert [h["name"] for h in hits] == best
+    assert abs(hits[0]["cosine"] - float(scores.max())) < 1e-4
+    result = run("search", str(tmp_path), "x")
+    assert result.returncode == 2 and "error: " in result.stderr

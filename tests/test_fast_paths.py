@@ -1,0 +1,84 @@
+"""The fast CPU paths: tensor-by-tensor loading, dynamic int8, one shared vision encoder."""
+
+import pytest
+import torch
+import transformers
+
+from blip2_app.config import Settings
+from blip2_app.engine import Engine
+from blip2_app.generation import GenerationSettings
+from blip2_app.loading import PRESETS, checkpoint_location, load_model, weight_files
+from blip2_app.registry import Registry
+from blip2_app.startup import load_engine
+from tests.conftest import GENERATING_MODELS
+
+CPU = torch.device("cpu")
+GREEDY = GenerationSettings(decoding="greedy", max_new_tokens=8)
+
+
+@pytest.mark.parametrize("name", GENERATING_MODELS)
+def test_streamed_load_equals_from_pretrained(images, name):
+    entry = Registry.load().resolve(name)
+    streamed = load_model(entry, PRESETS["fp32"], CPU)
+    reference = getattr(transformers, entry.family.architecture).from_pretrained(checkpoint_location(entry))
+    # Every tensor, non-persistent buffers included (transformers fills some in _init_weights).
+    streamed_tensors = {**dict(streamed.model.named_parameters()), **dict(streamed.model.named_buffers())}
+    for key, value in [*reference.named_parameters(), *reference.named_buffers()]:
+        assert torch.equal(streamed_tensors[key], value), key
+    engine = Engine(streamed)
+    assert engine.caption(images[:2], generation=GREEDY) == Engine(
+        load_model(entry, PRESETS["fp32"], CPU)
+    ).caption(images[:2], generation=GREEDY)
+
+
+def test_dynamic_int8_quantizes_every_component(images):
+    engine = load_engine(Settings(model="tiny-random", precision="dynamic-int8"))
+    for loaded in (engine.captioner, engine.matcher):
+        for component, info in loaded.report()["components"].items():
+            assert set(info["linear_layers"]) == {"DynamicInt8Linear"}, (loaded.entry.name, component)
+    head = engine.captioner.model.language_model.get_output_embeddings()
+    assert isinstance(head, torch.ao.nn.quantized.dynamic.Linear)  # the tied LM head too
+    assert len(engine.caption(images[:2], generation=GREEDY)[1][0].token_ids) > 0
+
+
+def test_dynamic_int8_itc_stays_close_to_fp32(load_tiny, images):
+    """Tolerance for the quantized path on the tiny model (whose inflated random weights amplify
+    rounding): ITC within 0.1 of fp32, same best text per image. Real size: benchmarks/."""
+    texts = ["a red cat", "a blue dog on the grass", "an astronaut in the sky"]
+    exact = load_tiny("tiny-random-itm").itc(images, texts)
+    quantized = load_engine(Settings(model="tiny-random-itm", precision="dynamic-int8")).itc(images, texts)
+    assert (quantized - exact).abs().max() < 0.1
+    assert torch.equal(quantized.argmax(dim=1), exact.argmax(dim=1))
+
+
+def test_vision_encoder_is_shared_when_weights_are_identical(images):
+    engine = load_engine(Settings(model="tiny-random"))
+    assert engine.matcher.model.vision_model is engine.captioner.model.vision_model
+    assert any("shared with tiny-random" in note for note in engine.matcher.notes)
+    assert engine.matcher.vision_fingerprint == engine.captioner.vision_fingerprint != ""
+    calls = [0]
+    engine.captioner.model.vision_model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    engine.caption([images[3]], generation=GREEDY)
+    engine.image_features([images[3]])
+    assert calls[0] == 1  # captioning and retrieval encoded the image once
+    separate = load_engine(Settings(model="tiny-random-itm"))
+    torch.testing.assert_close(engine.itc(images, ["a cat"]), separate.itc(images, ["a cat"]))
+
+
+def test_different_vision_weights_are_not_shared(tmp_path):
+    registry = Registry.load()
+    t5 = registry.resolve("tiny-random-t5")
+    folder = tmp_path / "itm"
+    reference = transformers.Blip2ForImageTextRetrieval.from_pretrained(
+        checkpoint_location(registry.resolve("tiny-random-itm"))
+    )
+    with torch.no_grad():
+        reference.vision_model.post_layernorm.weight.add_(1.0)
+    reference.save_pretrained(folder)
+    transformers.Blip2Processor.from_pretrained(
+        checkpoint_location(registry.resolve("tiny-random-itm"))
+    ).save_pretrained(folder)
+    captioner = load_model(t5, PRESETS["fp32"], CPU)
+    matcher = load_model(registry.resolve(str(folder)), PRESETS["fp32"], CPU, share_vision_with=captioner)
+    assert matcher.model.vision_model is not captioner.model.vision_model
+    assert weight_files(str(folder))
