@@ -169,7 +169,7 @@ def markdown(results: dict) -> str:
         if "skipped" in r:
             rows.append(f"| {r['images']:,} | {r['images'] * Q:,} | skipped: {r['skipped']} |" + " |" * 10)
             continue
-        pair = lambda m: f"{m['p50_ms']:.1f} / {m['p95_ms']:.1f}"  # noqa: E731
+        pair = lambda m: f"{m['p50_ms']:.1f} / {m['p95_ms']:.1f}"
         rows.append(
             f"| {r['images']:,} | {r['query_vectors']:,} | {r['add_s']:.1f} | {r['approx_build_s']:.1f} "
             f"| {r['store_mb']:,.0f} | {r['approx_index_mb']:,.1f} | {r['rss_mb']:,.0f} "

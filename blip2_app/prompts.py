@@ -94,8 +94,9 @@ def chat_prompt(
     tokens are not part of this text, so they are never dropped.
     """
     question = clean_text(question, "question", MAX_QUESTION_CHARS)
-    history = [_clean_turn(t) for t in history]
-    exemplars = [_clean_turn(t) for t in exemplars]
+    # Turns without a question (blank rows of the few-shot table, say) are skipped, not refused.
+    history = [t for t in map(_clean_turn, history) if t.question]
+    exemplars = [t for t in map(_clean_turn, exemplars) if t.question]
     dropped_turns = dropped_exemplars = 0
     truncated = False
 
@@ -130,7 +131,7 @@ def chat_prompt(
 
 def _clean_turn(turn: ChatTurn) -> ChatTurn:
     return ChatTurn(
-        clean_text(turn.question, "question", MAX_QUESTION_CHARS),
+        clean_text(turn.question, "question", MAX_QUESTION_CHARS, required=False),
         clean_text(turn.answer, "answer", MAX_QUESTION_CHARS, required=False),
     )
 

@@ -1,0 +1,122 @@
+"""The Model tab: what is loaded and how, read off the live engine (`Engine.info()`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import Settings
+from ..engine import Engine, EngineInfo
+
+COMPONENT_NAMES = {
+    "vision": "Vision encoder (ViT)",
+    "qformer": "Q-Former + projections",
+    "llm": "Language model",
+}
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def human_count(n: float) -> str:
+    for unit in ("", "K", "M", "B"):
+        if abs(n) < 1000 or unit == "B":
+            return f"{n:.0f}" if unit == "" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} B"
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _component_rows(components: dict[str, Any]) -> list[str]:
+    rows = [
+        "| component | requested | weights stored as | linear layers | parameters | size |",
+        "|---|---|---|---|---:|---:|",
+    ]
+    for key, part in components.items():
+        dtypes = ", ".join(f"{name} × {count}" for name, count in sorted(part.get("dtypes", {}).items()))
+        layers = ", ".join(
+            f"{name} × {count}" for name, count in sorted(part.get("linear_layers", {}).items())
+        )
+        rows.append(
+            f"| {_cell(COMPONENT_NAMES.get(key, key))} | {_cell(part.get('requested', '?'))} | {_cell(dtypes or '-')} "
+            f"| {_cell(layers or '-')} | {human_count(part.get('parameters', 0))} | {human_bytes(part.get('bytes', 0))} |"
+        )
+    return rows
+
+
+def _model_section(
+    title: str, report: dict[str, Any] | None, description: str, extra: list[str]
+) -> list[str]:
+    if report is None:
+        return [f"### {title}", "", "Not loaded.", ""]
+    lines = [
+        f"### {title}: `{_cell(report['name'])}`",
+        "",
+        _cell(description),
+        "",
+        "| property | value |",
+        "|---|---|",
+        f"| checkpoint | `{_cell(report.get('checkpoint', '?'))}` |",
+        f"| family | {_cell(report.get('family', '?'))} |",
+        *extra,
+        f"| device | {_cell(report.get('device', '?'))} |",
+        f"| memory footprint | {human_bytes(report.get('memory_bytes', 0))} |",
+        f"| load time | {report.get('load_seconds', 0):.2f} s |",
+        "",
+        *_component_rows(report.get("components", {})),
+        "",
+    ]
+    notes = report.get("notes") or []
+    if notes:
+        lines += ["**Notes**", "", *[f"- {_cell(n)}" for n in notes], ""]
+    return lines
+
+
+def model_report_markdown(info: EngineInfo, engine: Engine, settings: Settings) -> str:
+    lines: list[str] = []
+    captioner = engine.captioner
+    lines += _model_section(
+        "Captioning and chat",
+        info.captioner,
+        captioner.entry.description if captioner else "",
+        [
+            f"| instruction-aware (InstructBLIP) | {'yes' if captioner.entry.family.instruction_aware else 'no'} |"
+        ]
+        if captioner
+        else [],
+    )
+    matcher = engine.matcher
+    lines += _model_section(
+        "Retrieval (ITC / ITM)", info.matcher, matcher.entry.description if matcher else "", []
+    )
+    cache = info.cache or {}
+    lookups = cache.get("hits", 0) + cache.get("misses", 0)
+    hit_rate = f"{100 * cache.get('hits', 0) / lookups:.0f}%" if lookups else "-"
+    lines += [
+        "### Vision-feature cache",
+        "",
+        "Image features are computed once per image (keyed by its content) and reused by every prompt.",
+        "",
+        "| entries | size | hits | misses | hit rate | evictions |",
+        "|---:|---:|---:|---:|---:|---:|",
+        f"| {cache.get('entries', 0)} / {cache.get('max_entries', 0)} "
+        f"| {human_bytes(cache.get('bytes', 0))} / {human_bytes(cache.get('max_bytes', 0))} "
+        f"| {cache.get('hits', 0)} | {cache.get('misses', 0)} | {hit_rate} | {cache.get('evictions', 0)} |",
+        "",
+        "### Server limits",
+        "",
+        "| limit | value |",
+        "|---|---|",
+        f"| model requests at once | {settings.concurrency} |",
+        f"| waiting requests at most | {settings.max_queue} |",
+        f"| largest upload | {settings.max_upload_mb} MB |",
+        f"| largest image | {settings.max_image_pixels / 1e6:.0f} megapixels |",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""Per-session state of the UI: one chat and one gallery per visitor, nothing shared.
+
+These objects live in `gr.State` (server side, one value per browser tab or gradio_client
+session, evicted by Gradio) and are plain Python, so the handlers can be tested without Gradio.
+Nothing here is module-level: a mutable default shared by every visitor is the bug this avoids.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from ..engine import PreparedImage
+from ..prompts import ChatTurn
+from ..retrieval import GalleryIndex, IndexSettings
+
+# A session's gallery keeps a JPEG copy per image (for the result thumbnails and for ITM
+# re-ranking) plus 32 x 256 float32 projections: about 60 KB per image at the default size.
+MAX_GALLERY_IMAGES = 200
+THUMBNAIL_QUALITY = 90
+
+
+@dataclass
+class ChatSession:
+    """The conversation about one image: earlier turns are sent back to the model as context."""
+
+    image_hash: str | None = None
+    turns: list[ChatTurn] = field(default_factory=list)
+
+    def messages(self) -> list[dict[str, str]]:
+        """The Chatbot's value (messages format) for the finished turns."""
+        return turn_messages(self.turns)
+
+
+_TAG_START = re.compile(r"<(?=[A-Za-z/!?])")
+
+
+def shown(text: str) -> str:
+    """Chat text as the Chatbot should show it: literally. The Chatbot renders (sanitised) HTML even
+    without Markdown, so a tag-like "<s>" in a question or an answer would vanish or strike text through."""
+    return _TAG_START.sub("&lt;", text)
+
+
+def message(role: str, text: str) -> dict[str, str]:
+    return {"role": role, "content": shown(text)}
+
+
+def turn_messages(turns: Iterable[ChatTurn]) -> list[dict[str, str]]:
+    messages: list[dict[str, str]] = []
+    for turn in turns:
+        messages.append(message("user", turn.question))
+        messages.append(message("assistant", turn.answer or "(no answer)"))
+    return messages
+
+
+@dataclass
+class GallerySession:
+    """A visitor's searchable gallery: the index plus one small JPEG per indexed image."""
+
+    index: GalleryIndex | None = None
+    images: dict[str, bytes] = field(default_factory=dict)  # content hash -> JPEG bytes
+    side: int = 256  # long side of the stored copies (at least the retrieval model's input size)
+
+    def __len__(self) -> int:
+        return len(self.index) if self.index is not None else 0
+
+    @property
+    def room(self) -> int:
+        return MAX_GALLERY_IMAGES - len(self)
+
+    def ensure_index(self, projections: np.ndarray, settings: IndexSettings | None = None) -> GalleryIndex:
+        """The index, created on first use with the retrieval model's (num_queries, dim)."""
+        if self.index is None:
+            _, num_queries, dim = projections.shape
+            self.index = GalleryIndex(settings or IndexSettings(), dim=int(dim), num_queries=int(num_queries))
+        return self.index
+
+    def keep_image(self, prepared: PreparedImage) -> None:
+        """Store a downscaled copy: shown in results and fed to ITM when the feature cache missed it."""
+        if prepared.content_hash in self.images:
+            return
+        copy = prepared.image.copy()
+        copy.thumbnail((self.side, self.side), Image.Resampling.BICUBIC)
+        buffer = io.BytesIO()
+        copy.save(buffer, format="JPEG", quality=THUMBNAIL_QUALITY)
+        self.images[prepared.content_hash] = buffer.getvalue()
+
+    def image(self, content_hash: str) -> Image.Image:
+        with Image.open(io.BytesIO(self.images[content_hash])) as stored:
+            return stored.convert("RGB")
+
+    def prepared(self, content_hash: str) -> PreparedImage:
+        """The stored copy under its original content hash, so cached features are reused."""
+        return PreparedImage(self.image(content_hash), content_hash)
+
+    def forget(self, content_hash: str) -> None:
+        if self.index is not None:
+            self.index.remove(content_hash)
+        self.images.pop(content_hash, None)
+
+    def clear(self) -> None:
+        self.index = None
+        self.images.clear()

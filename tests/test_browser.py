@@ -1,0 +1,260 @@
+"""The page in a real browser: Playwright for Python driving Debian's chromium, headless.
+
+Uploads an image on every tab, captions it, chats twice (watching the answer stream in), indexes
+three images and searches them; screenshots of every tab (laptop and phone width) go to
+test-artifacts/screenshots/ and are copied to docs/screenshots/ for the README.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("BLIP2_TINY_CACHE", tempfile.mkdtemp(prefix="blip2-tiny-"))
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():
+    pytest.skip(
+        "Debian chromium is not installed at /usr/bin/chromium (apt-get install chromium); "
+        "browser tests need it and never download a browser.",
+        allow_module_level=True,
+    )
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+
+from blip2_app.config import Settings  # noqa: E402
+from blip2_app.startup import load_engine  # noqa: E402
+from blip2_app.ui import build_demo, launch_options  # noqa: E402
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[1]
+PHOTOS = {p.stem: str(p) for p in sorted((ROOT / "assets" / "examples").glob("*.*"))}
+CAT = PHOTOS["skimage_chelsea"]
+THREE = [PHOTOS["skimage_chelsea"], PHOTOS["skimage_coffee"], PHOTOS["skimage_rocket"]]
+HOSTILE = ROOT / "tests" / "data" / "hostile"
+ARTIFACTS = ROOT / "test-artifacts" / "screenshots"
+DOCS = ROOT / "docs" / "screenshots"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+LAPTOP = {"width": 1280, "height": 900}
+PHONE = {"width": 390, "height": 844}
+TIMEOUT_MS = 60_000
+STREAM_DELAY_S = 0.04  # per streamed piece, so the browser can be seen receiving them
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    port = free_port()
+    settings = Settings.from_sources(["--model", "tiny-random", "--port", str(port)], env={})
+    engine = load_engine(settings)
+    # The tiny model writes 30 tokens in a few milliseconds; pace the stream like a real model so
+    # the test can watch the answer grow in the page (the engine and the UI code are unchanged).
+    stream = engine.chat_stream
+
+    def paced(*args, **kwargs):
+        for text in stream(*args, **kwargs):
+            time.sleep(STREAM_DELAY_S)
+            yield text
+
+    engine.chat_stream = paced
+    demo = build_demo(settings, engine)
+    demo.launch(prevent_thread_lock=True, quiet=True, **launch_options(settings))
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def open_page(browser, url: str, viewport: dict[str, int]):
+    context = browser.new_context(viewport=viewport)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    page.wait_for_selector("#caption-image")
+    return context, page
+
+
+@pytest.fixture
+def page(browser, app_url):
+    context, page = open_page(browser, app_url, LAPTOP)
+    yield page
+    context.close()
+
+
+def screenshot(page, name: str) -> None:
+    """Save to test-artifacts/screenshots and copy to docs/screenshots (for the README)."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    DOCS.mkdir(parents=True, exist_ok=True)
+    page.mouse.move(0, 0)  # no hover highlight in the picture
+    page.wait_for_timeout(300)  # let transitions settle
+    path = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    shutil.copyfile(path, DOCS / path.name)
+
+
+def open_tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name, exact=True).click()
+
+
+def upload(page, selector: str, files) -> None:
+    page.locator(f"{selector} input[type=file]").first.set_input_files(files)
+
+
+def wait_idle(page, selector: str) -> None:
+    """Wait until the component's Gradio status tracker is hidden (its event finished)."""
+    page.wait_for_function(
+        """(sel) => { const t = document.querySelector(sel + ' [data-testid="status-tracker"]');
+                      return !t || t.classList.contains('hide'); }""",
+        arg=selector,
+    )
+
+
+def toast_text(page) -> str:
+    toast = page.locator(".toast-body").first
+    toast.wait_for()
+    return toast.inner_text()
+
+
+# --------------------------------------------------------------------------- tabs
+def test_caption_tab(page):
+    upload(page, "#caption-image", CAT)
+    page.locator("#caption-image img").first.wait_for()
+    page.locator("#caption-button").click()
+    output = page.locator("#caption-output textarea")
+    sync_api.expect(output).not_to_have_value("", timeout=TIMEOUT_MS)
+    assert "\n" not in output.input_value()
+
+    page.get_by_text("Advanced settings").click()
+    count = page.locator("#caption-count input[type=number]")
+    count.fill("3")
+    count.press("Enter")
+    sync_api.expect(page.locator("#caption-count input[type=range]")).to_have_value("3", timeout=TIMEOUT_MS)
+    first = output.input_value()
+    page.locator("#caption-button").click()
+    page.wait_for_function(
+        "(first) => { const v = document.querySelector('#caption-output textarea').value;"
+        " return v !== first && v.split('\\n').length === 3; }",
+        arg=first,
+    )
+    screenshot(page, "caption")
+
+
+def test_caption_tab_reports_a_bad_file_clearly(page):
+    upload(page, "#caption-image", str(HOSTILE / "made_random_bytes.jpg"))
+    page.wait_for_timeout(500)
+    page.locator("#caption-button").click()
+    assert "not a recognised image" in toast_text(page)
+
+
+def test_chat_tab_streams_two_turns(page):
+    open_tab(page, "Chat")
+    upload(page, "#chat-image", CAT)
+    page.locator("#chat-image img").first.wait_for()
+    # Record every text the latest answer bubble shows while it streams.
+    page.evaluate(
+        """() => {
+            window.__answers = [];
+            const box = document.querySelector('#chatbot');
+            new MutationObserver(() => {
+                const bots = box.querySelectorAll('[data-testid="bot"]');
+                if (bots.length) window.__answers.push(bots[bots.length - 1].innerText);
+            }).observe(box, {subtree: true, childList: true, characterData: true});
+        }"""
+    )
+    box = page.locator("#chat-message textarea")
+    for turn, question in enumerate(["What is in the picture?", "What colour is it?"], start=1):
+        box.fill(question)
+        box.press("Enter")
+        sync_api.expect(box).to_have_value("")  # the box clears at once
+        page.locator('#chatbot [data-testid="bot"]').nth(turn - 1).wait_for()
+        wait_idle(page, "#chatbot")
+        users = page.locator('#chatbot [data-testid="user"]')
+        assert users.count() == turn and users.nth(turn - 1).inner_text().strip() == question
+    final = page.locator('#chatbot [data-testid="bot"]').last.inner_text()
+    seen = [t for t in page.evaluate("window.__answers") if t.strip()]
+    assert final.strip()
+    assert len(set(seen)) >= 3, f"expected the answer to arrive piece by piece, saw {len(set(seen))} states"
+    screenshot(page, "chat")
+
+    page.locator("#chat-clear").click()
+    sync_api.expect(page.locator('#chatbot [data-testid="user"]')).to_have_count(0)
+
+
+def test_retrieval_tab_index_and_search(page):
+    open_tab(page, "Retrieval")
+    upload(page, "#gallery-files", THREE)
+    page.wait_for_function("() => document.querySelectorAll('#gallery-files tbody tr').length === 3")
+    page.locator("#index-button").click()
+    status = page.locator("#gallery-status textarea")
+    sync_api.expect(status).to_have_value(
+        "Indexed 3 new images; the gallery now holds 3.", timeout=TIMEOUT_MS
+    )
+    page.wait_for_function("() => document.querySelectorAll('#gallery-preview img').length === 3")
+
+    page.locator("#search-query textarea").fill("a cat")
+    page.locator("#search-button").click()
+    page.wait_for_function("() => document.querySelectorAll('#search-results img').length === 3")
+    assert "cosine" in page.locator("#search-results").inner_text()
+    screenshot(page, "retrieval")
+
+    page.get_by_role("tab", name="Search by image").click()
+    upload(page, "#query-image", CAT)
+    page.locator("#query-image img").first.wait_for()
+    page.locator("#search-image-button").click()
+    page.wait_for_function("() => document.querySelectorAll('#search-results img').length === 2")
+    assert "skimage_chelsea" not in page.locator("#search-results").inner_text()
+
+
+def test_model_tab(page):
+    open_tab(page, "Model")
+    report = page.locator("#model-report")
+    sync_api.expect(report).to_contain_text("tiny-random-itm")
+    for expected in ("float32", "Vision encoder", "hit rate", "memory footprint"):
+        assert expected in report.inner_text()
+    screenshot(page, "model")
+
+
+def test_phone_width(browser, app_url):
+    context, page = open_page(browser, app_url, PHONE)
+    try:
+        upload(page, "#caption-image", CAT)
+        page.locator("#caption-image img").first.wait_for()
+        page.locator("#caption-button").click()
+        sync_api.expect(page.locator("#caption-output textarea")).not_to_have_value("", timeout=TIMEOUT_MS)
+        overflow = page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 1, f"the page is {overflow}px wider than a 390px phone"
+        screenshot(page, "phone-caption")
+        open_tab(page, "Chat")
+        page.locator("#chat-message textarea").wait_for()
+        screenshot(page, "phone-chat")
+    finally:
+        context.close()
