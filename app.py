@@ -24,10 +24,11 @@ def create_demo(argv: Sequence[str] | None = None, env: dict[str, str] | None = 
     """(settings, demo) from command-line flags and BLIP2_* variables; loads the model(s)."""
     from blip2_app.config import Settings
     from blip2_app.startup import load_engine
-    from blip2_app.ui import build_demo
 
     settings = Settings.from_sources(argv, env)
     engine = load_engine(settings)
+    from blip2_app.ui import build_demo  # Gradio only once the model is there: failures come sooner
+
     return settings, build_demo(settings, engine)
 
 
@@ -37,7 +38,6 @@ def on_space(env: dict[str, str] | None = None) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from blip2_app.errors import UserFacingError
-    from blip2_app.ui import launch_options
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -45,7 +45,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserFacingError, ValueError) as error:
         print(f"blip2-studio: {error}", file=sys.stderr)
         return 1
-    demo.launch(**launch_options(settings, on_space=on_space()))
+    from blip2_app.ui import launch_options
+    from blip2_app.ui.memory import start_heap_trimmer
+
+    options = launch_options(settings, on_space=on_space())
+    start_heap_trimmer()  # a busy server's resident memory stays flat (see ui/memory.py)
+    try:
+        demo.launch(**options)
+    except OSError as error:  # e.g. the port is taken: Gradio says "Cannot find empty port ..."
+        where = f"{options['server_name'] or 'the default host'}:{settings.port}"
+        print(f"blip2-studio: cannot listen on {where}: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -38,6 +38,13 @@ class Settings:
     cache_mb: int = 512
     max_image_pixels: int = 40_000_000
     max_upload_mb: int = 25
+    max_gallery_images: int | None = None  # None: the built-in 200 (ui.sessions.MAX_GALLERY_IMAGES)
+    max_galleries: int = 32
+    max_chat_turns: int = 50
+    max_sessions: int = 1000
+    session_ttl_minutes: float = 360.0
+    upload_ttl_minutes: float = 360.0
+    available_memory_mb: int | None = None  # None: MemAvailable (or free GPU memory); 0: no check
     threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -53,10 +60,28 @@ class Settings:
             raise SettingsError(f"device must be auto, cpu or cuda[:N]; got {self.device!r}.")
         if not 0 < self.port < 65536:
             raise SettingsError(f"port must be between 1 and 65535; got {self.port}.")
-        positive = ("concurrency", "max_queue", "max_image_pixels", "max_upload_mb")
+        positive = (
+            "concurrency",
+            "max_queue",
+            "max_image_pixels",
+            "max_upload_mb",
+            "max_galleries",
+            "max_chat_turns",
+            "max_sessions",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1; got {getattr(self, name)}.")
+        if self.max_gallery_images is not None and self.max_gallery_images < 1:
+            raise SettingsError(f"max_gallery_images must be at least 1; got {self.max_gallery_images}.")
+        for name in ("session_ttl_minutes", "upload_ttl_minutes"):
+            value = getattr(self, name)
+            if not value > 0 or value == float("inf"):  # also refuses NaN
+                raise SettingsError(f"{name} must be a positive number of minutes; got {value}.")
+        if self.available_memory_mb is not None and self.available_memory_mb < 0:
+            raise SettingsError(
+                f"available_memory_mb must be 0 (no check) or more; got {self.available_memory_mb}."
+            )
         for name in ("cache_entries", "cache_mb"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be 0 (off) or more; got {getattr(self, name)}.")
@@ -79,12 +104,30 @@ class Settings:
         return cls.from_namespace(args)
 
     @classmethod
-    def from_namespace(cls, args: argparse.Namespace) -> Settings:
-        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    def from_namespace(cls, args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
+        """Settings from parsed flags; fields without a flag in `args` (e.g. the CLI's subcommands
+        declare only the model flags) still follow their BLIP2_* variable."""
+        env = env if env is not None else os.environ
+        values = {}
+        for f in fields(cls):
+            if hasattr(args, f.name):
+                values[f.name] = getattr(args, f.name)
+            else:
+                values[f.name] = _env_value(env, f.name, _kind(f), f.default)
         return cls(**values)
 
     def replace(self, **changes) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+def _kind(f: dataclasses.Field) -> type:
+    if f.type == "bool":
+        return bool
+    if f.type in ("int", "int | None"):
+        return int
+    if f.type in ("float", "float | None"):
+        return float
+    return str
 
 
 def _env_value(env: Mapping[str, str], name: str, kind: type, default):
@@ -120,7 +163,16 @@ def add_arguments(
         "cache_entries": "vision-feature cache size in images (0 = off)",
         "cache_mb": "vision-feature cache size in MB",
         "max_image_pixels": "largest image accepted, in pixels (width x height)",
-        "max_upload_mb": "largest upload accepted, in MB",
+        "max_upload_mb": "largest upload accepted, in MB (a base64 image in a request: the same)",
+        "max_gallery_images": "images one session's gallery holds at most (also per request)",
+        "max_galleries": "galleries kept in memory at once, all sessions together; the least "
+        "recently used one is emptied when a new one needs room",
+        "max_chat_turns": "chat turns kept per session (older ones are forgotten)",
+        "max_sessions": "sessions whose state (chat, gallery) the server keeps; the oldest is dropped",
+        "session_ttl_minutes": "a session's chat and gallery are dropped after this long unused",
+        "upload_ttl_minutes": "uploaded files are deleted from the server after this long",
+        "available_memory_mb": "memory the model may use, for the check before loading "
+        "(default: MemAvailable from /proc/meminfo, or free GPU memory; 0 = no check)",
         "threads": "PyTorch CPU threads (default: PyTorch's choice)",
     }
     for f in fields(Settings):
@@ -133,10 +185,11 @@ def add_arguments(
                 flag, action="store_true", default=_env_value(env, f.name, bool, default), help=helps[f.name]
             )
             continue
-        kind = int if f.type in ("int", "int | None") else str
+        kind = _kind(f)
+        shown = 200 if f.name == "max_gallery_images" and default is None else default
         parser.add_argument(
             flag,
             type=kind,
             default=_env_value(env, f.name, kind, default),
-            help=helps[f.name] + f" [{default}]",
+            help=helps[f.name] + f" [{shown}]",
         )

@@ -23,7 +23,15 @@ from .errors import InvalidRequestError
 from .generation import GenerationSettings
 from .images import ImageLimits, image_content_hash, load_image
 from .loading import LoadedModel
-from .prompts import BuiltPrompt, ChatTurn, caption_prompt, chat_prompt, clean_answer, vqa_prompt
+from .prompts import (
+    BuiltPrompt,
+    ChatTurn,
+    caption_prompt,
+    chat_prompt,
+    clean_answer,
+    context_notes,
+    vqa_prompt,
+)
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +339,7 @@ class Engine:
     ) -> Generated:
         """One VQA turn, no history: `Question: {q} Short answer:` (or the chat form if not short)."""
         loaded = self._require_captioner()
-        generation = generation or self.default_generation()
+        generation = generation or loaded.entry.answer_decoding
         prompt = vqa_prompt(loaded.entry.templates, question, short=short, instruction=instruction)
         ids = self.generate_ids([image], [prompt], generation.replace(num_captions=1))
         return self._decode(ids[0][0], prompt, clean=True)
@@ -344,7 +352,7 @@ class Engine:
     ) -> list[Generated]:
         """Several (image, question) pairs in one batch; prompts may differ in length."""
         loaded = self._require_captioner()
-        generation = (generation or self.default_generation()).replace(num_captions=1)
+        generation = (generation or loaded.entry.answer_decoding).replace(num_captions=1)
         prompts = [vqa_prompt(loaded.entry.templates, q) for q in questions]
         ids = self.generate_ids(images, prompts, generation)
         return [self._decode(seq[0], p, clean=True) for seq, p in zip(ids, prompts, strict=True)]
@@ -370,21 +378,6 @@ class Engine:
             max_tokens=self.prompt_token_budget(generation),
         )
 
-    @staticmethod
-    def _chat_notes(built: BuiltPrompt) -> list[str]:
-        notes = []
-        if built.dropped_turns:
-            notes.append(
-                f"The {built.dropped_turns} oldest chat turn(s) no longer fit the context and were left out."
-            )
-        if built.dropped_exemplars:
-            notes.append(
-                f"{built.dropped_exemplars} few-shot example(s) did not fit the context and were left out."
-            )
-        if built.truncated:
-            notes.append("The question was too long for the context; only its end was used.")
-        return notes
-
     def chat(
         self,
         image: ImageInput,
@@ -397,7 +390,7 @@ class Engine:
         generation = (generation or self.default_generation()).replace(num_captions=1)
         built = self.build_chat_prompt(question, history, exemplars, instruction, generation)
         ids = self.generate_ids([image], [built.text], generation)
-        return self._decode(ids[0][0], built.text, clean=True, notes=self._chat_notes(built))
+        return self._decode(ids[0][0], built.text, clean=True, notes=context_notes(built))
 
     def chat_stream(
         self,

@@ -25,7 +25,7 @@ import torch
 import transformers
 
 from .errors import ModelLoadError
-from .registry import TINY_PREFIX, ModelEntry, unreachable_checkpoint_message
+from .registry import TINY_PREFIX, ModelEntry, require_hub, unreachable_checkpoint_message
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,16 @@ def checkpoint_location(entry: ModelEntry) -> str:
         from .testing import ensure_tiny_checkpoint
 
         return str(ensure_tiny_checkpoint(entry.checkpoint[len(TINY_PREFIX) :]))
+    if not Path(entry.checkpoint).expanduser().is_dir() and not _in_hub_cache(entry.checkpoint):
+        require_hub(entry.checkpoint)
     return entry.checkpoint
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json")
+    return isinstance(found, str)
 
 
 def _quantization_config(precisions: ComponentPrecisions, model_class: type) -> Any | None:

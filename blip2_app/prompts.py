@@ -129,6 +129,23 @@ def chat_prompt(
     return BuiltPrompt(text, dropped_turns, dropped_exemplars, truncated)
 
 
+def context_notes(built: BuiltPrompt) -> list[str]:
+    """What the prompt builder had to leave out to fit the context, in sentences for the user."""
+    notes = []
+    if built.dropped_turns:
+        notes.append(
+            f"The {built.dropped_turns} oldest chat turn(s) no longer fit the model's context and were left "
+            "out of this answer. Clear the chat to start afresh."
+        )
+    if built.dropped_exemplars:
+        notes.append(
+            f"{built.dropped_exemplars} few-shot example(s) did not fit the context and were left out."
+        )
+    if built.truncated:
+        notes.append("The question was too long for the model's context; only its end was used.")
+    return notes
+
+
 def _clean_turn(turn: ChatTurn) -> ChatTurn:
     return ChatTurn(
         clean_text(turn.question, "question", MAX_QUESTION_CHARS, required=False),

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from .errors import ModelLoadError
 from .generation import GenerationSettings
@@ -75,6 +78,7 @@ class ModelEntry:
     retrieval: str | None
     description: str
     decoding: GenerationSettings
+    answer_decoding: GenerationSettings
     templates: PromptTemplates | None
 
     @property
@@ -102,6 +106,7 @@ class Registry:
     def __init__(self, data: Mapping[str, Any]):
         self._raw = data
         self.decoding = GenerationSettings(**data.get("decoding", {}))
+        self.answer_decoding = self.decoding.replace(**data.get("answer_decoding", {}))
         self.families = {name: _family_from_dict(name, fam) for name, fam in data["families"].items()}
         self.models = {name: self._entry(name, spec) for name, spec in data["models"].items()}
 
@@ -132,6 +137,7 @@ class Registry:
             retrieval=spec.get("retrieval"),
             description=spec.get("description", ""),
             decoding=self.decoding.replace(**spec.get("decoding", {})),
+            answer_decoding=self.answer_decoding.replace(**spec.get("answer_decoding", {})),
             templates=templates,
         )
 
@@ -194,7 +200,7 @@ def _precision_by_device(value: str | Mapping[str, str]) -> dict[str, str]:
 
 def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     merged = dict(base)
-    for key in ("families", "models", "decoding"):
+    for key in ("families", "models", "decoding", "answer_decoding"):
         if key in extra:
             merged[key] = {**base.get(key, {}), **extra[key]}
     return merged
@@ -226,8 +232,29 @@ def _hub_config(repo_id: str) -> dict[str, Any]:
     from huggingface_hub import hf_hub_download
 
     try:
-        return json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text())
+        try:
+            return json.loads(
+                Path(hf_hub_download(repo_id, "config.json", local_files_only=True)).read_text()
+            )
+        except OSError:
+            require_hub(repo_id)
+            return json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text())
+    except ModelLoadError:
+        raise
     except Exception as error:  # network, auth, missing repo: all mean "cannot use this id here"
+        raise ModelLoadError(unreachable_checkpoint_message(repo_id, error)) from error
+
+
+def require_hub(repo_id: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when the hub cannot be reached: huggingface_hub retries a
+    dead network with back-off for over two minutes before giving up."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+        raise ModelLoadError(unreachable_checkpoint_message(repo_id, OSError("HF_HUB_OFFLINE is set")))
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError as error:
         raise ModelLoadError(unreachable_checkpoint_message(repo_id, error)) from error
 
 

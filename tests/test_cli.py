@@ -103,3 +103,34 @@ def test_index_and_search_round_trip(tmp_path, load_tiny):
     assert abs(hits[0]["cosine"] - float(scores.max())) < 1e-4
     result = run("search", str(tmp_path), "x")
     assert result.returncode == 2 and "error: " in result.stderr
+
+
+def test_unreachable_hub_fails_fast_with_one_paragraph():
+    """No HF_HUB_OFFLINE, a hub that refuses connections: seconds, not huggingface_hub's retries."""
+    import os
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # discard port: nothing listens, refused at once
+    env["HF_HOME"] = str(Path(__file__).parent / "no-such-hf-home")
+    started = time.monotonic()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "blip2_app",
+            "caption",
+            "--model",
+            "blip2-opt-2.7b",
+            str(PHOTOS / "skimage_camera.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert time.monotonic() - started < 60
+    assert "Could not load the model 'Salesforce/blip2-opt-2.7b'" in result.stderr
+    assert "--model tiny-random" in result.stderr and "Traceback" not in result.stderr

@@ -70,7 +70,9 @@ def test_auto_uses_the_registry_default(load_tiny):
     registry = Registry.load()
     cpu = torch.device("cpu")
     assert resolve_precisions("auto", registry.resolve("blip2-opt-2.7b"), cpu)[0].llm == "dynamic-int8"
-    assert resolve_precisions("auto", registry.resolve("blip2-opt-2.7b"), torch.device("cuda"))[0].llm == "fp16"
+    assert (
+        resolve_precisions("auto", registry.resolve("blip2-opt-2.7b"), torch.device("cuda"))[0].llm == "fp16"
+    )
     assert resolve_precisions("auto", registry.resolve("tiny-random"), cpu)[0] == ComponentPrecisions(
         "fp32", "fp32", "fp32"
     )

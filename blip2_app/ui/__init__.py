@@ -1,8 +1,10 @@
 """Gradio UI for BLIP-2 Studio: `build_demo(settings, engine)` and the launch options.
 
 layout.py wires components to events, handlers.py holds the (browser-free, testable) handlers,
-sessions.py the per-visitor state, components.py the upload widgets that leave decoding to
-`blip2_app.images`, report.py the Model tab, theme.py the look.
+sessions.py the per-visitor state (and the bound on galleries in memory), components.py the
+widgets that leave decoding to `blip2_app.images` and refuse bad values by name, guard.py the
+HTTP middleware (no URL fetching, bounded request bodies), memory.py the heap trimmer, report.py
+the Model tab, theme.py the look.
 """
 
 from .handlers import StudioHandlers

@@ -6,45 +6,213 @@ error, or costs memory before our limits apply. `safe_image()` is a `gr.Image` (
 API schema) whose preprocessing passes the file path or data URL through untouched: the handler
 decodes it with `blip2_app.images.load_image` (via `Engine.prepare`), whose errors are specific.
 
-The widgets are plain Gradio components with one method replaced on the instance: a subclass
-would make Gradio write a `.pyi` stub next to this file at import time.
+Both also close two doors Gradio leaves open for API callers: a file payload sent without its
+`meta` field skips Gradio's "was this uploaded?" check, and a payload whose path is an http(s) URL
+is downloaded by the server. Here a path must lie in Gradio's upload folder (once the app runs)
+and URLs are refused before anything is fetched.
+
+`named_number` and `named_choice` give sliders, numbers and radios a refusal that names the API
+parameter ("num_beams must be between 1 and 10; got 1000.") instead of Gradio's generic text, and
+turn wrong types (a string, NaN, infinity) into that sentence instead of an internal error.
+
+`ResultGallery` writes result images atomically (Gradio rewrites a shared file in place).
+
+`SafeImage` and `ImageFiles` are subclasses, not patched instances: Gradio rebuilds a component
+from its class for a session whenever an event returns an update for it (clicking an example
+does), and a patched instance would then turn back into a plain, decoding `gr.Image`. They are
+"template" components (`is_template`), so the browser shows Gradio's own Image and File widgets.
+Gradio's component metaclass would write a `.pyi` stub next to this file for each new class; that
+is switched off while they are defined.
 """
 
 from __future__ import annotations
 
+import contextlib
+import html
+import math
+import os
+import tempfile
 import types
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from gradio import component_meta
+from gradio.context import LocalContext
 from gradio.data_classes import FileData
-from gradio.utils import NamedString
+from gradio.processing_utils import encode_pil_to_bytes, hash_bytes
+from gradio.utils import NamedString, get_upload_folder, is_in_or_equal
+from gradio_client.utils import is_http_url_like
+from PIL import Image
+
+NOT_UPLOADED = (
+    "This file was not uploaded to this server: send the image itself "
+    "(in gradio_client, handle_file(path)), not a path on the server."
+)
+NO_URLS = "Image URLs are not fetched by this server: download the image and upload the file instead."
 
 
-def _image_payload(self: gr.Image, payload: FileData | None) -> str | None:
-    if payload is None:
-        return None
-    if payload.path:
-        return str(payload.path)
-    if payload.url and payload.url.startswith("data:"):
-        return payload.url  # load_image checks the size in its header before decoding
-    return None
+def _error(text: str) -> gr.Error:
+    return gr.Error(html.escape(text, quote=False), print_exception=False)
 
 
-def _file_payload(self: gr.File, f: FileData) -> Any:
-    return NamedString(f.path)
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
-def safe_image(**kwargs: Any) -> gr.Image:
-    """A `gr.Image` whose value reaches the handler as a path (or data URL), never decoded."""
-    image = gr.Image(type="filepath", **kwargs)
-    image.preprocess = types.MethodType(_image_payload, image)  # type: ignore[method-assign]
-    return image
+def _number(value: float) -> str:
+    """1000000 rather than 1e+06: the number as the caller typed it, where it is whole."""
+    if float(value).is_integer() and abs(value) < 1e18:
+        return str(int(value))
+    return f"{value:g}"
 
 
-def image_files(**kwargs: Any) -> gr.File:
+def _uploaded_path(path: str) -> str:
+    """`path` if it is a file Gradio received (or the app is not running, e.g. in unit tests)."""
+    if is_http_url_like(path):
+        raise _error(NO_URLS)
+    blocks = LocalContext.blocks.get(None)
+    if blocks is None or not getattr(blocks, "has_launched", False):
+        return path  # not serving (unit tests, scripts): the same exemption as Gradio's own check
+    if "\0" in path or not is_in_or_equal(os.path.realpath(path), os.path.realpath(get_upload_folder())):
+        raise _error(NOT_UPLOADED)
+    return path
+
+
+@contextlib.contextmanager
+def _no_pyi_stubs() -> Iterator[None]:
+    original = component_meta.create_or_modify_pyi
+    component_meta.create_or_modify_pyi = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        component_meta.create_or_modify_pyi = original
+
+
+with _no_pyi_stubs():
+
+    class SafeImage(gr.Image):
+        """A `gr.Image` whose value reaches the handler as a path (or data URL), never decoded."""
+
+        is_template = True  # shown by Gradio's own Image widget
+
+        def preprocess(self, payload: FileData | None) -> str | None:  # type: ignore[override]
+            if payload is None:
+                return None
+            if payload.path and payload.path.lstrip()[:5].lower() == "data:":
+                return payload.path  # load_image checks the size in its header before decoding
+            if payload.path:
+                return _uploaded_path(str(payload.path))
+            if payload.url and payload.url.startswith("data:"):
+                return payload.url
+            if payload.url:
+                raise _error(NO_URLS)
+            return None
+
+        async def async_move_resource_to_block_cache(self, url_or_file_path: Any) -> str | None:
+            # Gradio moves input files into its cache before preprocess, downloading http(s) paths.
+            if isinstance(url_or_file_path, str) and is_http_url_like(url_or_file_path):
+                raise _error(NO_URLS)
+            return await super().async_move_resource_to_block_cache(url_or_file_path)
+
+    class ImageFiles(gr.File):
+        """Several image files as paths, each decoded (and reported on) by the handler."""
+
+        is_template = True  # shown by Gradio's own File widget
+
+        def _process_single_file(self, f: FileData) -> Any:
+            return NamedString(_uploaded_path(str(f.path)))
+
+        async def async_move_resource_to_block_cache(self, url_or_file_path: Any) -> str | None:
+            if isinstance(url_or_file_path, str) and is_http_url_like(url_or_file_path):
+                raise _error(NO_URLS)
+            return await super().async_move_resource_to_block_cache(url_or_file_path)
+
+    class ResultGallery(gr.Gallery):
+        """A `gr.Gallery` that writes the PIL images it shows atomically.
+
+        Gradio saves each image under a hash of its bytes by rewriting the file in place, so when
+        two visitors get the same picture at once (both galleries hold an example photo), one can
+        download it while the other's request truncates and rewrites it: a broken image. Here a
+        new file is written under a temporary name and renamed into place, and an existing one is
+        only touched (so Gradio's delete_cache, which ages files by ctime, keeps it).
+        """
+
+        is_template = True  # shown by Gradio's own Gallery widget
+
+        def postprocess(self, value: Any) -> Any:
+            if isinstance(value, list):
+                value = [self._saved(item) for item in value]
+            return super().postprocess(value)
+
+        def _saved(self, item: Any) -> Any:
+            image, caption = item if isinstance(item, (tuple, list)) else (item, None)
+            if not isinstance(image, Image.Image):
+                return item
+            data = encode_pil_to_bytes(image, self.format)
+            folder = Path(self.GRADIO_CACHE) / hash_bytes(data)
+            folder.mkdir(parents=True, exist_ok=True)
+            target = folder / f"image.{self.format}"
+            if target.exists():
+                with contextlib.suppress(OSError):
+                    os.utime(target)
+            else:
+                fd, staging = tempfile.mkstemp(dir=folder, prefix=".image.")
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                os.replace(staging, target)
+            return (str(target), caption) if isinstance(item, (tuple, list)) else str(target)
+
+
+def safe_image(**kwargs: Any) -> SafeImage:
+    """An image input whose value reaches the handler as a path (or data URL), never decoded."""
+    return SafeImage(type="filepath", **kwargs)
+
+
+def image_files(**kwargs: Any) -> ImageFiles:
     """Several image uploads as paths. `gr.File(file_types=["image"])` rejects the whole batch with
     one generic sentence when a single file has an unusual extension; here the file types only
     guide the browser's file picker and each file is decoded, and reported on, by itself."""
-    files = gr.File(file_count="multiple", type="filepath", **kwargs)
-    files._process_single_file = types.MethodType(_file_payload, files)  # type: ignore[method-assign]
-    return files
+    return ImageFiles(file_count="multiple", type="filepath", **kwargs)
+
+
+def named_number(component: gr.Slider | gr.Number, name: str) -> gr.Slider | gr.Number:
+    """Refuse a value outside [minimum, maximum], or not a finite number, naming `name`."""
+    original = component.preprocess
+    low, high = component.minimum, component.maximum
+
+    def preprocess(self: Any, payload: Any) -> Any:
+        if payload is None:
+            return None
+        if isinstance(payload, bool) or not isinstance(payload, (int, float)):
+            raise _error(f"{name} must be a number; got {_short(payload)}.")
+        if not math.isfinite(payload):
+            raise _error(f"{name} must be a finite number; got {payload}.")
+        if (low is not None and payload < low) or (high is not None and payload > high):
+            if low is not None and high is not None:
+                raise _error(
+                    f"{name} must be between {_number(low)} and {_number(high)}; got {_number(payload)}."
+                )
+            bound = f"at least {_number(low)}" if low is not None else f"at most {_number(high)}"
+            raise _error(f"{name} must be {bound}; got {_number(payload)}.")
+        return original(payload)
+
+    component.preprocess = types.MethodType(preprocess, component)  # type: ignore[method-assign]
+    return component
+
+
+def named_choice(component: gr.Radio, name: str) -> gr.Radio:
+    """Refuse a value that is not one of the choices, naming `name` and listing the choices."""
+    original = component.preprocess
+
+    def preprocess(self: Any, payload: Any) -> Any:
+        values = [value for _, value in self.choices]
+        if payload is not None and payload not in values:
+            listed = ", ".join(str(v) for v in values)
+            raise _error(f"{name} must be one of {listed}; got {_short(payload)}.")
+        return original(payload)
+
+    component.preprocess = types.MethodType(preprocess, component)  # type: ignore[method-assign]
+    return component

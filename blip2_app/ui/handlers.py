@@ -29,9 +29,10 @@ from ..engine import EMPTY_TEXT_NOTICE, Engine, PreparedImage
 from ..errors import InvalidRequestError, UserFacingError
 from ..generation import GenerationSettings
 from ..images import ImageDecodeError
-from ..prompts import MAX_QUESTION_CHARS, BuiltPrompt, ChatTurn, clean_text
+from ..prompts import MAX_QUESTION_CHARS, ChatTurn, clean_text, context_notes
 from ..retrieval import SearchHit, rerank_with_itm
-from .sessions import MAX_GALLERY_IMAGES, ChatSession, GallerySession, turn_messages
+from . import sessions
+from .sessions import MAX_GALLERY_IMAGES, ChatSession, GalleryBudget, GallerySession, turn_messages
 from .sessions import message as chat_message
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,8 @@ MAX_QUERY_CHARS = 500  # retrieval text; the Q-Former reads at most 35 tokens of
 MAX_TOP_K = 30
 MAX_EXEMPLARS = 8
 MAX_EXEMPLAR_ROWS = 64  # rows accepted from the Dataframe (empty ones are skipped)
-MAX_CHAT_TURNS = 50  # turns kept per session; the prompt builder drops old ones that do not fit
-MAX_FILES_PER_REQUEST = MAX_GALLERY_IMAGES
+MAX_CHAT_TURNS = 50  # default of --max-chat-turns; the prompt builder drops old ones that do not fit
+MAX_FILES_PER_REQUEST = MAX_GALLERY_IMAGES  # default; the limit is the gallery's size (--max-gallery-images)
 CAPTION_BATCH = 4
 
 INTERNAL_ERROR = (
@@ -184,23 +185,6 @@ def parse_exemplars(value: Any) -> list[ChatTurn]:
     return turns
 
 
-def context_notes(built: BuiltPrompt) -> list[str]:
-    """What the prompt builder had to leave out to fit the context (shown as warnings)."""
-    notes = []
-    if built.dropped_turns:
-        notes.append(
-            f"The {built.dropped_turns} oldest chat turn(s) no longer fit the model's context and were left "
-            "out of this answer. Clear the chat to start afresh."
-        )
-    if built.dropped_exemplars:
-        notes.append(
-            f"{built.dropped_exemplars} few-shot example(s) did not fit the context and were left out."
-        )
-    if built.truncated:
-        notes.append("The question was too long for the model's context; only its end was used.")
-    return notes
-
-
 def display_name(path: Any) -> str:
     name = Path(str(path)).name or "image"
     return name if len(name) <= 80 else name[:77] + "..."
@@ -230,6 +214,20 @@ class StudioHandlers:
         self.settings = settings
         matcher_size = engine.matcher.entry.image_size if engine.matcher is not None else 224
         self.thumbnail_side = max(256, int(matcher_size))
+        # The one piece of state shared by sessions: which galleries hold memory (weak references).
+        self.galleries = GalleryBudget(settings.max_galleries)
+
+    @property
+    def gallery_limit(self) -> int:
+        """Images one gallery holds at most (--max-gallery-images, else the built-in default)."""
+        return self.settings.max_gallery_images or sessions.MAX_GALLERY_IMAGES
+
+    @property
+    def evicted_message(self) -> str:
+        return (
+            "Your gallery was emptied to make room for other visitors' galleries (this server keeps at "
+            f"most {self.settings.max_galleries} in memory). Please index your images again."
+        )
 
     # ----------------------------------------------------------------- defaults for the widgets
     def caption_defaults(self) -> GenerationSettings:
@@ -241,8 +239,8 @@ class StudioHandlers:
         return self.caption_defaults().replace(decoding="nucleus")
 
     def answer_defaults(self) -> GenerationSettings:
-        # LAVIS' zero-shot VQAv2 decoding: beam search, short answers.
-        return self.caption_defaults().replace(decoding="beam", max_new_tokens=10, num_captions=1)
+        # The registry's VQA decoding (LAVIS' zero-shot VQAv2: beam search, short answers).
+        return self.engine.captioner.entry.answer_decoding if self.engine.captioner else GenerationSettings()
 
     # ----------------------------------------------------------------- helpers
     def _prepare(self, image: Any) -> PreparedImage:
@@ -346,8 +344,9 @@ class StudioHandlers:
         generation = self._generation(self.chat_defaults(), **generation_values)
 
         session = session if isinstance(session, ChatSession) else ChatSession()
+        keep = self.settings.max_chat_turns
         if session.image_hash == prepared.content_hash:
-            history = list(session.turns[-MAX_CHAT_TURNS:])
+            history = list(session.turns[-keep:])
         else:
             if session.turns:
                 gr.Info("This is a different image, so the conversation starts over.")
@@ -369,7 +368,9 @@ class StudioHandlers:
         empty = answer in ("", EMPTY_TEXT_NOTICE)
         if empty:
             gr.Warning(_message(EMPTY_TEXT_NOTICE))
-        done = ChatSession(prepared.content_hash, [*history, ChatTurn(question, "" if empty else answer)])
+        done = ChatSession(
+            prepared.content_hash, [*history, ChatTurn(question, "" if empty else answer)][-keep:]
+        )
         yield [*shown, chat_message("assistant", answer or EMPTY_TEXT_NOTICE)], done
 
     @guarded("answering in the chat")
@@ -429,7 +430,7 @@ class StudioHandlers:
         """UI step before streaming: clear the box, pass the question on, show it at once."""
         text = message if isinstance(message, str) else ""
         history = session.messages() if isinstance(session, ChatSession) else []
-        if text.strip():
+        if text.strip() and len(text) <= MAX_QUESTION_CHARS * 2:  # longer: the chat event refuses it
             history = [*history, chat_message("user", text.strip())]
         return "", text, history
 
@@ -447,14 +448,32 @@ class StudioHandlers:
         progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio's documented idiom)
     ) -> tuple[str, GallerySession]:
         """Adds images to this session's gallery; returns a status sentence."""
+        if isinstance(session, GallerySession) and session.evicted:
+            gr.Info(self.evicted_message)
+            session = None
         session = session if isinstance(session, GallerySession) else GallerySession(side=self.thumbnail_side)
         describe = flag(caption_images, "caption_images")
         paths = self._file_list(files)
-        if session.room <= 0:
-            raise user_error(
-                f"This gallery is full ({MAX_GALLERY_IMAGES} images). Clear it before adding more images."
-            )
+        with self.galleries.use(session):  # from here on, no other request can empty this gallery
+            session.evicted = False  # emptied while this request waited: it starts afresh
+            limit = self.gallery_limit
+            room = limit - len(session)
+            if room <= 0:
+                raise user_error(
+                    f"This gallery is full ({limit} images). Clear it before adding more images."
+                )
+            return self._index_into(session, paths, describe, room, limit, progress)
 
+    def _index_into(
+        self,
+        session: GallerySession,
+        paths: list[Any],
+        describe: bool,
+        room: int,
+        limit: int,
+        progress: gr.Progress,
+    ) -> tuple[str, GallerySession]:
+        """Decode, de-duplicate, embed and add up to `room` of `paths` to `session`."""
         new: list[PreparedImage] = []
         names: list[str] = []
         failed: list[tuple[str, str]] = []
@@ -480,9 +499,9 @@ class StudioHandlers:
             first_name, first_reason = failed[0]
             what = "The file could not" if len(paths) == 1 else f"None of the {len(paths)} files could"
             raise user_error(f"{what} be read as an image. {first_name}: {first_reason}")
-        over = len(new) - session.room
+        over = len(new) - room
         if over > 0:
-            new, names = new[: session.room], names[: session.room]
+            new, names = new[:room], names[:room]
 
         added = 0
         if new:
@@ -502,9 +521,7 @@ class StudioHandlers:
         if len(failed) > 5:
             gr.Warning(f"{len(failed) - 5} more file(s) could not be read either.")
         if over > 0:
-            gr.Warning(
-                f"The gallery holds at most {MAX_GALLERY_IMAGES} images: {over} image(s) were not added."
-            )
+            gr.Warning(f"The gallery holds at most {limit} images: {over} image(s) were not added.")
 
         status = (
             f"Indexed {added} new image{'s' if added != 1 else ''}; the gallery now holds {len(session)}."
@@ -523,10 +540,9 @@ class StudioHandlers:
         paths = [files] if isinstance(files, (str, dict)) else files
         if not isinstance(paths, (list, tuple)):
             raise InvalidRequestError("Send the images to index as a list of files.")
-        if len(paths) > MAX_FILES_PER_REQUEST:
-            raise InvalidRequestError(
-                f"{len(paths)} files were sent; index at most {MAX_FILES_PER_REQUEST} images at a time."
-            )
+        most = self.settings.max_gallery_images or MAX_FILES_PER_REQUEST
+        if len(paths) > most:
+            raise InvalidRequestError(f"{len(paths)} files were sent; index at most {most} images at a time.")
         return [p["path"] if isinstance(p, dict) and "path" in p else p for p in paths]
 
     def _describe(self, images: list[PreparedImage], progress: gr.Progress) -> list[str | None]:
@@ -538,8 +554,9 @@ class StudioHandlers:
             captions.extend(None if r[0].empty else _one_line(r[0].text) for r in results)
         return captions
 
-    @staticmethod
-    def _require_gallery(session: Any) -> GallerySession:
+    def _require_gallery(self, session: Any) -> GallerySession:
+        if isinstance(session, GallerySession) and session.evicted:
+            raise user_error(self.evicted_message)
         if not isinstance(session, GallerySession) or len(session) == 0:
             raise user_error("The gallery is empty: upload some images and press “Index images” first.")
         return session
@@ -565,17 +582,19 @@ class StudioHandlers:
         top_k = whole_number(top_k, "top_k", 1, MAX_TOP_K)
         use_itm = flag(rerank, "rerank")
         k = whole_number(rerank_k, "rerank_k", 1, MAX_TOP_K) if use_itm else 0
-        embedding = self.engine.text_features([text])[0].numpy()
-        assert gallery.index is not None
-        hits = gallery.index.search_text(embedding, max(top_k, k))
-        if use_itm:
+        with self.galleries.use(gallery):
+            self._require_gallery(gallery)  # evicted while this request waited?
+            embedding = self.engine.text_features([text])[0].numpy()
+            assert gallery.index is not None
+            hits = gallery.index.search_text(embedding, max(top_k, k))
+            if use_itm:
 
-            def itm_scores(hashes: list[str]) -> list[float]:
-                images = [gallery.prepared(h) for h in hashes]
-                return self.engine.itm(images, [text] * len(images)).tolist()
+                def itm_scores(hashes: list[str]) -> list[float]:
+                    images = [gallery.prepared(h) for h in hashes]
+                    return self.engine.itm(images, [text] * len(images)).tolist()
 
-            hits = rerank_with_itm(hits, itm_scores, k)
-        return self._results(hits[:top_k], gallery)
+                hits = rerank_with_itm(hits, itm_scores, k)
+            return self._results(hits[:top_k], gallery)
 
     @guarded("searching the gallery")
     def search_image(
@@ -585,18 +604,22 @@ class StudioHandlers:
         gallery = self._require_gallery(session)
         top_k = whole_number(top_k, "top_k", 1, MAX_TOP_K)
         prepared = self._prepare(image)
-        features = self.engine.image_features([prepared])
-        assert gallery.index is not None
-        hits = gallery.index.search_image(
-            features.projections[0].numpy(), top_k, exclude_hash=prepared.content_hash
-        )
-        if not hits:
-            gr.Warning("The gallery holds only this image: add other images to compare it with.")
-        return self._results(hits, gallery)
+        with self.galleries.use(gallery):
+            self._require_gallery(gallery)
+            features = self.engine.image_features([prepared])
+            assert gallery.index is not None
+            hits = gallery.index.search_image(
+                features.projections[0].numpy(), top_k, exclude_hash=prepared.content_hash
+            )
+            if not hits:
+                gr.Warning("The gallery holds only this image: add other images to compare it with.")
+            return self._results(hits, gallery)
 
     @guarded("clearing the gallery")
     def clear_gallery(self, session: GallerySession | None = None) -> tuple[str, GallerySession]:
         count = len(session) if isinstance(session, GallerySession) else 0
+        if isinstance(session, GallerySession):
+            self.galleries.forget(session)
         fresh = GallerySession(side=self.thumbnail_side)
         if not count:
             return "The gallery is already empty.", fresh

@@ -14,14 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from ..config import Settings
 from ..engine import Engine
 from ..generation import LIMITS
 from ..prompts import MAX_QUESTION_CHARS
-from .components import image_files, safe_image
+from .components import ResultGallery, image_files, named_choice, named_number, safe_image
+from .guard import RequestGuard, body_limit_bytes
 from .handlers import MAX_EXEMPLARS, MAX_QUERY_CHARS, MAX_TOP_K, StudioHandlers
-from .sessions import MAX_GALLERY_IMAGES
 from .theme import CSS, studio_theme
 
 TITLE = "BLIP-2 Studio"
@@ -33,8 +34,15 @@ DESCRIPTION = (
     "and your gallery stay private to this browser tab."
 )
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "assets" / "examples"
-# Uploads are deleted from Gradio's cache when older than 6 hours (checked hourly).
-DELETE_CACHE = (3600, 6 * 3600)
+
+
+def delete_cache(settings: Settings) -> tuple[int, int]:
+    """Gradio's (frequency, age) in seconds: uploads and result files older than
+    --upload-ttl-minutes are deleted, checked hourly (or every age, if shorter)."""
+    age = max(1, round(settings.upload_ttl_minutes * 60))
+    return min(3600, age), age
+
+
 MODEL_GROUP = "model"
 DECODING_CHOICES = [("Beam search", "beam"), ("Nucleus sampling", "nucleus"), ("Greedy", "greedy")]
 IMAGE_SOURCES = ["upload", "clipboard", "webcam"]
@@ -64,15 +72,23 @@ def launch_options(settings: Settings, on_space: bool = False) -> dict[str, Any]
         "css": CSS,
         "allowed_paths": [str(EXAMPLES_DIR)] if EXAMPLES_DIR.is_dir() else None,
         "footer_links": ["api", "gradio"],
+        # Sessions whose gr.State (chat, gallery) is kept; the least recently used is dropped.
+        "state_session_capacity": settings.max_sessions,
+        # No file=<URL> proxying; JSON bodies bounded (multipart uploads: max_file_size above).
+        "app_kwargs": {
+            "middleware": [Middleware(RequestGuard, max_body_bytes=body_limit_bytes(settings.max_upload_mb))]
+        },
     }
 
 
 def _slider(
     name: str, value: float, label: str, step: float, info: str | None = None, **kwargs: Any
 ) -> gr.Slider:
-    """A slider over the documented bounds (generation.LIMITS): Gradio enforces them for the API too."""
+    """A slider over the documented bounds (generation.LIMITS), enforced for API callers too: a value
+    outside them, or not a finite number, is refused with a sentence naming the parameter."""
     low, high = LIMITS[name]
-    return gr.Slider(low, high, value=value, step=step, label=label, info=info, **kwargs)
+    slider = gr.Slider(low, high, value=value, step=step, label=label, info=info, **kwargs)
+    return named_number(slider, name)
 
 
 def _header(engine: Engine) -> str:
@@ -101,7 +117,9 @@ def build_demo(settings: Settings, engine: Engine) -> gr.Blocks:
     templates = engine.captioner.entry.templates if engine.captioner is not None else None
     instruction_aware = bool(engine.captioner and engine.captioner.entry.family.instruction_aware)
 
-    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
+    state_ttl = settings.session_ttl_minutes * 60  # seconds a chat or gallery is kept unused
+
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=delete_cache(settings)) as demo:
         gr.HTML(_header(engine), js_on_load=None)
         if engine.captioner is None:
             gr.Markdown("**No captioning model is loaded**: only the Retrieval tab works in this app.")
@@ -137,11 +155,14 @@ def build_demo(settings: Settings, engine: Engine) -> gr.Blocks:
                             style_info = (
                                 f"Detailed sends “{detailed}” for you; custom continues your own text."
                             )
-                        cap_style = gr.Radio(
-                            [("Short", "short"), ("Detailed", "detailed"), ("Custom prompt", "custom")],
-                            value="short",
-                            label="Style",
-                            info=style_info,
+                        cap_style = named_choice(
+                            gr.Radio(
+                                [("Short", "short"), ("Detailed", "detailed"), ("Custom prompt", "custom")],
+                                value="short",
+                                label="Style",
+                                info=style_info,
+                            ),
+                            "style",
                         )
                         cap_prompt = gr.Textbox(
                             value="",
@@ -150,7 +171,9 @@ def build_demo(settings: Settings, engine: Engine) -> gr.Blocks:
                             max_length=MAX_QUESTION_CHARS,
                             visible=False,
                         )
-                        cap_decoding = gr.Radio(DECODING_CHOICES, value=d.decoding, label="Decoding")
+                        cap_decoding = named_choice(
+                            gr.Radio(DECODING_CHOICES, value=d.decoding, label="Decoding"), "decoding"
+                        )
                         with gr.Accordion("Advanced settings", open=False):
                             with gr.Row():
                                 cap_beams = _slider("num_beams", d.num_beams, "Beams", 1, "beam search only")
@@ -196,12 +219,16 @@ def build_demo(settings: Settings, engine: Engine) -> gr.Blocks:
                                     1,
                                     "0 = off",
                                 )
-                                cap_seed = gr.Number(
-                                    value=-1,
-                                    label="Seed",
-                                    info="-1 = random (sampling only)",
-                                    precision=0,
-                                    minimum=-1,
+                                cap_seed = named_number(
+                                    gr.Number(
+                                        value=-1,
+                                        label="Seed",
+                                        info="-1 = random (sampling only)",
+                                        precision=0,
+                                        minimum=-1,
+                                        maximum=2**32 - 1,
+                                    ),
+                                    "seed",
                                 )
                         cap_button = gr.Button("Write caption", variant="primary", elem_id="caption-button")
                         cap_output = gr.Textbox(
@@ -243,7 +270,7 @@ def build_demo(settings: Settings, engine: Engine) -> gr.Blocks:
             with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
                 c = h.chat_defaults()
                 a = h.answer_defaults()
-                chat_state = gr.State(None)
+                chat_state = gr.State(None, time_to_live=state_ttl)
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=4, min_width=300):
                         chat_image = safe_image(
@@ -279,11 +306,14 @@ def build_demo(settings: Settings, engine: Engine) -> gr.Blocks:
                                 wrap=True,
                             )
                         with gr.Accordion("Decoding", open=False):
-                            chat_decoding = gr.Radio(
-                                DECODING_CHOICES,
-                                value=c.decoding,
-                                label="Decoding",
-                                info="beam search shows its answer only when done",
+                            chat_decoding = named_choice(
+                                gr.Radio(
+                                    DECODING_CHOICES,
+                                    value=c.decoding,
+                                    label="Decoding",
+                                    info="beam search shows its answer only when done",
+                                ),
+                                "decoding",
                             )
                             chat_max_tokens = _slider("max_new_tokens", c.max_new_tokens, "Max new tokens", 1)
                             with gr.Row():
@@ -329,7 +359,9 @@ def build_demo(settings: Settings, engine: Engine) -> gr.Blocks:
                                     label="Short answer",
                                     info="“Question: … Short answer:” (VQAv2 style)",
                                 )
-                                qa_decoding = gr.Radio(DECODING_CHOICES, value=a.decoding, label="Decoding")
+                                qa_decoding = named_choice(
+                                    gr.Radio(DECODING_CHOICES, value=a.decoding, label="Decoding"), "decoding"
+                                )
                             with gr.Row():
                                 qa_beams = _slider("num_beams", a.num_beams, "Beams", 1)
                                 qa_max_tokens = _slider(
@@ -398,12 +430,12 @@ def build_demo(settings: Settings, engine: Engine) -> gr.Blocks:
 
             # ------------------------------------------------------------------ Retrieval
             with gr.Tab("Retrieval", id="retrieval", elem_id="tab-retrieval"):
-                gallery_state = gr.State(None, time_to_live=6 * 3600)
+                gallery_state = gr.State(None, time_to_live=state_ttl)
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=4, min_width=300):
                         ret_files = image_files(
                             file_types=["image"],
-                            label=f"Images for your gallery (up to {MAX_GALLERY_IMAGES})",
+                            label=f"Images for your gallery (up to {h.gallery_limit})",
                             height=190,
                             elem_id="gallery-files",
                         )
@@ -421,7 +453,7 @@ def build_demo(settings: Settings, engine: Engine) -> gr.Blocks:
                             interactive=False,
                             elem_id="gallery-status",
                         )
-                        ret_preview = gr.Gallery(
+                        ret_preview = ResultGallery(
                             label="Indexed images",
                             columns=4,
                             height=220,
@@ -439,17 +471,22 @@ def build_demo(settings: Settings, engine: Engine) -> gr.Blocks:
                                     elem_id="search-query",
                                 )
                                 with gr.Row():
-                                    ret_top_k = gr.Slider(1, MAX_TOP_K, value=6, step=1, label="Results")
+                                    ret_top_k = named_number(
+                                        gr.Slider(1, MAX_TOP_K, value=6, step=1, label="Results"), "top_k"
+                                    )
                                     ret_rerank = gr.Checkbox(
                                         value=False, label="Re-rank with ITM", info="image-text matching head"
                                     )
-                                    ret_rerank_k = gr.Slider(
-                                        1,
-                                        MAX_TOP_K,
-                                        value=10,
-                                        step=1,
-                                        label="Re-rank top k",
-                                        interactive=False,
+                                    ret_rerank_k = named_number(
+                                        gr.Slider(
+                                            1,
+                                            MAX_TOP_K,
+                                            value=10,
+                                            step=1,
+                                            label="Re-rank top k",
+                                            interactive=False,
+                                        ),
+                                        "rerank_k",
                                     )
                                 ret_search = gr.Button("Search", variant="primary", elem_id="search-button")
                             with gr.Tab("Search by image", id="by-image"):
@@ -459,7 +496,9 @@ def build_demo(settings: Settings, engine: Engine) -> gr.Blocks:
                                     height=200,
                                     elem_id="query-image",
                                 )
-                                ret_image_top_k = gr.Slider(1, MAX_TOP_K, value=6, step=1, label="Results")
+                                ret_image_top_k = named_number(
+                                    gr.Slider(1, MAX_TOP_K, value=6, step=1, label="Results"), "top_k"
+                                )
                                 ret_search_image = gr.Button(
                                     "Find similar images", variant="primary", elem_id="search-image-button"
                                 )
@@ -470,7 +509,7 @@ def build_demo(settings: Settings, engine: Engine) -> gr.Blocks:
                             "head, when re-ranked.",
                             elem_classes=["hint"],
                         )
-                        ret_results = gr.Gallery(
+                        ret_results = ResultGallery(
                             label="Results",
                             columns=3,
                             height="auto",

@@ -6,6 +6,7 @@ from typing import Any
 
 from ..config import Settings
 from ..engine import Engine, EngineInfo
+from .sessions import MAX_GALLERY_IMAGES
 
 COMPONENT_NAMES = {
     "vision": "Vision encoder (ViT)",
@@ -118,5 +119,10 @@ def model_report_markdown(info: EngineInfo, engine: Engine, settings: Settings) 
         f"| waiting requests at most | {settings.max_queue} |",
         f"| largest upload | {settings.max_upload_mb} MB |",
         f"| largest image | {settings.max_image_pixels / 1e6:.0f} megapixels |",
+        f"| images per gallery | {settings.max_gallery_images or MAX_GALLERY_IMAGES} |",
+        f"| galleries in memory (all visitors) | {settings.max_galleries} |",
+        f"| chat turns kept | {settings.max_chat_turns} |",
+        f"| sessions kept | {settings.max_sessions}, each for {settings.session_ttl_minutes:g} min unused |",
+        f"| uploads kept on disk | {settings.upload_ttl_minutes:g} min |",
     ]
     return "\n".join(lines)

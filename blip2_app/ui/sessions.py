@@ -7,9 +7,13 @@ Nothing here is module-level: a mutable default shared by every visitor is the b
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
-from collections.abc import Iterable
+import threading
+import weakref
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,6 +69,7 @@ class GallerySession:
     index: GalleryIndex | None = None
     images: dict[str, bytes] = field(default_factory=dict)  # content hash -> JPEG bytes
     side: int = 256  # long side of the stored copies (at least the retrieval model's input size)
+    evicted: bool = False  # emptied by GalleryBudget to make room for another session's gallery
 
     def __len__(self) -> int:
         return len(self.index) if self.index is not None else 0
@@ -106,3 +111,80 @@ class GallerySession:
     def clear(self) -> None:
         self.index = None
         self.images.clear()
+
+    def evict(self) -> None:
+        self.clear()
+        self.evicted = True
+
+
+class GalleryBudget:
+    """At most `limit` galleries hold images at once, over all sessions of one app.
+
+    Galleries live in `gr.State`, one per session, and Gradio keeps up to `state_session_capacity`
+    sessions for hours; without this bound, memory would grow with the number of visitors. When a
+    gallery needs room, the least recently used gallery that no request is using is emptied
+    (`evict()`; its owner is told to index again). The budget holds weak references only, so a
+    session Gradio drops frees its gallery as before. Thread-safe: requests run in worker threads.
+    """
+
+    def __init__(self, limit: int):
+        if limit < 1:
+            raise ValueError(f"GalleryBudget limit must be at least 1; got {limit}.")
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._order: OrderedDict[int, weakref.ref[GallerySession]] = OrderedDict()  # oldest first
+        self._busy: Counter[int] = Counter()
+        self.evictions = 0
+
+    def _prune(self) -> None:
+        for key in [k for k, ref in self._order.items() if ref() is None]:
+            del self._order[key]
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._prune()
+            return len(self._order)
+
+    @contextlib.contextmanager
+    def use(self, session: GallerySession) -> Iterator[None]:
+        """Mark `session` as used now (most recent) and not evictable until the block ends."""
+        key = id(session)
+        with self._lock:
+            self._busy[key] += 1
+            self._touch(session)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy[key] -= 1
+                if self._busy[key] <= 0:
+                    del self._busy[key]
+                if len(session) == 0:  # nothing held: it does not count against the budget
+                    self._order.pop(key, None)
+                else:
+                    self._touch(session)
+                    self._evict_over_limit(keep=key)
+
+    def forget(self, session: GallerySession) -> None:
+        with self._lock:
+            ref = self._order.get(id(session))
+            if ref is not None and ref() is session:
+                del self._order[id(session)]
+
+    def _touch(self, session: GallerySession) -> None:
+        key = id(session)
+        ref = self._order.get(key)
+        if ref is None or ref() is not session:  # new, or an id reused after garbage collection
+            self._order[key] = weakref.ref(session)
+        self._order.move_to_end(key)
+
+    def _evict_over_limit(self, keep: int) -> None:
+        self._prune()
+        while len(self._order) > self.limit:
+            victim_key = next((k for k in self._order if k != keep and not self._busy.get(k)), None)
+            if victim_key is None:  # the others are in use right now: try again next time
+                return
+            victim = self._order.pop(victim_key)()
+            if victim is not None:
+                victim.evict()
+                self.evictions += 1

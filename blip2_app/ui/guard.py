@@ -1,0 +1,122 @@
+"""An ASGI middleware in front of Gradio's routes for what Gradio 6.31 has no setting for.
+
+- `GET /gradio_api/file=<URL>`: Gradio fetches any public http(s) URL and streams it back, which
+  makes the app an open proxy. Only files are served here; URLs get 403 before any fetch.
+- Request bodies outside the upload route: Gradio reads a JSON body of any size into memory
+  (a base64 image in `/gradio_api/queue/join` included). Bodies over `max_body_bytes` get 413;
+  multipart uploads are left to Gradio's own `max_file_size`, which streams them to disk.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+from urllib.parse import unquote
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+NO_URL_FETCH = "This server does not fetch URLs for its visitors: only its own files are served here."
+_FILE_ROUTE = re.compile(r"/file=(.*)$", re.DOTALL)
+_SCHEME = re.compile(r"^\s*[A-Za-z][A-Za-z0-9+.\-]*:")
+UPLOAD_ROUTES = ("/gradio_api/upload",)
+
+
+def body_limit_bytes(max_upload_mb: int) -> int:
+    """Largest JSON body accepted: one image of the upload limit as base64 (4/3 larger), plus 1 MB."""
+    return max_upload_mb * 1024 * 1024 * 4 // 3 + 1024 * 1024
+
+
+def _fetches_url(path: str) -> bool:
+    match = _FILE_ROUTE.search(path)
+    if match is None:
+        return False
+    target = match.group(1)
+    for _ in range(3):  # "http%253A//..." decodes in steps
+        if _SCHEME.match(target) or target.lstrip().startswith("//"):
+            return True
+        decoded = unquote(target)
+        if decoded == target:
+            break
+        target = decoded
+    return False
+
+
+class RequestGuard:
+    """`app_kwargs={"middleware": [Middleware(RequestGuard, max_body_bytes=...)]}` in launch()."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        raw = scope.get("raw_path") or b""
+        if _fetches_url(path) or _fetches_url(raw.decode("latin-1")):
+            await _reply(send, 403, NO_URL_FETCH)
+            return
+        if scope.get("method") in ("POST", "PUT", "PATCH") and not path.rstrip("/").endswith(UPLOAD_ROUTES):
+            declared = _content_length(scope)
+            if declared is not None and declared > self.max_body_bytes:
+                await _reply(send, 413, self._too_large())
+                return
+            body = bytearray()
+            more = True
+            while more:  # chunked bodies have no length: count while reading
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+                if len(body) > self.max_body_bytes:
+                    await _reply(send, 413, self._too_large())
+                    return
+            replayed = False
+
+            async def replay() -> Message:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": bytes(body), "more_body": False}
+                return await receive()
+
+            await self.app(scope, replay, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _too_large(self) -> str:
+        limit = self.max_body_bytes / (1024 * 1024)
+        return (
+            f"This request is larger than the server accepts ({limit:.0f} MB): upload images as files "
+            "(gradio_client: handle_file) instead of embedding them in the request."
+        )
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers") or []:
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _reply(send: Send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
