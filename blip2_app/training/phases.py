@@ -1,0 +1,389 @@
+"""The four training phases, in BLIP-2's order. Each owns its modules and one loss per step.
+
+1. `VisionPretraining`: a tiny ViT learns to see (per-patch and per-slot attribute classifiers);
+   BLIP-2 starts from a pretrained image encoder, and without one the Q-Former has nothing to read.
+2. `LanguagePretraining`: a tiny OPT learns the synthetic text (captions and answers to questions,
+   most after a description of the scene, so it learns to read a prefix).
+3. `QFormerPretraining` (stage 1): the Q-Former against the frozen ViT with ITC + ITM.
+4. `GenerativePretraining` (stage 2): the Q-Former and projection into the frozen OPT, LM loss on
+   the answer tokens only.
+
+Batches are drawn with a generator seeded by (seed, phase, step), so step k sees the same batch
+whether the run was interrupted or not: resuming is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import architecture, synthetic
+from .config import ArchitectureConfig
+from .shapes_data import ATTRIBUTE_CLASSES, ShapesData, perturb
+
+IGNORE = -100  # label value cross_entropy skips: prompt, image and padding positions
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor
+    logs: dict[str, float]
+
+
+def batch_rng(seed: int, phase: int, step: int) -> np.random.Generator:
+    return np.random.default_rng([seed, 1000 + phase, step])
+
+
+def _attribute_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of cross-entropies for colour, shape and size; logits (..., 15), labels (..., 3)."""
+    total = logits.new_zeros(())
+    for part, target in zip(logits.split(ATTRIBUTE_CLASSES, dim=-1), labels.unbind(-1), strict=True):
+        total = total + F.cross_entropy(part.reshape(-1, part.shape[-1]), target.reshape(-1))
+    return total
+
+
+class VisionPretraining(nn.Module):
+    INDEX = 0
+
+    def __init__(self, arch: ArchitectureConfig, train: ShapesData, val: ShapesData, seed: int):
+        super().__init__()
+        self.vision = architecture.new_vision_model(arch)
+        width = sum(ATTRIBUTE_CLASSES)
+        self.patch_head = nn.Linear(arch.vision_hidden, width)
+        self.object_head = nn.Linear(arch.vision_hidden, width)
+        self.scene_head = nn.Linear(arch.vision_hidden, 3 * width + 3)
+        self.train_data, self.val_data, self.seed = train, val, seed
+
+    def _outputs(self, pixels: torch.Tensor, owners: torch.Tensor):
+        hidden = self.vision(pixel_values=pixels).last_hidden_state
+        patches = self.patch_head(hidden[:, 1:])
+        # Each object's patch tokens averaged, then classified: one patch rarely shows a whole
+        # shape, but the tokens of an object together must (and a Q-Former query that attends to
+        # an object averages them in the same way).
+        members = F.one_hot(owners, 4)[..., 1:].float()  # (B, patches, 3 objects)
+        sizes = members.sum(dim=1)  # (B, 3)
+        pooled = torch.einsum("bph,bpk->bkh", hidden[:, 1:], members) / sizes.clamp(min=1).unsqueeze(-1)
+        objects = self.object_head(pooled)
+        scene = self.scene_head(hidden[:, 0])
+        slots, count = scene[:, :-3].reshape(len(pixels), 3, -1), scene[:, -3:]
+        return patches, objects, sizes > 0, slots, count
+
+    def _loss(self, data: ShapesData, idx: torch.Tensor) -> torch.Tensor:
+        labels = data.patch_labels[idx]
+        patches, objects, present, slots, count = self._outputs(data.pixels[idx], labels[..., 3])
+        return (
+            _attribute_loss(patches, labels[..., :3])
+            + _attribute_loss(objects[present], data.object_labels[idx][present])
+            + _attribute_loss(slots, data.slot_labels[idx])
+            + F.cross_entropy(count, data.counts[idx])
+        )
+
+    def step(self, step: int, batch_size: int) -> StepResult:
+        data = self.train_data
+        idx = torch.from_numpy(
+            batch_rng(self.seed, self.INDEX, step).choice(len(data), batch_size, replace=False)
+        )
+        return StepResult(self._loss(data, idx), {})
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        data = self.val_data
+        _, objects, present, slots, count = self._outputs(data.pixels, data.patch_labels[..., 3])
+        result = {}
+        for name, logits, labels, keep in (
+            ("object", objects, data.object_labels, present),
+            ("slot", slots, data.slot_labels, torch.ones_like(present)),
+        ):
+            correct = torch.ones(logits.shape[:2], dtype=torch.bool)
+            for part, target in zip(logits.split(ATTRIBUTE_CLASSES, dim=-1), labels.unbind(-1), strict=True):
+                correct &= part.argmax(-1) == target
+            result[f"{name}_accuracy"] = correct[keep].float().mean().item()
+        result["count_accuracy"] = (count.argmax(-1) == data.counts).float().mean().item()
+        return result
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(map(len, rows))
+    return torch.tensor([row + [value] * (width - len(row)) for row in rows])
+
+
+class LanguagePretraining(nn.Module):
+    INDEX = 1
+
+    def __init__(
+        self,
+        arch,
+        train: ShapesData,
+        val: ShapesData,
+        tokenizer,
+        seed: int,
+        prefix_fraction: float,
+        prefix: str = "caption",
+    ):
+        super().__init__()
+        self.lm = architecture.new_language_model(arch, tokenizer)
+        self.tokenizer, self.train_data, self.val_data = tokenizer, train, val
+        self.seed, self.prefix_fraction, self.prefix = seed, prefix_fraction, prefix
+
+    def _prefix_text(self, scene) -> str:
+        # the scene code starts with a space so each of its words is one whole-word token
+        return scene.caption if self.prefix == "caption" else " " + synthetic.scene_code(scene.objects)
+
+    def _sample(self, data: ShapesData, rng: np.random.Generator, batch_size: int):
+        tok = self.tokenizer
+        ids, labels = [], []
+        for i in rng.choice(len(data), batch_size, replace=False):
+            scene = data.scenes[int(i)]
+            prompt, answer = sample_prompt(scene, rng, caption_fraction=0.3)
+            prefix = (
+                tok(self._prefix_text(scene), add_special_tokens=False).input_ids
+                if rng.random() < self.prefix_fraction
+                else []
+            )
+            body = tok(prompt).input_ids  # BOS + prompt
+            target = [*tok(answer, add_special_tokens=False).input_ids, tok.eos_token_id]
+            ids.append(prefix + body + target)
+            # Only the answer (or caption) and its EOS are supervised, never the prefix (it stands
+            # where the image will be) nor the prompt: an LM taught to write "Question: ..." after
+            # BOS starts captions that way (70% of its texts began so) and beam search follows.
+            labels.append([IGNORE] * (len(prefix) + len(body) - 1) + target + [IGNORE])
+        return _pad(ids, tok.pad_token_id), _pad(labels, IGNORE)
+
+    def _loss(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        mask = (ids != self.tokenizer.pad_token_id).long()
+        logits = self.lm(input_ids=ids, attention_mask=mask).logits
+        # labels[:, t] is the target for position t, i.e. ids[:, t + 1]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
+
+    def step(self, step: int, batch_size: int) -> StepResult:
+        ids, labels = self._sample(self.train_data, batch_rng(self.seed, self.INDEX, step), batch_size)
+        return StepResult(self._loss(ids, labels), {})
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        ids, labels = self._sample(
+            self.val_data, np.random.default_rng(self.seed), min(256, len(self.val_data))
+        )
+        return {"val_loss": self._loss(ids, labels).item()}
+
+
+def sample_prompt(scene, rng: np.random.Generator, caption_fraction: float) -> tuple[str, str]:
+    """(prompt, answer) in the app's blip2-opt templates: caption_short is the empty prompt, VQA is
+    `Question: {q} Short answer:`. Captions start without a space (they open the text); answers
+    continue the prompt, so they start with one."""
+    if rng.random() < caption_fraction:
+        return "", scene.caption
+    qa = scene.qa[int(rng.integers(len(scene.qa)))]
+    return f"Question: {qa.question} Short answer:", f" {qa.answer}"
+
+
+@torch.no_grad()
+def vision_features(vision: nn.Module, pixels: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """The frozen encoder's output for every image, computed once: later phases only read it."""
+    vision.eval()
+    return torch.cat(
+        [vision(pixel_values=pixels[i : i + chunk]).last_hidden_state for i in range(0, len(pixels), chunk)]
+    )
+
+
+class QFormerPretraining(nn.Module):
+    """Stage 1: ITC (max over query tokens of the cosine, as BLIP-2 and the app's `itc`) and ITM
+    with hard negatives: the most similar wrong text/image in the batch (sampled by ITC weight, as
+    LAVIS does) and a caption with one detail changed, so matching must bind colour, shape, size
+    and place to each object. Image-grounded generation is left out: transformers' retrieval
+    class has no Q-Former LM head to save it in."""
+
+    INDEX = 2
+
+    def __init__(self, arch, train: ShapesData, val: ShapesData, processor, vision_state: dict, seed: int):
+        super().__init__()
+        self.model = architecture.new_retrieval_model(arch, processor)
+        self.model.vision_model.load_state_dict(vision_state)
+        architecture.trainable(self.model.vision_model, False)
+        self.model.query_tokens.data.normal_(0.0, 0.02)
+        self.log_temperature = nn.Parameter(torch.tensor(0.07).log())
+        self.tokenizer, self.train_data, self.val_data, self.seed = processor.tokenizer, train, val, seed
+        self.train_features = vision_features(self.model.vision_model, train.pixels)
+        self.val_features = vision_features(self.model.vision_model, val.pixels)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def _tokens(self, texts: list[str]):
+        return self.tokenizer(texts, padding=True, truncation=True, max_length=35, return_tensors="pt")
+
+    def image_embeds(self, features: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        query = model.query_tokens.expand(len(features), -1, -1)
+        out = model.qformer(
+            query_embeds=query,
+            encoder_hidden_states=features,
+            encoder_attention_mask=torch.ones(features.shape[:-1], dtype=torch.long),
+        ).last_hidden_state
+        return F.normalize(model.vision_projection(out), dim=-1)
+
+    def text_embeds(self, tokens) -> torch.Tensor:
+        model = self.model
+        embeds = model.embeddings(input_ids=tokens.input_ids)
+        out = model.qformer(query_embeds=embeds, query_length=0, attention_mask=tokens.attention_mask)
+        return F.normalize(model.text_projection(out.last_hidden_state[:, 0]), dim=-1)
+
+    def itm_logits(self, features: torch.Tensor, tokens) -> torch.Tensor:
+        model = self.model
+        query = model.query_tokens.expand(len(features), -1, -1)
+        embeds = model.embeddings(input_ids=tokens.input_ids, query_embeds=query)
+        mask = torch.cat([torch.ones(query.shape[:-1], dtype=torch.long), tokens.attention_mask], dim=1)
+        out = model.qformer(
+            query_embeds=embeds,
+            query_length=query.shape[1],
+            attention_mask=mask,
+            encoder_hidden_states=features,
+            encoder_attention_mask=torch.ones(features.shape[:-1], dtype=torch.long),
+        ).last_hidden_state
+        return model.itm_head(out[:, : query.shape[1]]).mean(dim=1)
+
+    def step(self, step: int, batch_size: int) -> StepResult:
+        rng = batch_rng(self.seed, self.INDEX, step)
+        data = self.train_data
+        idx = rng.choice(len(data), batch_size, replace=False)
+        scenes = [data.scenes[int(i)] for i in idx]
+        positives = [s.caption for s in scenes]
+        negatives = [perturb(s, rng) for s in scenes]
+        features = self.train_features[torch.from_numpy(idx)]
+        tokens = self._tokens(positives + negatives)
+        image = self.image_embeds(features)  # (B, Q, D)
+        text = self.text_embeds(tokens)  # (2B, D)
+        temperature = self.log_temperature.exp().clamp(0.001, 0.5)
+        sim = torch.einsum("bqd,td->bqt", image, text).amax(dim=1) / temperature  # (B, 2B)
+        target = torch.arange(batch_size)
+        itc = (F.cross_entropy(sim, target) + F.cross_entropy(sim[:, :batch_size].t(), target)) / 2
+
+        # ITM: positives, a hard wrong text per image, a hard wrong image per text, the perturbed text.
+        with torch.no_grad():
+            weights = sim[:, :batch_size].float().softmax(dim=1) + 1e-6
+            weights.fill_diagonal_(0)
+            generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
+            hard_text = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+            hard_image = torch.multinomial(weights.t().contiguous(), 1, generator=generator).squeeze(1)
+            # Identical captions are not negatives (two images of one description).
+            same = [positives[int(j)] == positives[i] for i, j in enumerate(hard_text)]
+            same_img = [positives[int(j)] == positives[i] for i, j in enumerate(hard_image)]
+        rows = torch.arange(batch_size)
+        pair_images = torch.cat([rows, rows, hard_image, rows])
+        pair_texts = torch.cat([rows, hard_text, rows, rows + batch_size])
+        labels = torch.cat(
+            [
+                torch.ones(batch_size, dtype=torch.long),
+                torch.tensor([int(s) for s in same]),
+                torch.tensor([int(s) for s in same_img]),
+                torch.zeros(batch_size, dtype=torch.long),
+            ]
+        )
+        pair_tokens = type(tokens)(
+            {"input_ids": tokens.input_ids[pair_texts], "attention_mask": tokens.attention_mask[pair_texts]}
+        )
+        itm = F.cross_entropy(self.itm_logits(features[pair_images], pair_tokens), labels)
+        return StepResult(itc + itm, {"itc": itc.item(), "itm": itm.item()})
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        data = self.val_data
+        image = self.image_embeds(self.val_features)
+        text = self.text_embeds(self._tokens([s.caption for s in data.scenes]))
+        sim = torch.einsum("bqd,td->bqt", image, text).amax(dim=1)  # (images, texts)
+        truth = torch.arange(len(data))
+        return {
+            "t2i_r1": (sim.argmax(dim=0) == truth).float().mean().item(),
+            "i2t_r1": (sim.argmax(dim=1) == truth).float().mean().item(),
+        }
+
+
+class GenerativePretraining(nn.Module):
+    """Stage 2: query outputs -> language_projection -> soft prompt of the frozen OPT, laid out
+    exactly as the engine lays them out (num_query_tokens `<image>` tokens, then the prompt)."""
+
+    INDEX = 3
+
+    def __init__(
+        self,
+        arch,
+        train: ShapesData,
+        val: ShapesData,
+        processor,
+        qformer_tokenizer,
+        vision_state: dict,
+        qformer_state: dict,
+        query_tokens: torch.Tensor,
+        lm_state: dict,
+        seed: int,
+        caption_fraction: float,
+    ):
+        super().__init__()
+        self.model = architecture.new_captioning_model(arch, processor, qformer_tokenizer)
+        self.model.vision_model.load_state_dict(vision_state)
+        # The stage-2 Q-Former has no text feed-forward layers: those stage-1 weights stay behind.
+        missing, unexpected = self.model.qformer.load_state_dict(qformer_state, strict=False)
+        if missing or any(".intermediate." not in k and ".output." not in k for k in unexpected):
+            raise RuntimeError(f"Stage-1 Q-Former does not fit: missing {missing}, unexpected {unexpected}")
+        self.model.query_tokens.data.copy_(query_tokens)
+        self.model.language_model.load_state_dict(lm_state)
+        architecture.trainable(self.model.vision_model, False)
+        architecture.trainable(self.model.language_model, False)
+        self.processor, self.tokenizer = processor, processor.tokenizer
+        self.image_token = self.tokenizer.convert_tokens_to_ids(processor.image_token.content)
+        self.num_query = arch.num_query_tokens
+        self.train_data, self.val_data = train, val
+        self.seed, self.caption_fraction = seed, caption_fraction
+        self.train_features = vision_features(self.model.vision_model, train.pixels)
+        self.val_features = vision_features(self.model.vision_model, val.pixels)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def _batch(self, data: ShapesData, rng: np.random.Generator, batch_size: int, caption_fraction: float):
+        tok = self.tokenizer
+        ids, labels, idx = [], [], rng.choice(len(data), batch_size, replace=False)
+        for i in idx:
+            prompt, answer = sample_prompt(data.scenes[int(i)], rng, caption_fraction)
+            head = [self.image_token] * self.num_query + tok(prompt).input_ids
+            target = [*tok(answer, add_special_tokens=False).input_ids, tok.eos_token_id]
+            ids.append(head + target)
+            labels.append([IGNORE] * (len(head) - 1) + target + [IGNORE])
+        return torch.from_numpy(idx), _pad(ids, tok.pad_token_id), _pad(labels, IGNORE)
+
+    def _logits(self, features: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        query = model.query_tokens.expand(len(features), -1, -1)
+        out = model.qformer(
+            query_embeds=query,
+            encoder_hidden_states=features,
+            encoder_attention_mask=torch.ones(features.shape[:-1], dtype=torch.long),
+        ).last_hidden_state
+        image = model.language_projection(out)
+        embeds = model.get_input_embeddings()(ids)
+        embeds = torch.cat([image, embeds[:, self.num_query :]], dim=1)  # image tokens come first
+        mask = (ids != self.tokenizer.pad_token_id).long()
+        return model.language_model(inputs_embeds=embeds, attention_mask=mask).logits
+
+    def step(self, step: int, batch_size: int) -> StepResult:
+        rng = batch_rng(self.seed, self.INDEX, step)
+        idx, ids, labels = self._batch(self.train_data, rng, batch_size, self.caption_fraction)
+        logits = self._logits(self.train_features[idx], ids)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
+        return StepResult(loss, {})
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Teacher-forced exact match of whole answers (VQA) and captions on the validation split."""
+        result = {}
+        for name, fraction in (("vqa_exact", 0.0), ("caption_exact", 1.0)):
+            rng = np.random.default_rng(self.seed)
+            idx, ids, labels = self._batch(self.val_data, rng, min(256, len(self.val_data)), fraction)
+            predicted = self._logits(self.val_features[idx], ids).argmax(-1)
+            wrong = ((predicted != labels) & (labels != IGNORE)).any(dim=1)
+            result[name] = 1.0 - wrong.float().mean().item()
+        return result

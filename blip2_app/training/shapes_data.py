@@ -1,0 +1,139 @@
+"""Synthetic scenes turned into the tensors and token lists the training phases read.
+
+Images are rendered once and passed through the same image processor the checkpoint ships with,
+so training sees exactly the pixels the app will feed the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import synthetic
+from .synthetic import COLOURS, POSITIONS, SHAPES, SIZES, Scene
+
+# Label 0 is "nothing here" for every attribute.
+NUM_COLOURS = len(COLOURS) + 1
+NUM_SHAPES = len(SHAPES) + 1
+NUM_SIZES = len(SIZES) + 1
+ATTRIBUTE_CLASSES = (NUM_COLOURS, NUM_SHAPES, NUM_SIZES)
+# A patch is labelled with an object when that object covers at least this share of it.
+PATCH_COVERAGE = 0.25
+
+
+@dataclass
+class ShapesData:
+    scenes: list[Scene]
+    pixels: torch.Tensor  # (n, 3, H, W) float, normalised as the image processor does
+    # (n, patches, 4): colour, shape, size of the object in each patch, and its number (1-3, 0: none)
+    patch_labels: torch.Tensor
+    object_labels: torch.Tensor  # (n, 3, 3): colour, shape, size of objects 1-3 (left to right)
+    slot_labels: torch.Tensor  # (n, 3 slots, 3): colour, shape, size of the object in each slot
+    counts: torch.Tensor  # (n,): number of objects - 1
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    @classmethod
+    def build(
+        cls,
+        seed: int,
+        split: str,
+        size: int,
+        image_processor,
+        grid: int,
+        unique_captions: bool = False,
+        chunk: int = 512,
+    ) -> ShapesData:
+        scenes = synthetic.generate_split(seed, split, size, unique_captions=unique_captions)
+        pixels = []
+        for start in range(0, len(scenes), chunk):
+            images = [scene.render() for scene in scenes[start : start + chunk]]
+            pixels.append(image_processor(images, return_tensors="pt").pixel_values)
+        patch = np.stack([patch_attributes(scene, grid) for scene in scenes])
+        slots = np.stack([slot_attributes(scene) for scene in scenes])
+        objects = np.zeros((len(scenes), len(POSITIONS), 3), dtype=np.int64)
+        for row, scene in enumerate(scenes):
+            for index, obj in enumerate(scene.objects):
+                objects[row, index] = attributes(obj)
+        return cls(
+            scenes=scenes,
+            pixels=torch.cat(pixels),
+            patch_labels=torch.from_numpy(patch).long(),
+            object_labels=torch.from_numpy(objects).long(),
+            slot_labels=torch.from_numpy(slots).long(),
+            counts=torch.tensor([len(scene.objects) - 1 for scene in scenes]),
+        )
+
+
+def attributes(obj: synthetic.ShapeObject) -> tuple[int, int, int]:
+    return (list(COLOURS).index(obj.colour) + 1, SHAPES.index(obj.shape) + 1, SIZES.index(obj.size) + 1)
+
+
+def patch_attributes(scene: Scene, grid: int) -> np.ndarray:
+    """(grid * grid, 4): for each ViT patch (row-major, as the ViT orders them) the attributes of
+    the object covering most of it and that object's number (1 = leftmost), or zeros. This dense
+    target makes every patch token describe what is under it, which is what the Q-Former's
+    cross-attention later reads."""
+    owner = synthetic.object_map(scene)
+    if owner.shape[0] % grid:
+        raise ValueError(f"a {grid}x{grid} patch grid does not divide {owner.shape[0]} pixels")
+    patch_size = owner.shape[0] // grid
+    blocks = owner.reshape(grid, patch_size, grid, patch_size).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
+    table = np.zeros((len(scene.objects) + 1, 4), dtype=np.int64)
+    for index, obj in enumerate(scene.objects):
+        table[index + 1] = (*attributes(obj), index + 1)
+    counts = np.stack([(blocks == i).sum(axis=1) for i in range(len(scene.objects) + 1)], axis=1)
+    counts[:, 0] = 0
+    best = counts.argmax(axis=1)
+    best[counts.max(axis=1) < PATCH_COVERAGE * patch_size * patch_size] = 0
+    return table[best]
+
+
+def slot_attributes(scene: Scene) -> np.ndarray:
+    slots = np.zeros((len(POSITIONS), 3), dtype=np.int64)
+    for obj in scene.objects:
+        slots[POSITIONS.index(obj.position)] = attributes(obj)
+    return slots
+
+
+def perturb(scene: Scene, rng: np.random.Generator) -> str:
+    """A caption for a scene that differs from `scene` in one detail: a hard negative for ITC/ITM
+    (one colour, shape or size changed, an object moved, or two colours swapped)."""
+    objects = list(scene.objects)
+    choices = ["colour", "shape", "size"]
+    free_slots = [p for p in POSITIONS if p not in {o.position for o in objects}]
+    if free_slots:
+        choices.append("move")
+    if len(objects) > 1:
+        choices.append("swap")
+    kind = choices[int(rng.integers(len(choices)))]
+    i = int(rng.integers(len(objects)))
+    obj = objects[i]
+    used_colours = {o.colour for o in objects}
+    used_shapes = {o.shape for o in objects}
+    if kind == "colour":
+        new = [c for c in COLOURS if c not in used_colours]
+        objects[i] = _replace(obj, colour=new[int(rng.integers(len(new)))])
+    elif kind == "shape":
+        new = [s for s in SHAPES if s not in used_shapes]
+        objects[i] = _replace(obj, shape=new[int(rng.integers(len(new)))])
+    elif kind == "size":
+        objects[i] = _replace(obj, size="large" if obj.size == "small" else "small")
+    elif kind == "move":
+        objects[i] = _replace(obj, position=free_slots[int(rng.integers(len(free_slots)))])
+    else:
+        j = (i + 1 + int(rng.integers(len(objects) - 1))) % len(objects)
+        objects[i], objects[j] = (
+            _replace(obj, colour=objects[j].colour),
+            _replace(objects[j], colour=obj.colour),
+        )
+    objects.sort(key=lambda o: POSITIONS.index(o.position))
+    return synthetic.captions_for(tuple(objects))[0]
+
+
+def _replace(obj: synthetic.ShapeObject, **changes) -> synthetic.ShapeObject:
+    return dataclasses.replace(obj, **changes)

@@ -1,0 +1,213 @@
+"""Train the bundled shapes model end to end: `python -m blip2_app.training.train --config shapes-demo`.
+
+Writes two checkpoints in transformers' BLIP-2 format, each with its processor, loadable by the
+app's own loader: the captioning/VQA model (Blip2ForConditionalGeneration, OPT family) and its
+retrieval twin (Blip2ForImageTextRetrieval). Both hold byte-identical vision weights (the frozen
+encoder), so the app shares one encoder between them. Re-running the same command after an
+interruption resumes from the work folder's checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+
+from . import vocab
+from .config import TrainConfig
+from .phases import GenerativePretraining, LanguagePretraining, QFormerPretraining, VisionPretraining
+from .shapes_data import ShapesData
+from .trainer import PhaseOutcome, run_phase
+
+DEFAULT_OUT = Path("assets/models/blip2-shapes")
+INFO_FILE = "training.json"
+
+
+def twin_folder(out_dir: Path) -> Path:
+    """Where the retrieval twin of a captioning checkpoint lives: `<folder>-itm` beside it."""
+    return out_dir.with_name(out_dir.name + "-itm")
+
+
+def default_work_dir(config: TrainConfig) -> Path:
+    return Path.home() / ".cache" / "blip2-studio" / "training" / f"{config.name}-seed{config.seed}"
+
+
+@dataclass
+class TrainReport:
+    config: TrainConfig
+    phases: dict[str, PhaseOutcome] = field(default_factory=dict)
+    seconds: float = 0.0
+    finished: bool = False
+    out_dir: Path | None = None
+    itm_dir: Path | None = None
+
+    def as_dict(self) -> dict:
+        return {
+            "config": self.config.as_dict(),
+            "seconds": round(self.seconds, 1),
+            "finished": self.finished,
+            "phases": {name: outcome.summary() for name, outcome in self.phases.items()},
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+        }
+
+
+def train(
+    config: TrainConfig,
+    out_dir: Path | None = DEFAULT_OUT,
+    itm_dir: Path | None = None,
+    work_dir: Path | None = None,
+    progress: bool = True,
+    stop_after: tuple[str, int] | None = None,
+) -> TrainReport:
+    """Run the four phases (skipping any a previous run finished in `work_dir`) and, when all are
+    done and `out_dir` is given, write both checkpoints. `stop_after=(phase, step)` interrupts."""
+    started = time.perf_counter()
+    # One intra-op thread by default (see docs/TRAINING.md): on a shared 2-core machine two
+    # threads ran stage 2 thirty times slower whenever another process held a core. The Rust
+    # tokenizers' own thread pool is kept out of the way for the same reason.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(config.threads)
+    # Deterministic kernels where torch has them; warn (not fail) where it has none.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if work_dir is not None:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    arch, seed = config.architecture, config.seed
+    captioning, retrieval = vocab.processors(arch.image_size, arch.num_query_tokens)
+    report = TrainReport(config)
+
+    def build(split: str, size: int) -> ShapesData:
+        # Validation captions are unique so retrieval on them is well defined.
+        return ShapesData.build(
+            seed,
+            split,
+            size,
+            captioning.image_processor,
+            arch.image_size // arch.patch_size,
+            unique_captions=split != "train",
+        )
+
+    train_data, val_data = build("train", config.data.train_images), build("val", config.data.val_images)
+
+    def run(name: str, phase, parameters) -> bool:
+        stop = stop_after[1] if stop_after and stop_after[0] == name else None
+        outcome = run_phase(name, phase, parameters, getattr(config, name), work_dir, progress, stop)
+        report.phases[name] = outcome
+        if progress:
+            print(f"{name}: {json.dumps(outcome.summary())}", file=sys.stderr)
+        return outcome.finished
+
+    torch.manual_seed(seed)
+    vision = VisionPretraining(arch, train_data, val_data, seed)
+    if not run("vision", vision, list(vision.parameters())):
+        return _stopped(report, started)
+    vision_state = vision.vision.state_dict()
+
+    torch.manual_seed(seed + 1)
+    language = LanguagePretraining(
+        arch, train_data, val_data, captioning.tokenizer, seed, config.prefix_fraction, config.lm_prefix
+    )
+    if not run("language", language, list(language.parameters())):
+        return _stopped(report, started)
+
+    torch.manual_seed(seed + 2)
+    stage1 = QFormerPretraining(arch, train_data, val_data, retrieval, vision_state, seed)
+    if not run("stage1", stage1, stage1.trainable_parameters()):
+        return _stopped(report, started)
+
+    torch.manual_seed(seed + 3)
+    stage2 = GenerativePretraining(
+        arch,
+        train_data,
+        val_data,
+        captioning,
+        retrieval.tokenizer,
+        vision_state,
+        stage1.model.qformer.state_dict(),
+        stage1.model.query_tokens.data,
+        language.lm.state_dict(),
+        seed,
+        config.caption_fraction,
+    )
+    if not run("stage2", stage2, stage2.trainable_parameters()):
+        return _stopped(report, started)
+
+    report.finished = True
+    report.seconds = time.perf_counter() - started
+    if out_dir is not None:
+        itm_dir = itm_dir or twin_folder(out_dir)
+        info = report.as_dict()
+        _export(stage2.model, captioning, out_dir, info)
+        _export(stage1.model, retrieval, itm_dir, info)
+        report.out_dir, report.itm_dir = out_dir, itm_dir
+    return report
+
+
+def _stopped(report: TrainReport, started: float) -> TrainReport:
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _export(model: torch.nn.Module, processor, folder: Path, info: dict) -> None:
+    """save_pretrained (safetensors) + the processor, into a fresh folder swapped in at the end."""
+    scratch = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(scratch, ignore_errors=True)
+    model.eval()
+    model.save_pretrained(scratch)
+    processor.save_pretrained(scratch)
+    (scratch / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    for path in scratch.iterdir():  # safetensors writes 0600; the app may run as another user
+        path.chmod(0o644)
+    if folder.exists():
+        shutil.rmtree(folder)
+    scratch.rename(folder)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m blip2_app.training.train", description="Train the bundled BLIP-2 shapes model."
+    )
+    parser.add_argument("--config", default="shapes-demo", help="config name (training/configs) or JSON path")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"captioning checkpoint folder [{DEFAULT_OUT}]"
+    )
+    parser.add_argument("--itm-out", type=Path, help="retrieval twin folder [<out>-itm]")
+    parser.add_argument(
+        "--work-dir", type=Path, help="resumable checkpoints [~/.cache/blip2-studio/training/...]"
+    )
+    parser.add_argument("--fresh", action="store_true", help="ignore checkpoints of an earlier run")
+    parser.add_argument("--keep-work", action="store_true", help="keep the work folder after success")
+    parser.add_argument("--seed", type=int, help="override the config's seed")
+    parser.add_argument("--threads", type=int, help="override the config's PyTorch thread count")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    config = TrainConfig.load(args.config)
+    if args.seed is not None:
+        config = config.replace(seed=args.seed)
+    if args.threads is not None:
+        config = config.replace(threads=args.threads)
+    work_dir = args.work_dir or default_work_dir(config)
+    if args.fresh:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    report = train(config, args.out, args.itm_out, work_dir, progress=not args.no_progress)
+    print(json.dumps(report.as_dict()["phases"], indent=2))
+    print(f"Trained in {report.seconds / 60:.1f} min; wrote {report.out_dir} and {report.itm_dir}.")
+    if not args.keep_work:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""One optimisation loop for every phase: AdamW, warm-up + cosine schedule, gradient clipping,
+a progress bar, and checkpoints a run resumes from.
+
+A checkpoint holds the phase's modules, the optimizer, the step and the losses so far. Because
+each step's batch depends only on (seed, phase, step) and nothing else is random, a resumed run
+continues exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import PhaseConfig
+
+CLIP_NORM = 1.0
+
+
+@dataclass
+class PhaseOutcome:
+    name: str
+    steps_done: int
+    finished: bool
+    losses: list[float] = field(default_factory=list)
+    validation: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        tail = self.losses[-50:]
+        return {
+            "steps": self.steps_done,
+            "seconds": round(self.seconds, 1),
+            "first_loss": round(self.losses[0], 4) if self.losses else None,
+            "final_loss": round(sum(tail) / len(tail), 4) if tail else None,
+            "validation": {k: round(v, 4) for k, v in self.validation.items()},
+        }
+
+
+def learning_rate(config: PhaseConfig, step: int) -> float:
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _save(path: Path, payload: dict) -> None:
+    """Write-then-rename: an interrupted save never leaves a half-written checkpoint behind."""
+    scratch = path.with_name(path.name + ".tmp")
+    torch.save(payload, scratch)
+    os.replace(scratch, path)
+
+
+def run_phase(
+    name: str,
+    phase: torch.nn.Module,
+    parameters: Sequence[torch.nn.Parameter],
+    config: PhaseConfig,
+    work_dir: Path | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> PhaseOutcome:
+    """Train `phase` (which has `step(step, batch_size)` and `validate()`) for `config.steps` steps.
+
+    With `work_dir`, resumes from `<work_dir>/<name>.pt` and saves there every
+    `config.checkpoint_every` steps and at the end. `stop_after` ends the run early at that step
+    (as an interruption would), leaving a checkpoint to resume from."""
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    checkpoint = work_dir / f"{name}.pt" if work_dir is not None else None
+    outcome = PhaseOutcome(name, 0, False)
+    if checkpoint is not None and checkpoint.exists():
+        saved = torch.load(checkpoint, weights_only=False)
+        phase.load_state_dict(saved["state"])
+        optimizer.load_state_dict(saved["optimizer"])
+        outcome = PhaseOutcome(
+            name, saved["step"], saved["finished"], saved["losses"], saved["validation"], saved["seconds"]
+        )
+        if outcome.finished:
+            return outcome
+
+    def save() -> None:
+        if checkpoint is not None:
+            payload = {
+                "state": phase.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "step": outcome.steps_done,
+                "finished": outcome.finished,
+                "losses": outcome.losses,
+                "validation": outcome.validation,
+                "seconds": outcome.seconds,
+            }
+            _save(checkpoint, payload)
+
+    phase.train()
+    started = time.perf_counter() - outcome.seconds
+    bar = tqdm(
+        total=config.steps, initial=outcome.steps_done, desc=name, disable=not progress, mininterval=2.0
+    )
+    for step in range(outcome.steps_done, config.steps):
+        if stop_after is not None and step >= stop_after:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
+        result = phase.step(step, config.batch_size)
+        optimizer.zero_grad(set_to_none=True)
+        result.loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, CLIP_NORM)
+        optimizer.step()
+        outcome.losses.append(result.loss.item())
+        outcome.steps_done = step + 1
+        bar.update(1)
+        if step % 20 == 0:
+            bar.set_postfix(
+                loss=f"{result.loss.item():.4f}", **{k: f"{v:.3f}" for k, v in result.logs.items()}
+            )
+        if (step + 1) % config.checkpoint_every == 0:
+            outcome.seconds = time.perf_counter() - started
+            save()
+    bar.close()
+    phase.eval()
+    outcome.finished = outcome.steps_done >= config.steps
+    if outcome.finished:
+        outcome.validation = phase.validate()
+    outcome.seconds = time.perf_counter() - started
+    save()
+    return outcome
