@@ -138,6 +138,26 @@ def wait_idle(page, selector: str) -> None:
     )
 
 
+def set_slider(page, selector: str, value: str) -> None:
+    """Type into a slider's number box until its range input shows the value.
+
+    The accordion mounts its children as it opens; a value typed into the box
+    during that mount can be dropped (seen once in CI), so type again until the
+    slider itself reports it.
+    """
+    box = page.locator(f"{selector} input[type=number]")
+    track = page.locator(f"{selector} input[type=range]")
+    for _ in range(5):
+        box.fill(value)
+        box.press("Tab")
+        try:
+            sync_api.expect(track).to_have_value(value, timeout=2_000)
+            return
+        except AssertionError:
+            continue
+    sync_api.expect(track).to_have_value(value, timeout=TIMEOUT_MS)
+
+
 def toast_text(page) -> str:
     toast = page.locator(".toast-body").first
     toast.wait_for()
@@ -154,10 +174,7 @@ def test_caption_tab(page):
     assert "\n" not in output.input_value()
 
     page.get_by_text("Advanced settings").click()
-    count = page.locator("#caption-count input[type=number]")
-    count.fill("3")
-    count.press("Enter")
-    sync_api.expect(page.locator("#caption-count input[type=range]")).to_have_value("3", timeout=TIMEOUT_MS)
+    set_slider(page, "#caption-count", "3")
     first = output.input_value()
     page.locator("#caption-button").click()
     page.wait_for_function(
