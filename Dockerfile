@@ -38,9 +38,9 @@ USER 1000:1000
 VOLUME ["/data/hf-cache"]
 EXPOSE 7860
 
-# The app's own readiness answer: 200 once the model is loaded (loading a real checkpoint takes
-# minutes on first start, hence the long start period).
+# The app's own readiness answer on BLIP2_PORT: 503 while the model loads, 200 once it serves
+# (a real checkpoint takes minutes on first start: downloaded once, hence the long start period).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=900s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:7860/healthz', timeout=4).status != 200)"]
+    CMD ["python", "-m", "blip2_app.healthcheck"]
 
 CMD ["python", "app.py"]

@@ -32,9 +32,10 @@ browser:  ## Debian's chromium for the browser tests (installed when root and mi
 test: $(VENV)/.installed-dev browser  ## unit, API and browser tests on tiny offline models
 	GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest -q $(ARGS)
 
-lint: $(VENV)/.installed-dev
+lint: $(VENV)/.installed-dev  ## ruff (code, README examples) and hadolint (Dockerfile)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/hadolint Dockerfile
 
 format: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check --fix .

@@ -37,19 +37,42 @@ def on_space(env: dict[str, str] | None = None) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from blip2_app.ui.zerogpu import import_spaces
+
+    import_spaces()  # on a ZeroGPU Space, before torch looks at CUDA
+    from blip2_app.config import Settings
     from blip2_app.errors import UserFacingError
+    from blip2_app.startup import load_engine
+    from blip2_app.ui.health import LoadingServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        settings, demo = create_demo(argv)
+        settings = Settings.from_sources(argv)
     except (UserFacingError, ValueError) as error:
         print(f"blip2-studio: {error}", file=sys.stderr)
         return 1
-    from blip2_app.ui import launch_options
-    from blip2_app.ui.memory import start_heap_trimmer
+    from blip2_app.allocator import start_heap_trimmer
+    from blip2_app.ui import build_demo, launch_options
 
     options = launch_options(settings, on_space=on_space())
-    start_heap_trimmer()  # a busy server's resident memory stays flat (see ui/memory.py)
+    host = options["server_name"] or os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
+    # The port answers at once: a loading page for visitors, 503 on /healthz, until the model is in.
+    loading = LoadingServer(host, settings.port, settings.model)
+    try:
+        loading.start()
+    except OSError as error:  # taken port: say so now, not after minutes of loading
+        print(f"blip2-studio: cannot listen on {host}:{settings.port}: {error}", file=sys.stderr)
+        return 1
+    try:
+        engine = load_engine(settings)
+        demo = build_demo(settings, engine)
+    except (UserFacingError, ValueError) as error:
+        print(f"blip2-studio: {error}", file=sys.stderr)
+        return 1
+    finally:
+        loading.stop()
+    options = launch_options(settings, on_space=on_space(), engine=engine)
+    start_heap_trimmer()  # a busy server's resident memory stays flat (see allocator.py)
     try:
         demo.launch(**options)
     except OSError as error:  # e.g. the port is taken: Gradio says "Cannot find empty port ..."

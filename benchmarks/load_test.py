@@ -27,9 +27,7 @@ import json
 import os
 import platform
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -39,6 +37,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests.running_app import rss_bytes as app_rss_bytes  # noqa: E402
+from tests.running_app import running_app  # noqa: E402
+
 PHOTOS = sorted(str(p) for p in (ROOT / "assets" / "examples").glob("*.*"))
 HOSTILE = ROOT / "tests" / "data" / "hostile"
 BAD_FILES = {  # file -> the sentence the server must answer with
@@ -58,7 +60,6 @@ MIX = {  # endpoint -> weight
 GALLERY_RESET = 12  # a client clears its gallery once it holds this many images
 QUEUE_FULL_BACKOFF_S = 0.25
 REQUEST_TIMEOUT_S = 120
-LOOPBACK = "127.0.0.1"
 
 
 @dataclass
@@ -87,54 +88,12 @@ class Shared:
             self.records.append(record)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
-
-
 def rss_bytes(pid: int, field_name: str = "VmRSS") -> int | None:
+    """Resident memory of the app, None once it is gone."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
+        return app_rss_bytes(pid, field_name)
+    except (OSError, RuntimeError):
         return None
-    return None
-
-
-def start_app(port: int, args: list[str], log_path: Path) -> subprocess.Popen:
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    env.setdefault("BLIP2_TINY_CACHE", str(Path(tempfile.gettempdir()) / "blip2-tiny-load-test"))
-    command = [
-        sys.executable,
-        "app.py",
-        "--model",
-        "tiny-random",
-        "--host",
-        LOOPBACK,
-        "--port",
-        str(port),
-        *args,
-    ]
-    with open(log_path, "w") as log:
-        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def wait_until_up(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 240) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"app.py exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit(f"app.py did not answer within {timeout:.0f}s:\n{log_path.read_text()[-3000:]}")
 
 
 def classify(error: BaseException, endpoint: str, expected: str | None) -> tuple[str, str]:
@@ -327,7 +286,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{mem['max_after_warmup_mb']:.0f} MB, fitted slope {mem['slope_after_warmup_mb_per_min']:+.1f} MB/min "
         f"-> **{'flat' if result['verdict']['rss_flat'] else 'NOT flat'}**",
         "",
-        "The app hands freed heap memory back to the system every 20 s (`blip2_app/ui/memory.py`); "
+        "The app hands freed heap memory back to the system every 20 s (`blip2_app/allocator.py`); "
         "without that, the same load crept up by about 5 MB a minute after the warm-up (glibc keeping "
         "freed memory; tracemalloc showed no growth of Python objects).",
         "",
@@ -360,13 +319,10 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    url = f"http://{LOOPBACK}:{port}/"
     app_args = ["--concurrency", str(args.concurrency), "--max-queue", str(args.max_queue)]
-    log_path = Path(tempfile.mkdtemp(prefix="blip2-load-")) / "app.log"
-    process = start_app(port, app_args, log_path)
-    try:
-        wait_until_up(url, process, log_path)
+    os.environ.setdefault("BLIP2_TINY_CACHE", str(Path(tempfile.gettempdir()) / "blip2-tiny-load-test"))
+    with running_app(Path(tempfile.mkdtemp(prefix="blip2-load-")), app_args) as app:
+        process, url = app.process, app.url
         shared = Shared(stop_at=0.0, max_requests=args.max_requests)
         samples: list[tuple[float, int]] = []
         done = threading.Event()
@@ -398,12 +354,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"the app no longer answers: {error}", file=sys.stderr)
                 alive = False
         peak = rss_bytes(process.pid, "VmHWM") if process.poll() is None else None
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
     records = sorted(shared.records, key=lambda r: r.started)
     after = [(t, v) for t, v in samples if t >= args.warmup]

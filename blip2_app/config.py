@@ -17,6 +17,7 @@ from .loading import PRECISIONS, PRESETS
 
 DEFAULT_MODEL = "blip2-opt-2.7b"
 PRECISION_CHOICES = ("auto", *PRESETS)
+CACHE_EXAMPLES_CHOICES = ("auto", "lazy", "off")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class Settings:
     upload_ttl_minutes: float = 360.0
     available_memory_mb: int | None = None  # None: MemAvailable (or free GPU memory); 0: no check
     threads: int | None = None
+    # "auto": lazy on a Hugging Face Space (SPACE_ID set), off elsewhere; resolved in from_namespace.
+    cache_examples: str = "auto"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISION_CHOICES:
@@ -89,6 +92,10 @@ class Settings:
             raise SettingsError(f"threads must be at least 1; got {self.threads}.")
         if not self.model.strip():
             raise SettingsError("model must not be empty.")
+        if self.cache_examples not in CACHE_EXAMPLES_CHOICES:
+            raise SettingsError(
+                f"cache_examples must be one of {', '.join(CACHE_EXAMPLES_CHOICES)}; got {self.cache_examples!r}."
+            )
 
     @property
     def precision_overrides(self) -> dict[str, str | None]:
@@ -101,7 +108,7 @@ class Settings:
         parser = argparse.ArgumentParser(description="BLIP-2 Studio: captioning, visual chat and retrieval.")
         add_arguments(parser, env if env is not None else os.environ)
         args = parser.parse_args(argv)
-        return cls.from_namespace(args)
+        return cls.from_namespace(args, env)
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
@@ -114,6 +121,9 @@ class Settings:
                 values[f.name] = getattr(args, f.name)
             else:
                 values[f.name] = _env_value(env, f.name, _kind(f), f.default)
+        if values["cache_examples"] == "auto":
+            # A Space has many visitors clicking the same examples; a laptop has one.
+            values["cache_examples"] = "lazy" if env.get("SPACE_ID") else "off"
         return cls(**values)
 
     def replace(self, **changes) -> Settings:
@@ -174,6 +184,8 @@ def add_arguments(
         "available_memory_mb": "memory the model may use, for the check before loading "
         "(default: MemAvailable from /proc/meminfo, or free GPU memory; 0 = no check)",
         "threads": "PyTorch CPU threads (default: PyTorch's choice)",
+        "cache_examples": "cache the example photos' captions: lazy (first click computes, later "
+        "visitors get it at once), off, or auto = lazy on a Hugging Face Space",
     }
     for f in fields(Settings):
         if only is not None and f.name not in only:

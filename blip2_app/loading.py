@@ -7,8 +7,6 @@ own precision: fp32, bf16, fp16, int8 or nf4 (bitsandbytes; 0.50 runs both on CP
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import hashlib
 import json
 import logging
@@ -24,6 +22,7 @@ from typing import Any
 import torch
 import transformers
 
+from .allocator import trim_heap
 from .errors import ModelLoadError
 from .registry import TINY_PREFIX, ModelEntry, require_hub, unreachable_checkpoint_message
 
@@ -276,7 +275,9 @@ def load_model(
     started = time.perf_counter()
     model_class = getattr(transformers, entry.family.architecture)
     processor_class = getattr(transformers, entry.family.processor)
+    log.info("Loading %s (%s) on %s: %s", entry.name, entry.checkpoint, device, precisions.as_dict())
     location = checkpoint_location(entry)
+    log.info("Reading the weights of %s from %s", entry.name, location)
     notes: list[str] = []
     try:
         with warnings.catch_warnings():
@@ -411,6 +412,61 @@ def _quantize_linears(module: torch.nn.Module) -> None:
             _quantize_linears(child)
 
 
+class _Int8Embedding(torch.nn.Module):
+    """An embedding table read from int8 rows with one scale each: the LM head's quantized weight,
+    when the two are tied (OPT), so the table costs 1 byte per value instead of 2 (bf16) or 4."""
+
+    def __init__(self, rows: torch.Tensor, scales: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("rows", rows)
+        self.register_buffer("scales", scales)
+        self.num_embeddings, self.embedding_dim = rows.shape
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        flat = input_ids.reshape(-1)
+        values = self.rows.index_select(0, flat).float() * self.scales.index_select(0, flat).unsqueeze(1)
+        return values.view(*input_ids.shape, self.embedding_dim)
+
+
+TIED_HEAD_CHUNK_ROWS = 4096  # rows quantized at a time: no fp32 copy of a 50k x 2560 table
+
+
+def _quantize_tied_head(language_model: torch.nn.Module) -> None:
+    """An LM head tied to the (bf16) embedding table becomes dynamic-int8, computed in row chunks,
+    and the table then reads the same int8 rows: the fp32 copy torch's `from_float` would make
+    (515 MB on OPT-2.7B, the peak of the whole load) never exists, and the table halves."""
+    head, table = language_model.get_output_embeddings(), language_model.get_input_embeddings()
+    if not (
+        type(head) is torch.nn.Linear
+        and isinstance(table, torch.nn.Embedding)
+        and head.weight is table.weight
+    ):
+        return
+    weight = head.weight.detach()
+    # The observer of per_channel_dynamic_qconfig, so scales equal what `from_float` computes.
+    observer = torch.ao.quantization.per_channel_dynamic_qconfig.weight()
+    low = torch.empty(weight.shape[0])
+    high = torch.empty(weight.shape[0])
+    for start in range(0, weight.shape[0], TIED_HEAD_CHUNK_ROWS):
+        chunk = weight[start : start + TIED_HEAD_CHUNK_ROWS].float()
+        low[start : start + len(chunk)] = chunk.amin(dim=1)
+        high[start : start + len(chunk)] = chunk.amax(dim=1)
+    scales, zero_points = observer._calculate_qparams(low, high)
+    rows = torch.empty(weight.shape, dtype=torch.int8)
+    for start in range(0, weight.shape[0], TIED_HEAD_CHUNK_ROWS):
+        end = start + TIED_HEAD_CHUNK_ROWS
+        rows[start:end] = torch.quantize_per_channel(
+            weight[start:end].float(), scales[start:end], zero_points[start:end], 0, torch.qint8
+        ).int_repr()
+    quantized = torch._make_per_channel_quantized_tensor(rows, scales.double(), zero_points.long(), 0)
+    linear = torch.ao.nn.quantized.dynamic.Linear(
+        head.in_features, head.out_features, bias_=head.bias is not None, dtype=torch.qint8
+    )
+    linear.set_weight_bias(quantized, None if head.bias is None else head.bias.detach().float())
+    language_model.set_output_embeddings(linear)
+    language_model.set_input_embeddings(_Int8Embedding(rows, scales.float()))
+
+
 class _Bf16Embedding(torch.nn.Embedding):
     """An embedding table kept in bf16 (half the memory) whose output is fp32, for components
     whose Linear layers are dynamic-int8 and so compute in fp32."""
@@ -464,8 +520,12 @@ def stream_load(
             for key in keys:
                 owner_name, _, attr = key.rpartition(".")
                 owner = model.get_submodule(owner_name) if owner_name else model
-                tensor = handle.get_tensor(key)
                 precision = precision_of(key)
+                if precision == DYNAMIC_INT8 and type(owner) is torch.nn.Embedding:
+                    owner.__class__ = _Bf16Embedding
+                    loaded_ids.add(id(_assign(owner, attr, _read_cast(handle, key, torch.bfloat16))))
+                    continue
+                tensor = handle.get_tensor(key)
                 if precision == DYNAMIC_INT8 and type(owner) is torch.nn.Linear:
                     parts = pending.setdefault(owner_name, {})
                     parts[attr] = tensor
@@ -474,9 +534,6 @@ def stream_load(
                         del pending[owner_name]
                     continue
                 dtype = FLOAT_DTYPES.get(precision, torch.float32)
-                if precision == DYNAMIC_INT8 and type(owner) is torch.nn.Embedding:
-                    dtype = torch.bfloat16
-                    owner.__class__ = _Bf16Embedding
                 if not tensor.is_floating_point():
                     dtype = tensor.dtype
                 loaded_ids.add(id(_assign(owner, attr, tensor.to(dtype))))
@@ -498,8 +555,10 @@ def stream_load(
         for name in names:
             part = getattr(model, name, None)
             if isinstance(part, torch.nn.Module) and part is not shared_vision:
+                if component == "llm":
+                    _quantize_tied_head(part)
                 _quantize_linears(part)
-    _return_freed_memory()
+    trim_heap()  # quantizing layer by layer leaves freed blocks in the heap (~150 MB on OPT-2.7B)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if pending or leftover:
         raise ModelLoadError(
@@ -508,11 +567,18 @@ def stream_load(
     return model
 
 
-def _return_freed_memory() -> None:
-    """Quantizing layer by layer leaves freed blocks in glibc's heap; hand them back to the system
-    so resident memory reflects the model (about 150 MB on OPT-2.7B). No-op off glibc."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+READ_CHUNK_ROWS = 4096
+
+
+def _read_cast(handle: Any, key: str, dtype: torch.dtype) -> torch.Tensor:
+    """A stored tensor cast to `dtype`, read a block of rows at a time: casting a 50k x 2560 fp32
+    embedding table whole would hold its fp32 copy (515 MB) next to the result."""
+    part = handle.get_slice(key)
+    shape = part.get_shape()
+    out = torch.empty(shape, dtype=dtype)
+    for start in range(0, shape[0], READ_CHUNK_ROWS):
+        out[start : start + READ_CHUNK_ROWS] = part[start : start + READ_CHUNK_ROWS]
+    return out
 
 
 def _assign(owner: torch.nn.Module, attr: str, value: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .allocator import tune_allocator
 from .cache import FeatureCache
 from .config import Settings
 from .engine import Engine
@@ -71,6 +72,7 @@ class MemoryBudget:
 
 def load_engine(settings: Settings, registry: Registry | None = None) -> Engine:
     """Everything the app, the CLI and the benchmarks need; failures raise ModelLoadError."""
+    tune_allocator()  # before the first big tensor: see allocator.py
     if settings.threads:
         torch.set_num_threads(settings.threads)
     registry = registry or Registry.load([settings.models_file] if settings.models_file else [])

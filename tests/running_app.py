@@ -86,8 +86,8 @@ def running_app(
         while True:
             if process.poll() is not None:
                 raise RuntimeError(f"app.py exited with {process.returncode}:\n{app.log()}")
-            try:
-                if httpx.get(app.url, timeout=2).status_code == 200:
+            try:  # "/" answers 200 with a loading page while the model loads; /healthz says 503
+                if httpx.get(app.url + "healthz", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass

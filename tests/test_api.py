@@ -6,11 +6,7 @@ Each `Client` is its own session, so two clients must see separate chats and gal
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -20,6 +16,7 @@ os.environ.setdefault("BLIP2_TINY_CACHE", tempfile.mkdtemp(prefix="blip2-tiny-")
 
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from running_app import running_app
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = [str(p) for p in sorted((ROOT / "assets" / "examples").glob("*.*"))[:3]]
@@ -34,51 +31,14 @@ ENDPOINTS = {
     "/clear_gallery",
 }
 UPLOAD_LIMIT_MB = 2
-START_TIMEOUT_S = 180
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The app as users start it, with a small upload limit; yields its URL."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("app") / "app.log"
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    command = [
-        sys.executable, "app.py", "--model", "tiny-random", "--port", str(port),
-        "--concurrency", "1", "--max-queue", "8", "--max-upload-mb", str(UPLOAD_LIMIT_MB),
-    ]  # fmt: skip
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"app.py exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"app.py did not answer within {START_TIMEOUT_S}s:\n{log_path.read_text()[-3000:]}"
-                )
-            time.sleep(0.5)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    args = ["--concurrency", "1", "--max-queue", "8", "--max-upload-mb", str(UPLOAD_LIMIT_MB)]
+    with running_app(tmp_path_factory.mktemp("app"), args) as app:
+        yield app.url
 
 
 @pytest.fixture

@@ -66,7 +66,10 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def app_url():
     port = free_port()
-    settings = Settings.from_sources(["--model", "tiny-random", "--port", str(port)], env={})
+    # Example captions cached lazily, as on a Space.
+    settings = Settings.from_sources(
+        ["--model", "tiny-random", "--port", str(port), "--cache-examples", "lazy"], env={}
+    )
     engine = load_engine(settings)
     # The tiny model writes 30 tokens in a few milliseconds; pace the stream like a real model so
     # the test can watch the answer grow in the page (the engine and the UI code are unchanged).
@@ -183,6 +186,18 @@ def test_caption_tab(page):
         arg=first,
     )
     screenshot(page, "caption")
+
+
+def test_caption_example_click_shows_its_cached_caption(page):
+    page.locator("#caption-examples button").first.click()
+    output = page.locator("#caption-output textarea")
+    sync_api.expect(output).not_to_have_value("", timeout=TIMEOUT_MS)
+    cached = output.input_value()
+    page.locator("#caption-image img").first.wait_for()  # the example also fills the image
+    # The cached caption is the one the button writes with the default settings.
+    page.locator("#caption-button").click()
+    page.wait_for_function("() => document.querySelector('#caption-output textarea').value !== ''")
+    sync_api.expect(output).to_have_value(cached, timeout=TIMEOUT_MS)
 
 
 def test_caption_tab_reports_a_bad_file_clearly(page):

@@ -4,6 +4,7 @@ import pytest
 import torch
 import transformers
 
+from blip2_app import loading
 from blip2_app.config import Settings
 from blip2_app.engine import Engine
 from blip2_app.generation import GenerationSettings
@@ -39,6 +40,26 @@ def test_dynamic_int8_quantizes_every_component(images):
     head = engine.captioner.model.language_model.get_output_embeddings()
     assert isinstance(head, torch.ao.nn.quantized.dynamic.Linear)  # the tied LM head too
     assert len(engine.caption(images[:2], generation=GREEDY)[1][0].token_ids) > 0
+
+
+def test_tied_lm_head_is_quantized_in_chunks_exactly_as_torch_does(load_tiny, monkeypatch):
+    """The tied head is quantized row block by row block (no fp32 copy of the table): its packed
+    weight equals torch's own `from_float` on the same values, and the embedding table reads the
+    same int8 rows, each within half a quantization step of the bf16 table it replaces."""
+    monkeypatch.setattr(loading, "TIED_HEAD_CHUNK_ROWS", 7)  # several chunks, a ragged last one
+    quantized = load_engine(Settings(model="tiny-random", precision="dynamic-int8", retrieval_model="none"))
+    language_model = quantized.captioner.model.language_model
+    head, table = language_model.get_output_embeddings(), language_model.get_input_embeddings()
+    fp32_table = load_tiny("tiny-random").captioner.model.language_model.get_input_embeddings().weight
+    reference = torch.nn.Linear(fp32_table.shape[1], fp32_table.shape[0], bias=False)
+    reference.weight.data = fp32_table.detach().to(torch.bfloat16).float()
+    expected = loading._dynamic_int8(reference).weight()
+    assert torch.equal(head.weight().int_repr(), expected.int_repr())
+    assert torch.equal(head.weight().q_per_channel_scales(), expected.q_per_channel_scales())
+    assert torch.equal(table.rows, expected.int_repr())  # one int8 table, read by both
+    ids = torch.arange(fp32_table.shape[0]).view(1, -1)
+    error = (table(ids)[0] - reference.weight.data).abs()
+    assert (error <= table.scales.unsqueeze(1) / 2 + 1e-6).all()
 
 
 def test_dynamic_int8_itc_stays_close_to_fp32(load_tiny, images):

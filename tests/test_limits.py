@@ -320,7 +320,7 @@ def test_safe_widgets_survive_gradio_rebuilding_them():
 
 
 def test_heap_trimmer_runs_and_stops():
-    from blip2_app.ui.memory import start_heap_trimmer
+    from blip2_app.allocator import start_heap_trimmer
 
     thread = start_heap_trimmer(interval_s=0.01)
     if thread is None:

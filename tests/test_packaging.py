@@ -64,7 +64,7 @@ def test_dockerfile_layout():
     assert "EXPOSE 7860" in lines
     assert "USER 1000:1000" in lines and "--uid 1000" in text
     assert "BLIP2_HOST=0.0.0.0" in text and "HF_HOME=/data/hf-cache" in text
-    assert any(line.startswith("HEALTHCHECK") for line in lines) and "/healthz" in text
+    assert any(line.startswith("HEALTHCHECK") for line in lines)  # what it runs: test_deploy.py
     # Dependencies are installed before the code is copied, so code changes keep that layer.
     assert (
         text.index("COPY --chown=1000:1000 requirements.txt")

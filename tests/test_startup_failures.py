@@ -69,10 +69,17 @@ CASES = {
 }
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def start(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """app.py with `args`, on a port of its own (the cases run at once; a later --port wins)."""
     full_env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", **env}
     return subprocess.run(
-        [sys.executable, "app.py", "--host", "127.0.0.1", *args],
+        [sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(free_port()), *args],
         cwd=ROOT,
         env=full_env,
         capture_output=True,

@@ -3,8 +3,8 @@
 layout.py wires components to events, handlers.py holds the (browser-free, testable) handlers,
 sessions.py the per-visitor state (and the bound on galleries in memory), components.py the
 widgets that leave decoding to `blip2_app.images` and refuse bad values by name, guard.py the
-HTTP middleware (no URL fetching, bounded request bodies), memory.py the heap trimmer, report.py
-the Model tab, theme.py the look.
+HTTP middleware (no URL fetching, bounded request bodies), report.py
+the Model tab, theme.py the look, health.py the loading page and /healthz, zerogpu.py `spaces.GPU`.
 """
 
 from .handlers import StudioHandlers

@@ -259,6 +259,10 @@ class StudioHandlers:
         return base.replace(**values)
 
     # ----------------------------------------------------------------- caption
+    def example_caption(self, image: Any) -> str:
+        """The default caption of an example photo (what lazy example caching stores)."""
+        return self.caption(image)
+
     @guarded("writing captions")
     def caption(
         self,

@@ -23,7 +23,9 @@ from ..prompts import MAX_QUESTION_CHARS
 from .components import ResultGallery, image_files, named_choice, named_number, safe_image
 from .guard import RequestGuard, body_limit_bytes
 from .handlers import MAX_EXEMPLARS, MAX_QUERY_CHARS, MAX_TOP_K, StudioHandlers
+from .health import HealthRoute, readiness
 from .theme import CSS, studio_theme
+from .zerogpu import import_spaces, wrap_handlers
 
 TITLE = "BLIP-2 Studio"
 DESCRIPTION = (
@@ -55,8 +57,16 @@ def example_images() -> list[str]:
     return sorted(str(p) for p in EXAMPLES_DIR.iterdir() if p.suffix.lower() in suffixes)
 
 
-def launch_options(settings: Settings, on_space: bool = False) -> dict[str, Any]:
-    """Keyword arguments for `demo.launch()` (Gradio 6: theme and CSS go here, not to Blocks)."""
+def launch_options(
+    settings: Settings, on_space: bool = False, engine: Engine | None = None
+) -> dict[str, Any]:
+    """Keyword arguments for `demo.launch()` (Gradio 6: theme and CSS go here, not to Blocks).
+
+    With `engine`, GET /healthz answers 200 and what is loaded (see ui/health.py).
+    """
+    middleware = [Middleware(RequestGuard, max_body_bytes=body_limit_bytes(settings.max_upload_mb))]
+    if engine is not None:
+        middleware.insert(0, Middleware(HealthRoute, payload=readiness(engine)))
     return {
         # On a Hugging Face Space the platform sets GRADIO_SERVER_NAME; a default host must not override it.
         "server_name": None if on_space and settings.host == Settings.host else settings.host,
@@ -75,9 +85,7 @@ def launch_options(settings: Settings, on_space: bool = False) -> dict[str, Any]
         # Sessions whose gr.State (chat, gallery) is kept; the least recently used is dropped.
         "state_session_capacity": settings.max_sessions,
         # No file=<URL> proxying; JSON bodies bounded (multipart uploads: max_file_size above).
-        "app_kwargs": {
-            "middleware": [Middleware(RequestGuard, max_body_bytes=body_limit_bytes(settings.max_upload_mb))]
-        },
+        "app_kwargs": {"middleware": middleware},
     }
 
 
@@ -111,6 +119,7 @@ def _header(engine: Engine) -> str:
 def build_demo(settings: Settings, engine: Engine) -> gr.Blocks:
     """The whole app for `engine`; `settings` sets the queue and the limits. Nothing is global."""
     h = StudioHandlers(engine, settings)
+    wrap_handlers(h, import_spaces())  # ZeroGPU Spaces: book a GPU per call; elsewhere unchanged
     model_event: dict[str, Any] = {"concurrency_limit": settings.concurrency, "concurrency_id": MODEL_GROUP}
     ui_only: dict[str, Any] = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
     examples = example_images()
@@ -132,6 +141,16 @@ def build_demo(settings: Settings, engine: Engine) -> gr.Blocks:
             # ------------------------------------------------------------------ Caption
             with gr.Tab("Caption", id="caption", elem_id="tab-caption"):
                 d = h.caption_defaults()
+                # Created before the examples (which write into it when cached), shown further down.
+                cap_output = gr.Textbox(
+                    label="Captions (one per line)",
+                    lines=3,
+                    max_lines=12,
+                    interactive=False,
+                    buttons=["copy"],
+                    elem_id="caption-output",
+                    render=False,
+                )
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=5, min_width=300):
                         cap_image = safe_image(
@@ -141,12 +160,21 @@ def build_demo(settings: Settings, engine: Engine) -> gr.Blocks:
                             elem_id="caption-image",
                         )
                         if examples:
+                            cached = settings.cache_examples == "lazy"
                             gr.Examples(
                                 [[p] for p in examples],
                                 inputs=[cap_image],
+                                outputs=[cap_output] if cached else None,
+                                fn=h.example_caption if cached else None,
                                 label="Example photos (public domain / CC0)",
                                 examples_per_page=8,
+                                elem_id="caption-examples",
                                 api_visibility="private",
+                                # Cached: the first click anywhere computes the default caption, then
+                                # every visitor gets it at once. Never "eager" (Gradio's default on a
+                                # Space), which would caption every photo before the app opens.
+                                cache_examples=cached,
+                                cache_mode="lazy" if cached else None,
                             )
                     with gr.Column(scale=6, min_width=300):
                         style_info = None
@@ -231,14 +259,7 @@ def build_demo(settings: Settings, engine: Engine) -> gr.Blocks:
                                     "seed",
                                 )
                         cap_button = gr.Button("Write caption", variant="primary", elem_id="caption-button")
-                        cap_output = gr.Textbox(
-                            label="Captions (one per line)",
-                            lines=3,
-                            max_lines=12,
-                            interactive=False,
-                            buttons=["copy"],
-                            elem_id="caption-output",
-                        )
+                        cap_output.render()
                 cap_button.click(
                     h.caption,
                     inputs=[
