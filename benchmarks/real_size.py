@@ -524,7 +524,8 @@ def bytes_read_per_token(language_model) -> int:
     total = 0
     for module in language_model.modules():
         if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):
-            total += module.weight().numel()
+            # int8: one byte per weight (from the shape: unpacking .weight() would copy it)
+            total += module.in_features * module.out_features
         elif isinstance(module, torch.nn.Linear):
             total += module.weight.numel() * module.weight.element_size()
     return total

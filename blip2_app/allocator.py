@@ -4,8 +4,9 @@ At start-up (`tune_allocator`, called by `load_engine`): tensors of 1 MB and mor
 (freed at once, instead of glibc raising its mmap threshold to 32 MB after the first big free and
 then keeping every freed block of that size), free heap tops over 1 MB are returned, and at most
 two malloc arenas exist (each thread otherwise gets its own, each keeping its own free blocks).
-Measured on the real-size blip2-opt-2.7b in dynamic-int8: peak anonymous memory 5.0 -> 4.6 GB
-while loading and captioning, same speed (benchmarks/results/real_size.md).
+Measured on the real-size blip2-opt-2.7b + blip2-itm-vit-g in dynamic-int8: peak anonymous memory
+4.97 -> 4.42 GB while loading, 4.76 -> 4.44 GB in use (benchmarks/results/memory_phases.md). Its
+cost in speed (page faults of mmapped activations) has not been isolated yet on a quiet machine.
 
 While the app serves (`start_heap_trimmer`):
 
