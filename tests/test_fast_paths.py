@@ -64,12 +64,18 @@ def test_tied_lm_head_is_quantized_in_chunks_exactly_as_torch_does(load_tiny, mo
 
 def test_dynamic_int8_itc_stays_close_to_fp32(load_tiny, images):
     """Tolerance for the quantized path on the tiny model (whose inflated random weights amplify
-    rounding): ITC within 0.1 of fp32, same best text per image. Real size: benchmarks/."""
+    rounding): ITC within 0.1 of fp32, and the same best text for every image whose best text
+    leads by more than twice the largest error seen (a near tie of random weights may flip: seen
+    once in CI with a lead of 0.011). Real size: benchmarks/."""
     texts = ["a red cat", "a blue dog on the grass", "an astronaut in the sky"]
     exact = load_tiny("tiny-random-itm").itc(images, texts)
     quantized = load_engine(Settings(model="tiny-random-itm", precision="dynamic-int8")).itc(images, texts)
-    assert (quantized - exact).abs().max() < 0.1
-    assert torch.equal(quantized.argmax(dim=1), exact.argmax(dim=1))
+    error = (quantized - exact).abs().max()
+    assert error < 0.1
+    top2 = exact.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * error
+    assert clear.sum() >= 2, "too few clear winners for the ranking check to mean anything"
+    assert torch.equal(quantized.argmax(dim=1)[clear], exact.argmax(dim=1)[clear])
 
 
 def test_vision_encoder_is_shared_when_weights_are_identical(images):
