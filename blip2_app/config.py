@@ -18,6 +18,7 @@ from .loading import PRECISIONS, PRESETS
 DEFAULT_MODEL = "blip2-opt-2.7b"
 PRECISION_CHOICES = ("auto", *PRESETS)
 CACHE_EXAMPLES_CHOICES = ("auto", "lazy", "off")
+BACKEND_CHOICES = ("local", "vllm")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,13 @@ class Settings:
     threads: int | None = None
     # "auto": lazy on a Hugging Face Space (SPACE_ID set), off elsewhere; resolved in from_namespace.
     cache_examples: str = "auto"
+    # Where captions, answers and chat are generated: "local" (this process) or "vllm" (a vLLM
+    # server's OpenAI-compatible API at vllm_url; retrieval stays local). See vllm_backend.py.
+    backend: str = "local"
+    vllm_url: str | None = None
+    vllm_model: str | None = None
+    vllm_timeout_s: float = 60.0
+    vllm_retries: int = 2
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISION_CHOICES:
@@ -96,6 +104,24 @@ class Settings:
             raise SettingsError(
                 f"cache_examples must be one of {', '.join(CACHE_EXAMPLES_CHOICES)}; got {self.cache_examples!r}."
             )
+        self._check_backend()
+
+    def _check_backend(self) -> None:
+        if self.backend not in BACKEND_CHOICES:
+            raise SettingsError(f"backend must be one of {', '.join(BACKEND_CHOICES)}; got {self.backend!r}.")
+        if self.backend == "vllm":
+            if not self.vllm_url:
+                raise SettingsError(
+                    "--backend vllm needs --vllm-url, the server's OpenAI address (e.g. http://127.0.0.1:8000/v1)."
+                )
+            if not self.vllm_url.startswith(("http://", "https://")):
+                raise SettingsError(f"vllm_url must start with http:// or https://; got {self.vllm_url!r}.")
+        if not 0 < self.vllm_timeout_s <= 3600:  # also refuses NaN
+            raise SettingsError(
+                f"vllm_timeout_s must be between 0 and 3600 seconds; got {self.vllm_timeout_s}."
+            )
+        if not 0 <= self.vllm_retries <= 10:
+            raise SettingsError(f"vllm_retries must be between 0 and 10; got {self.vllm_retries}.")
 
     @property
     def precision_overrides(self) -> dict[str, str | None]:
@@ -186,6 +212,12 @@ def add_arguments(
         "threads": "PyTorch CPU threads (default: PyTorch's choice)",
         "cache_examples": "cache the example photos' captions: lazy (first click computes, later "
         "visitors get it at once), off, or auto = lazy on a Hugging Face Space",
+        "backend": "where captions, answers and chat are generated: local (this process) or vllm "
+        "(a vLLM server at --vllm-url; retrieval stays local)",
+        "vllm_url": "the vLLM server's OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1",
+        "vllm_model": "model name served by vLLM (default: the server's only model)",
+        "vllm_timeout_s": "seconds to wait for the vLLM server's next byte before giving up",
+        "vllm_retries": "extra attempts for a vLLM request that could not reach the server",
     }
     for f in fields(Settings):
         if only is not None and f.name not in only:

@@ -311,6 +311,11 @@ class Engine:
             return Generated(EMPTY_TEXT_NOTICE, tuple(token_ids), prompt, empty=True, notes=tuple(notes))
         return Generated(text, tuple(token_ids), prompt, notes=tuple(notes))
 
+    def unsupported_knobs(self) -> dict[str, str]:
+        """Decoding knobs this engine cannot honour, each with the sentence shown in the UI
+        (none here; see vllm_backend.VLLMEngine)."""
+        return {}
+
     def default_generation(self) -> GenerationSettings:
         return self._require_captioner().entry.decoding
 

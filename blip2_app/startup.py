@@ -80,8 +80,14 @@ def load_engine(settings: Settings, registry: Registry | None = None) -> Engine:
     entry = resolve_model(registry, settings.model, "--model")
     budget = memory_budget(settings, device)
 
-    captioner = matcher = None
-    if entry.family.generates_text:
+    captioner = matcher = remote = None
+    if settings.backend == "vllm":
+        if not entry.family.generates_text:
+            raise ModelLoadError(
+                f"{entry.name} is a retrieval model; --backend vllm needs a captioning model (--model)."
+            )
+        remote = connect_vllm(entry, settings)
+    elif entry.family.generates_text:
         precisions, notes = resolve_precisions(
             settings.precision, entry, device, settings.precision_overrides
         )
@@ -92,7 +98,7 @@ def load_engine(settings: Settings, registry: Registry | None = None) -> Engine:
         matcher_entry = entry
 
     retrieval_name = settings.retrieval_model
-    if captioner is not None:
+    if captioner is not None or remote is not None:
         matcher_entry = None
         if retrieval_name == "auto":
             retrieval_name = entry.retrieval or "none"
@@ -114,7 +120,25 @@ def load_engine(settings: Settings, registry: Registry | None = None) -> Engine:
     cache = FeatureCache(max_entries=settings.cache_entries, max_bytes=settings.cache_mb * 1024 * 1024)
     allow_pillow_pixels(settings.max_image_pixels)
     limits = ImageLimits(max_pixels=settings.max_image_pixels, max_bytes=settings.max_upload_mb * 1024 * 1024)
+    if remote is not None:
+        from .vllm_backend import VLLMEngine
+
+        return VLLMEngine(remote, matcher, cache, limits)
     return Engine(captioner, matcher, cache, limits)
+
+
+def connect_vllm(entry: ModelEntry, settings: Settings):
+    """`--backend vllm`: the checkpoint's processor here, the weights on the server (checked now)."""
+    from .vllm_backend import VLLMOptions, connect
+
+    assert settings.vllm_url is not None  # Settings refuses --backend vllm without it
+    options = VLLMOptions(
+        url=settings.vllm_url,
+        model=settings.vllm_model,
+        timeout_s=settings.vllm_timeout_s,
+        retries=settings.vllm_retries,
+    )
+    return connect(entry, options)
 
 
 def allow_pillow_pixels(max_pixels: int) -> None:

@@ -91,6 +91,7 @@ def test_health_route_answers_before_the_app_and_passes_the_rest(load_tiny):
         "retrieval_model": "tiny-random-itm",
         "device": "cpu",
         "precision": engine.captioner.precisions.as_dict(),
+        "backend": "local",
     }
     app = Starlette(
         routes=[Route("/{path:path}", lambda request: PlainTextResponse("app"), methods=["GET", "POST"])],

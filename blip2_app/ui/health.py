@@ -32,12 +32,14 @@ REFRESH_SECONDS = 5
 def readiness(engine: Engine) -> dict[str, Any]:
     """What /healthz reports once the app serves."""
     loaded = engine.captioner or engine.matcher
+    precisions = getattr(loaded, "precisions", None)  # None for a vLLM server's model
     return {
         "status": "ready",
         "model": engine.captioner.entry.name if engine.captioner else None,
         "retrieval_model": engine.matcher.entry.name if engine.matcher else None,
         "device": str(loaded.device) if loaded is not None else None,
-        "precision": loaded.precisions.as_dict() if loaded is not None else None,
+        "precision": precisions.as_dict() if precisions is not None else None,
+        "backend": "vllm" if engine.unsupported_knobs() else "local",
     }
 
 

@@ -90,11 +90,22 @@ def launch_options(
 
 
 def _slider(
-    name: str, value: float, label: str, step: float, info: str | None = None, **kwargs: Any
+    name: str,
+    value: float,
+    label: str,
+    step: float,
+    info: str | None = None,
+    off: dict[str, str] | None = None,
+    **kwargs: Any,
 ) -> gr.Slider:
     """A slider over the documented bounds (generation.LIMITS), enforced for API callers too: a value
-    outside them, or not a finite number, is refused with a sentence naming the parameter."""
+    outside them, or not a finite number, is refused with a sentence naming the parameter.
+
+    `off`: knobs the backend cannot honour (Engine.unsupported_knobs): shown disabled, the reason
+    as the slider's info; the API refuses them with the same reason."""
     low, high = LIMITS[name]
+    if off and name in off:
+        info, kwargs["interactive"] = off[name], False
     slider = gr.Slider(low, high, value=value, step=step, label=label, info=info, **kwargs)
     return named_number(slider, name)
 
@@ -125,6 +136,8 @@ def build_demo(settings: Settings, engine: Engine) -> gr.Blocks:
     examples = example_images()
     templates = engine.captioner.entry.templates if engine.captioner is not None else None
     instruction_aware = bool(engine.captioner and engine.captioner.entry.family.instruction_aware)
+    off = engine.unsupported_knobs()  # e.g. beam search with --backend vllm
+    decoding_info = off.get("beam")
 
     state_ttl = settings.session_ttl_minutes * 60  # seconds a chat or gallery is kept unused
 
@@ -200,11 +213,16 @@ def build_demo(settings: Settings, engine: Engine) -> gr.Blocks:
                             visible=False,
                         )
                         cap_decoding = named_choice(
-                            gr.Radio(DECODING_CHOICES, value=d.decoding, label="Decoding"), "decoding"
+                            gr.Radio(
+                                DECODING_CHOICES, value=d.decoding, label="Decoding", info=decoding_info
+                            ),
+                            "decoding",
                         )
                         with gr.Accordion("Advanced settings", open=False):
                             with gr.Row():
-                                cap_beams = _slider("num_beams", d.num_beams, "Beams", 1, "beam search only")
+                                cap_beams = _slider(
+                                    "num_beams", d.num_beams, "Beams", 1, "beam search only", off
+                                )
                                 cap_count = _slider(
                                     "num_captions",
                                     d.num_captions,
@@ -238,6 +256,7 @@ def build_demo(settings: Settings, engine: Engine) -> gr.Blocks:
                                     "Length penalty",
                                     0.1,
                                     "beam search only",
+                                    off,
                                 )
                             with gr.Row():
                                 cap_ngram = _slider(
@@ -246,6 +265,7 @@ def build_demo(settings: Settings, engine: Engine) -> gr.Blocks:
                                     "No-repeat n-gram size",
                                     1,
                                     "0 = off",
+                                    off,
                                 )
                                 cap_seed = named_number(
                                     gr.Number(
@@ -332,7 +352,7 @@ def build_demo(settings: Settings, engine: Engine) -> gr.Blocks:
                                     DECODING_CHOICES,
                                     value=c.decoding,
                                     label="Decoding",
-                                    info="beam search shows its answer only when done",
+                                    info=decoding_info or "beam search shows its answer only when done",
                                 ),
                                 "decoding",
                             )
@@ -381,10 +401,16 @@ def build_demo(settings: Settings, engine: Engine) -> gr.Blocks:
                                     info="“Question: … Short answer:” (VQAv2 style)",
                                 )
                                 qa_decoding = named_choice(
-                                    gr.Radio(DECODING_CHOICES, value=a.decoding, label="Decoding"), "decoding"
+                                    gr.Radio(
+                                        DECODING_CHOICES,
+                                        value=a.decoding,
+                                        label="Decoding",
+                                        info=decoding_info,
+                                    ),
+                                    "decoding",
                                 )
                             with gr.Row():
-                                qa_beams = _slider("num_beams", a.num_beams, "Beams", 1)
+                                qa_beams = _slider("num_beams", a.num_beams, "Beams", 1, off=off)
                                 qa_max_tokens = _slider(
                                     "max_new_tokens", a.max_new_tokens, "Max new tokens", 1
                                 )

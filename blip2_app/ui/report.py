@@ -80,19 +80,51 @@ def _model_section(
     return lines
 
 
+def _server_section(report: dict[str, Any], description: str) -> list[str]:
+    """`--backend vllm`: the server's health, model and latency, read when the tab is shown."""
+    server = report.get("server", {})
+    healthy = bool(server.get("healthy"))
+    latency = server.get("latency_ms")
+    lines = [
+        f"### Captioning and chat: `{_cell(report['name'])}` on a vLLM server",
+        "",
+        _cell(description),
+        "",
+        "| property | value |",
+        "|---|---|",
+        f"| backend | vLLM (OpenAI-compatible API) at `{_cell(server.get('url', '?'))}` |",
+        f"| server health | {'✅ healthy' if healthy else '❌ ' + _cell(server.get('detail') or 'not answering')} |",
+        f"| served model | `{_cell(server.get('model') or '-')}` ({_cell(server.get('root') or '-')}) |",
+        f"| context length (server) | {_cell(server.get('max_model_len') or '-')} tokens |",
+        f"| round trip (GET /health) | {f'{latency:.0f} ms' if latency is not None else '-'} |",
+        f"| checkpoint (prompts, tokenizer) | `{_cell(report.get('checkpoint', '?'))}` |",
+        f"| family | {_cell(report.get('family', '?'))} |",
+        f"| not supported by this backend | {_cell(', '.join(report.get('unsupported', [])) or '-')} "
+        "(beam search; shown disabled) |",
+        "",
+    ]
+    notes = report.get("notes") or []
+    if notes:
+        lines += ["**Notes**", "", *[f"- {_cell(n)}" for n in notes], ""]
+    return lines
+
+
 def model_report_markdown(info: EngineInfo, engine: Engine, settings: Settings) -> str:
     lines: list[str] = []
     captioner = engine.captioner
-    lines += _model_section(
-        "Captioning and chat",
-        info.captioner,
-        captioner.entry.description if captioner else "",
-        [
-            f"| instruction-aware (InstructBLIP) | {'yes' if captioner.entry.family.instruction_aware else 'no'} |"
-        ]
-        if captioner
-        else [],
-    )
+    if info.captioner is not None and info.captioner.get("backend") == "vllm":
+        lines += _server_section(info.captioner, captioner.entry.description if captioner else "")
+    else:
+        lines += _model_section(
+            "Captioning and chat",
+            info.captioner,
+            captioner.entry.description if captioner else "",
+            [
+                f"| instruction-aware (InstructBLIP) | {'yes' if captioner.entry.family.instruction_aware else 'no'} |"
+            ]
+            if captioner
+            else [],
+        )
     matcher = engine.matcher
     lines += _model_section(
         "Retrieval (ITC / ITM)", info.matcher, matcher.entry.description if matcher else "", []
