@@ -1,4 +1,7 @@
-"""Command line: `python -m blip2_app caption|ask|index|search|models ...`, over the same engine.
+"""Command line: `python -m blip2_app caption|ask|index|search|models|evaluate ...`, over the same engine.
+
+`evaluate` is `blip2_app.training.evaluate` (caption, VQA and retrieval metrics on a dataset); its
+arguments are that module's own.
 
 Failures print one line (`error: ...`) on stderr and exit non-zero; tracebacks are for bugs only.
 """
@@ -72,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--json", action="store_true")
 
     commands.add_parser("models", help="list the registry's model names")
+    commands.add_parser(
+        "evaluate",
+        help="caption, VQA and retrieval metrics of a model on a dataset "
+        "(python -m blip2_app evaluate --help for its options)",
+        add_help=False,
+    )
     return parser
 
 
@@ -177,7 +186,23 @@ def _models(_: argparse.Namespace) -> None:
         print(f"{name:32s} {entry.checkpoint:40s} {entry.description}")
 
 
+def _evaluate(argv: Sequence[str]) -> int:
+    """`python -m blip2_app evaluate ...`: blip2_app.training.evaluate's command line, with the
+    CLI's one-line errors."""
+    from .training.evaluate import main as evaluate_main
+
+    try:
+        return evaluate_main(argv)
+    except UserFacingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["evaluate"]:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        return _evaluate(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from transformers.utils import logging as hf_logging

@@ -31,6 +31,9 @@ class Settings:
     llm_precision: str | None = None
     device: str = "auto"
     models_file: str | None = None
+    # Opt-in: the model to start on when `model` cannot be fetched (not on disk, not in the Hugging
+    # Face cache, no network), e.g. the bundled "shapes-demo". None: such a start fails, as before.
+    fallback_model: str | None = None
     host: str = "127.0.0.1"
     port: int = 7860
     share: bool = False
@@ -100,6 +103,8 @@ class Settings:
             raise SettingsError(f"threads must be at least 1; got {self.threads}.")
         if not self.model.strip():
             raise SettingsError("model must not be empty.")
+        if self.fallback_model is not None and not self.fallback_model.strip():
+            raise SettingsError("fallback_model must not be empty (leave it unset for no fallback).")
         if self.cache_examples not in CACHE_EXAMPLES_CHOICES:
             raise SettingsError(
                 f"cache_examples must be one of {', '.join(CACHE_EXAMPLES_CHOICES)}; got {self.cache_examples!r}."
@@ -191,6 +196,9 @@ def add_arguments(
         "llm_precision": "override for the language model: " + ", ".join(PRECISIONS),
         "device": "auto (cuda if present, else cpu), cpu, cuda, cuda:N",
         "models_file": "JSON file with extra registry entries",
+        "fallback_model": "model to start on when --model cannot be fetched (offline, not cached), "
+        "e.g. shapes-demo, the bundled demo model; a banner then says so on every tab (default: none, "
+        "such a start fails)",
         "host": "address to bind (127.0.0.1 keeps the app private to this machine)",
         "port": "port to listen on",
         "share": "create a public gradio.live link (off unless asked)",

@@ -102,6 +102,8 @@ class Engine:
         self.cache = cache if cache is not None else FeatureCache()
         self.image_limits = image_limits or ImageLimits()
         self.vision_batch_size = vision_batch_size
+        # Sentences the UI shows above every tab (e.g. why a fallback model was loaded).
+        self.notices: list[str] = []
 
     # ----------------------------------------------------------------- images
     def prepare(self, images: Sequence[ImageInput] | ImageInput) -> list[PreparedImage]:

@@ -13,6 +13,10 @@ class ModelLoadError(UserFacingError):
     """A model could not be found, downloaded or loaded with the requested precision."""
 
 
+class CheckpointUnreachableError(ModelLoadError):
+    """A checkpoint is neither on disk nor in the Hugging Face cache, and cannot be downloaded."""
+
+
 class InvalidRequestError(UserFacingError, ValueError):
     """A request parameter is outside what the app accepts (message says which and why)."""
 

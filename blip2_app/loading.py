@@ -23,8 +23,8 @@ import torch
 import transformers
 
 from .allocator import trim_heap
-from .errors import ModelLoadError
-from .registry import TINY_PREFIX, ModelEntry, require_hub, unreachable_checkpoint_message
+from .errors import CheckpointUnreachableError, ModelLoadError
+from .registry import TINY_PREFIX, ModelEntry, is_local_path, require_hub, unreachable_checkpoint_message
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +219,13 @@ def checkpoint_location(entry: ModelEntry) -> str:
         from .testing import ensure_tiny_checkpoint
 
         return str(ensure_tiny_checkpoint(entry.checkpoint[len(TINY_PREFIX) :]))
+    if is_local_path(entry.checkpoint) and not Path(entry.checkpoint).expanduser().is_dir():
+        hint = " (train it: python -m blip2_app.training.train --config shapes-demo)"
+        raise ModelLoadError(
+            f"The checkpoint folder of {entry.name}, {entry.checkpoint}, does not exist"
+            + (hint if entry.name.startswith("shapes-demo") else "")
+            + "."
+        )
     if not Path(entry.checkpoint).expanduser().is_dir() and not _in_hub_cache(entry.checkpoint):
         require_hub(entry.checkpoint)
     return entry.checkpoint
@@ -303,7 +310,7 @@ def load_model(
                 if shared is not None:
                     model.vision_model = shared
     except OSError as error:
-        raise ModelLoadError(unreachable_checkpoint_message(entry.checkpoint, error)) from error
+        raise CheckpointUnreachableError(unreachable_checkpoint_message(entry.checkpoint, error)) from error
     except torch.OutOfMemoryError as error:
         raise ModelLoadError(
             f"Not enough memory to load {entry.name} with precisions {precisions.as_dict()}: "

@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .errors import ModelLoadError
+from .errors import CheckpointUnreachableError, ModelLoadError
 from .generation import GenerationSettings
 
 BUILTIN_REGISTRY = Path(__file__).with_name("registry.json")
+# Relative checkpoint folders in registry.json (the bundled demo model) are resolved against this.
+REPO_ROOT = BUILTIN_REGISTRY.parent.parent
 TINY_PREFIX = "tiny:"
 
 
@@ -80,6 +82,7 @@ class ModelEntry:
     decoding: GenerationSettings
     answer_decoding: GenerationSettings
     templates: PromptTemplates | None
+    notice: str | None = None  # shown as a banner above every tab while this model is loaded
 
     @property
     def is_tiny(self) -> bool:
@@ -112,9 +115,9 @@ class Registry:
 
     @classmethod
     def load(cls, extra_files: Iterable[str | Path] = ()) -> Registry:
-        data = json.loads(BUILTIN_REGISTRY.read_text())
+        data = _resolve_folders(json.loads(BUILTIN_REGISTRY.read_text()), REPO_ROOT)
         for path in extra_files:
-            data = _merge(data, _read_user_file(Path(path)))
+            data = _merge(data, _resolve_folders(_read_user_file(Path(path)), Path(path).parent))
         try:
             return cls(data)
         except (KeyError, TypeError, ValueError) as error:
@@ -139,6 +142,7 @@ class Registry:
             decoding=self.decoding.replace(**spec.get("decoding", {})),
             answer_decoding=self.answer_decoding.replace(**spec.get("answer_decoding", {})),
             templates=templates,
+            notice=spec.get("notice"),
         )
 
     def names(self) -> list[str]:
@@ -189,6 +193,29 @@ class Registry:
             + ", ".join(sorted({f.architecture for f in self.families.values()}))
             + "."
         )
+
+
+def is_local_path(checkpoint: str) -> bool:
+    """A folder rather than a hub id (owner/name has exactly one slash) or a tiny model."""
+    if checkpoint.startswith(TINY_PREFIX):
+        return False
+    return Path(checkpoint).is_absolute() or checkpoint.startswith((".", "~")) or checkpoint.count("/") > 1
+
+
+def _resolve_folders(data: Any, base: Path) -> Any:
+    """A registry file with its relative checkpoint folders made absolute against `base` (the
+    repository root for the built-in file, the file's own folder for a user's file), so the
+    bundled demo model loads whatever the working directory."""
+    if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
+        return data
+    models = {}
+    for name, spec in data["models"].items():
+        checkpoint = spec.get("checkpoint") if isinstance(spec, dict) else None
+        if isinstance(checkpoint, str) and is_local_path(checkpoint):
+            path = Path(checkpoint).expanduser()
+            spec = {**spec, "checkpoint": str(path if path.is_absolute() else (base / path).resolve())}
+        models[name] = spec
+    return {**data, "models": models}
 
 
 def _precision_by_device(value: str | Mapping[str, str]) -> dict[str, str]:
@@ -242,20 +269,22 @@ def _hub_config(repo_id: str) -> dict[str, Any]:
     except ModelLoadError:
         raise
     except Exception as error:  # network, auth, missing repo: all mean "cannot use this id here"
-        raise ModelLoadError(unreachable_checkpoint_message(repo_id, error)) from error
+        raise CheckpointUnreachableError(unreachable_checkpoint_message(repo_id, error)) from error
 
 
 def require_hub(repo_id: str, timeout: float = 5.0) -> None:
     """Fail in seconds, not minutes, when the hub cannot be reached: huggingface_hub retries a
     dead network with back-off for over two minutes before giving up."""
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
-        raise ModelLoadError(unreachable_checkpoint_message(repo_id, OSError("HF_HUB_OFFLINE is set")))
+        raise CheckpointUnreachableError(
+            unreachable_checkpoint_message(repo_id, OSError("HF_HUB_OFFLINE is set"))
+        )
     endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
         socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
     except OSError as error:
-        raise ModelLoadError(unreachable_checkpoint_message(repo_id, error)) from error
+        raise CheckpointUnreachableError(unreachable_checkpoint_message(repo_id, error)) from error
 
 
 def unreachable_checkpoint_message(checkpoint: str, error: BaseException) -> str:
@@ -263,6 +292,8 @@ def unreachable_checkpoint_message(checkpoint: str, error: BaseException) -> str
         f"Could not load the model {checkpoint!r}: it is not in the local Hugging Face cache and could "
         f"not be downloaded ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
         "If you have the checkpoint on disk, pass its folder: --model /path/to/blip2-opt-2.7b "
-        "(or set BLIP2_MODEL). To start offline without weights, use --model tiny-random "
-        "(random weights: the app works, its words are noise)."
+        "(or set BLIP2_MODEL). To start offline, use --model shapes-demo (the bundled demo model, "
+        "trained on synthetic shapes only), --fallback-model shapes-demo (start on it whenever the "
+        "model cannot be fetched) or --model tiny-random (random weights: the app works, its words "
+        "are noise)."
     )

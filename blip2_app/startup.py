@@ -24,7 +24,7 @@ from .allocator import tune_allocator
 from .cache import FeatureCache
 from .config import Settings
 from .engine import Engine
-from .errors import ModelLoadError
+from .errors import CheckpointUnreachableError, ModelLoadError
 from .images import ImageLimits
 from .loading import (
     COMPONENT_MODULES,
@@ -71,7 +71,29 @@ class MemoryBudget:
 
 
 def load_engine(settings: Settings, registry: Registry | None = None) -> Engine:
-    """Everything the app, the CLI and the benchmarks need; failures raise ModelLoadError."""
+    """Everything the app, the CLI and the benchmarks need; failures raise ModelLoadError.
+
+    With `settings.fallback_model` (an explicit opt-in), a model that cannot be fetched (no
+    network, not cached: `CheckpointUnreachableError`) is replaced by the fallback, with a warning
+    in the log and a notice on the engine that the UI shows as a banner on every tab."""
+    try:
+        return _load_engine(settings, registry)
+    except CheckpointUnreachableError as error:
+        fallback = settings.fallback_model
+        if not fallback or fallback == settings.model:
+            raise
+        log.warning("%s Starting on the fallback model %s instead (--fallback-model).", error, fallback)
+        retrieval = "none" if settings.retrieval_model == "none" else "auto"
+        engine = _load_engine(settings.replace(model=fallback, retrieval_model=retrieval), registry)
+    engine.notices.append(
+        f"{settings.model} could not be loaded here (a checkpoint it needs is not on disk or in the "
+        f"Hugging Face cache, and could not be downloaded), so the app started on the fallback model "
+        f"{fallback}."
+    )
+    return engine
+
+
+def _load_engine(settings: Settings, registry: Registry | None = None) -> Engine:
     tune_allocator()  # before the first big tensor: see allocator.py
     if settings.threads:
         torch.set_num_threads(settings.threads)

@@ -14,7 +14,13 @@ from blip2_app.startup import load_engine
 from blip2_app.training import evaluate as evaluate_module
 from blip2_app.training import synthetic, vocab
 from blip2_app.training.config import ArchitectureConfig, PhaseConfig, TrainConfig
-from blip2_app.training.phases import IGNORE, GenerativePretraining, LanguagePretraining
+from blip2_app.training.phases import (
+    IGNORE,
+    GenerativePretraining,
+    LanguagePretraining,
+    SceneCode,
+    code_embeddings,
+)
 from blip2_app.training.train import train, twin_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +44,11 @@ def smoke(tmp_path_factory, smoke_config):
 
 def test_configs_are_validated():
     config = TrainConfig.load("shapes-demo")
-    assert config.architecture.num_query_tokens == 12 and config.lm_prefix == "scene"
+    assert config.architecture.num_query_tokens == 12 and config.lm_prefix in ("scene", "slots")
+    with pytest.raises(ValueError, match="multiple of 3"):
+        TrainConfig.from_dict({"name": "x", "lm_prefix": "slots", "architecture": {"num_query_tokens": 4}})
+    with pytest.raises(ValueError, match="code_loss_weight needs"):
+        TrainConfig.from_dict({"name": "x", "lm_prefix": "caption", "code_loss_weight": 1.0})
     with pytest.raises(ValueError, match="positive"):
         PhaseConfig(steps=0, batch_size=8, lr=1e-3)
     with pytest.raises(ValueError, match="multiple of"):
@@ -79,10 +89,13 @@ def test_only_answer_tokens_are_supervised(smoke_config):
         assert [label[i] for i in supervised] == row[supervised[0] + 1 : length]
         prompt = tokenizer.decode(row[arch.num_query_tokens : supervised[0] + 1])
         assert prompt.startswith("</s>") and (prompt == "</s>" or prompt.endswith("Short answer:"))
-    for prefix in ("caption", "scene"):
+    for prefix in ("caption", "scene", "slots"):
         language = LanguagePretraining(arch, data, data, tokenizer, 0, prefix_fraction=1.0, prefix=prefix)
-        ids, labels = language._sample(data, np.random.default_rng(0), 4)
-        for row, label in zip(ids.tolist(), labels.tolist(), strict=True):
+        ids, labels, extra = language._sample(data, np.random.default_rng(0), 4)
+        # "slots": further words summed into the prefix positions only, never into the text
+        assert extra.shape[-1] == (3 if prefix == "slots" else 0)
+        for row, label, more in zip(ids.tolist(), labels.tolist(), extra.tolist(), strict=True):
+            assert all(w == -1 for m in more[row.index(tokenizer.bos_token_id) :] for w in m)
             bos = row.index(tokenizer.bos_token_id)
             assert bos > 0  # a description of the scene stands where the image will be
             supervised = [i for i, v in enumerate(label) if v != IGNORE]
@@ -91,6 +104,36 @@ def test_only_answer_tokens_are_supervised(smoke_config):
             assert answer.endswith("</s>") and "Question" not in answer and "Short" not in answer
             prompt = tokenizer.decode(row[bos : supervised[0] + 1])
             assert prompt == "</s>" or prompt.endswith("Short answer:")
+    # several questions about one scene code: each answer and its EOS supervised, nothing else
+    language = LanguagePretraining(arch, data, data, tokenizer, 0, 1.0, "scene", 0.0, questions_per_text=3)
+    ids, labels, _ = language._sample(data, np.random.default_rng(0), 4)
+    for row, label in zip(ids.tolist(), labels.tolist(), strict=True):
+        text = tokenizer.decode([t for t in row if t != tokenizer.pad_token_id])
+        assert text.count("Question:") == text.count("Short answer:") == 3
+        answers = tokenizer.decode([row[i + 1] for i, v in enumerate(label) if v != IGNORE])
+        assert answers.count("</s>") == 3 and "Question" not in answers
+
+
+def test_slot_code_sums_each_objects_words(smoke_config):
+    arch = smoke_config.architecture
+    captioning, _ = vocab.processors(arch.image_size, 12)
+    tokenizer = captioning.tokenizer
+    code = SceneCode(tokenizer, "slots", 12)
+    scene = synthetic.make_scene(0, "test", 0, count=2)
+    ids, extra = code(scene)
+    assert len(ids) == len(extra) == 12  # four positions per slot: left, middle, right
+    by_position = {o.position: o for o in scene.objects}
+    for slot, position in enumerate(synthetic.POSITIONS):
+        obj = by_position.get(position)
+        words = [position, *((obj.size, obj.colour, obj.shape) if obj else ("no",))]
+        for k in range(4):
+            got = [ids[4 * slot + k], *(w for w in extra[4 * slot + k] if w >= 0)]
+            assert tokenizer.decode(got).split() == words
+    embedding = torch.nn.Embedding(len(tokenizer), 8)
+    dense = code_embeddings(embedding, torch.tensor([ids]), code.extra_tensor([extra], 12))[0]
+    for position in range(12):  # each position: the sum of its slot's word embeddings
+        words = [ids[position], *(w for w in extra[position] if w >= 0)]
+        torch.testing.assert_close(dense[position], embedding.weight[words].sum(0))
 
 
 def _tiny_data(arch, captioning):

@@ -99,20 +99,37 @@ class TrainConfig:
     stage1: PhaseConfig = dataclasses.field(default_factory=lambda: PhaseConfig(1500, 64, 5e-4))
     stage2: PhaseConfig = dataclasses.field(default_factory=lambda: PhaseConfig(2000, 64, 1e-3))
     caption_fraction: float = 0.3  # share of stage-2 samples that are captions (the rest VQA)
+    lm_caption_fraction: float = 0.3  # the same for language-model pretraining
+    # Language-model pretraining: questions asked one after another about one scene code, per text
+    # (1: one question a text, as the app asks; more: more answers to learn from per step).
+    lm_questions_per_text: int = 1
     prefix_fraction: float = 0.5  # share of LM pretraining texts preceded by a description of the scene
-    # That description: "caption" (the canonical caption) or "scene" (`synthetic.scene_code`: 12
-    # words in a fixed layout, one per query token when num_query_tokens is 12).
+    # That description: "caption" (the canonical caption), "scene" (`synthetic.scene_code`: 12
+    # words in a fixed layout, one per query token when num_query_tokens is 12) or "slots" (one
+    # summed embedding per slot, each over num_query_tokens / 3 positions: `phases.SceneCode`).
     lm_prefix: str = "caption"
+    # Stage 2: weight of the loss pulling each query output towards the LM's embedding of its
+    # position of the scene code (0: the LM loss alone). Needs lm_prefix "scene" or "slots".
+    code_loss_weight: float = 0.0
 
     PHASES = ("vision", "language", "stage1", "stage2")
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("A training config needs a name.")
-        _positive(self, "threads")
-        if self.lm_prefix not in ("caption", "scene"):
-            raise ValueError(f"lm_prefix must be 'caption' or 'scene'; got {self.lm_prefix!r}.")
-        for name in ("caption_fraction", "prefix_fraction"):
+        _positive(self, "threads", "lm_questions_per_text")
+        if self.lm_prefix not in ("caption", "scene", "slots"):
+            raise ValueError(f"lm_prefix must be 'caption', 'scene' or 'slots'; got {self.lm_prefix!r}.")
+        queries = self.architecture.num_query_tokens
+        if self.lm_prefix == "slots" and queries % 3:
+            raise ValueError("lm_prefix 'slots' needs num_query_tokens a multiple of 3 (one share per slot).")
+        if self.code_loss_weight < 0:
+            raise ValueError("code_loss_weight must not be negative.")
+        if self.code_loss_weight and (
+            self.lm_prefix == "caption" or (self.lm_prefix == "scene" and queries != 12)
+        ):
+            raise ValueError("code_loss_weight needs lm_prefix 'slots', or 'scene' with 12 query tokens.")
+        for name in ("caption_fraction", "lm_caption_fraction", "prefix_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1.")
 

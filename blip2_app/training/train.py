@@ -75,9 +75,9 @@ def train(
     """Run the four phases (skipping any a previous run finished in `work_dir`) and, when all are
     done and `out_dir` is given, write both checkpoints. `stop_after=(phase, step)` interrupts."""
     started = time.perf_counter()
-    # One intra-op thread by default (see docs/TRAINING.md): on a shared 2-core machine two
-    # threads ran stage 2 thirty times slower whenever another process held a core. The Rust
-    # tokenizers' own thread pool is kept out of the way for the same reason.
+    # One intra-op thread by default (README, "Training and the bundled demo model"): on a shared
+    # 2-core machine two threads ran stage 2 thirty times slower whenever another process held a
+    # core. The Rust tokenizers' own thread pool is kept out of the way for the same reason.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(config.threads)
     # Deterministic kernels where torch has them; warn (not fail) where it has none.
@@ -117,7 +117,15 @@ def train(
 
     torch.manual_seed(seed + 1)
     language = LanguagePretraining(
-        arch, train_data, val_data, captioning.tokenizer, seed, config.prefix_fraction, config.lm_prefix
+        arch,
+        train_data,
+        val_data,
+        captioning.tokenizer,
+        seed,
+        config.prefix_fraction,
+        config.lm_prefix,
+        config.lm_caption_fraction,
+        config.lm_questions_per_text,
     )
     if not run("language", language, list(language.parameters())):
         return _stopped(report, started)
@@ -140,6 +148,8 @@ def train(
         language.lm.state_dict(),
         seed,
         config.caption_fraction,
+        config.lm_prefix,
+        config.code_loss_weight,
     )
     if not run("stage2", stage2, stage2.trainable_parameters()):
         return _stopped(report, started)

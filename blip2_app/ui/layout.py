@@ -121,9 +121,21 @@ def _header(engine: Engine) -> str:
     entry = engine.captioner.entry if engine.captioner is not None else engine.matcher.entry  # type: ignore[union-attr]
     if entry.name.startswith("tiny-random"):
         parts += '<span class="badge warn">Tiny random test model: its words are noise</span>'
+    # The banner sits in the header, above the tabs, so every tab shows it: why a fallback model
+    # was loaded (engine.notices), and what a model's registry entry says about it (the bundled
+    # shapes demo: what it knows, and how to load a real model).
+    lines = [*engine.notices]
+    for loaded in (engine.captioner, engine.matcher):
+        notice = loaded.entry.notice if loaded is not None else None
+        if notice and notice not in lines:
+            lines.append(notice)
+    banner = ""
+    if lines:
+        text = "".join(f"<p>{html.escape(line)}</p>" for line in lines)
+        banner = f'<div class="notice" id="model-notice" role="status">{text}</div>'
     return (
         f'<div id="studio-header"><h1>BLIP-2 <span class="accent">Studio</span></h1>'
-        f'<p class="lead">{DESCRIPTION}</p><div class="badges">{parts}</div></div>'
+        f'<p class="lead">{DESCRIPTION}</p><div class="badges">{parts}</div>{banner}</div>'
     )
 
 

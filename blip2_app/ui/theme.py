@@ -40,6 +40,11 @@ CSS = """
   background: var(--color-accent-soft); color: var(--body-text-color); border: 1px solid var(--border-color-accent);
 }
 #studio-header .badge.warn { background: #fff7ed; border-color: #fdba74; color: #9a3412; }
+#studio-header .notice {
+  margin: 8px 0 4px 0; padding: 8px 12px; border-radius: 8px; line-height: 1.45; max-width: 100ch;
+  background: #fff7ed; border: 1px solid #fdba74; color: #9a3412;
+}
+#studio-header .notice p { margin: 2px 0 !important; }
 .hint { color: var(--body-text-color-subdued); font-size: 0.9rem; }
 .hint p { margin: 4px 0 !important; }
 #chat-input-row { align-items: stretch; }
