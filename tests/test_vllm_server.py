@@ -25,7 +25,7 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from running_app import running_app
-from vllm_server import SERVED_NAME, VLLM_PYTHON, vllm_server
+from vllm_server import SERVED_NAME, VLLM_PYTHON, SlowProxy, vllm_server
 
 from blip2_app.config import Settings
 from blip2_app.generation import GenerationSettings
@@ -184,33 +184,45 @@ def running_requests(server) -> float:
     )
 
 
-def test_server_killed_mid_stream_gives_a_specific_error_and_the_app_keeps_serving(app, server, remote):
+def answer_started(outputs: list) -> bool:
+    """Some update of the chat shows the assistant's answer begun (not only the question)."""
+    for messages in outputs:
+        last = messages[-1] if messages else {}
+        content = last.get("content", "")
+        if not isinstance(content, str):
+            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        if last.get("role") == "assistant" and content.strip():
+            return True
+    return False
+
+
+def test_server_killed_mid_stream_gives_a_specific_error_and_the_app_keeps_serving(
+    app, server, remote, tmp_path
+):
     """Runs last: it kills the module's server."""
     # The chat endpoint has no min_new_tokens knob: check first that this question's greedy answer
     # is long (no early EOS from the tiny model), so the kill lands in the middle of the stream.
     question, generation = "tell me everything", greedy(remote, max_new_tokens=400)
     assert len(remote.chat(PHOTOS[2], question, generation=generation).token_ids) > 200
-    client = Client(app.url, verbose=False)
-    # Kill while the server is generating: the app reads the stream more slowly than the tiny model
-    # writes it, so the client's view lags behind; the server's own metrics say when it is busy.
-    # On a loaded machine the whole answer (~3 s) can slip between two looks at the metrics: the
-    # answer then simply completes, and the test asks again.
-    for _attempt in range(5):
+    # The app under test talks to the server through a relay that passes replies on slowly: the
+    # kill then surely lands while the app is reading the stream (the tiny model alone writes 400
+    # tokens in well under a second on an idle machine).
+    proxy = SlowProxy(server.url)
+    args = ["--backend", "vllm", "--vllm-url", proxy.url, "--vllm-timeout-s", "20", "--vllm-retries", "1"]
+    with running_app(tmp_path, args) as slow_app:
+        client = Client(slow_app.url, verbose=False)
         job = client.submit(
             handle_file(PHOTOS[2]), question, decoding="greedy", max_new_tokens=400, api_name="/chat"
         )
         deadline = time.monotonic() + 120
-        while running_requests(server) < 1 and not job.done():
-            assert time.monotonic() < deadline, "the server never started the answer"
-            time.sleep(0.02)
-        if not job.done():
-            break
-    else:
-        pytest.fail("five answers in a row finished before the server could be caught generating")
-    time.sleep(0.2)  # some tokens out, most of the 400 still to come
-    server.kill()
-    with pytest.raises(AppError) as excinfo:
-        job.result(timeout=120)
+        while not answer_started(job.outputs()):  # the first words have reached the visitor
+            assert time.monotonic() < deadline and not job.done(), "the answer never started"
+            time.sleep(0.01)
+        server.kill()
+        proxy.cut()  # what the relay passes on must end where the dead server's stream ended
+        with pytest.raises(AppError) as excinfo:
+            job.result(timeout=120)
+        assert slow_app.process.poll() is None
     message = str(excinfo.value)
     assert "vLLM server" in message and (
         "stopped in the middle" in message or "closed the stream" in message
@@ -218,6 +230,7 @@ def test_server_killed_mid_stream_gives_a_specific_error_and_the_app_keeps_servi
     assert "internal error" not in message
 
     # The app still serves: a specific sentence for the next request, retrieval and health unaffected.
+    client = Client(app.url, verbose=False)
     with pytest.raises(AppError, match="cannot be reached"):
         client.predict(handle_file(PHOTOS[0]), "short", api_name="/caption")
     assert httpx.get(app.url + "healthz", timeout=5).status_code == 200

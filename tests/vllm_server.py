@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -120,3 +122,60 @@ def vllm_server(model_dir: Path, log_dir: Path, extra: tuple[str, ...] = ()) -> 
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 server.kill()
+
+
+class SlowProxy:
+    """A TCP relay between the app and the vLLM server that passes the server's replies on slowly
+    (`chunk` bytes every `pause` seconds), so a test can act while the app is surely in the middle
+    of reading a stream, however fast the tiny model writes it. `cut()` is what the server's death
+    looks like from the app: every open connection dropped, and no one listening any more."""
+
+    def __init__(self, upstream_url: str, chunk: int = 64, pause: float = 0.01) -> None:
+        address = upstream_url.split("://", 1)[1].split("/", 1)[0]
+        host, port = address.rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.chunk, self.pause = chunk, pause
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/v1"
+        self.sockets: list[socket.socket] = []
+        self.cut_event = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.cut_event.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self.upstream)
+            except OSError:
+                client.close()
+                continue
+            self.sockets += [client, server]
+            threading.Thread(target=self._pipe, args=(client, server, 0.0), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, self.pause), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, target: socket.socket, pause: float) -> None:
+        try:
+            while not self.cut_event.is_set():
+                data = source.recv(self.chunk if pause else 65536)
+                if not data:
+                    break
+                target.sendall(data)
+                if pause:
+                    time.sleep(pause)
+        except OSError:
+            pass
+        finally:
+            for end in (source, target):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self.cut_event.set()
+        self.listener.close()
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
