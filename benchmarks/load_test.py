@@ -223,29 +223,23 @@ def slope_mb_per_min(samples: list[tuple[float, int]]) -> float | None:
 
 def summarise(records: list[Record], since: float = 0.0) -> dict[str, Any]:
     chosen = [r for r in records if r.started >= since]
-    served = [r.latency for r in chosen if r.outcome == "served"]
     by_endpoint = {}
     for endpoint in sorted({r.endpoint for r in chosen}):
-        rows = [r for r in chosen if r.endpoint == endpoint]
-        ok = [r.latency for r in rows if r.outcome == "served"]
-        by_endpoint[endpoint] = {
-            "requests": len(rows),
-            "served": len(ok),
-            "queue_full": sum(r.outcome == "queue_full" for r in rows),
-            "refused_as_expected": sum(r.outcome == "refused_as_expected" for r in rows),
-            "errors": sum(r.outcome == "error" for r in rows),
-            "p50_s": percentile(ok, 50),
-            "p95_s": percentile(ok, 95),
-        }
+        by_endpoint[endpoint] = outcome_counts([r for r in chosen if r.endpoint == endpoint])
+    return {**outcome_counts(chosen), "by_endpoint": by_endpoint}
+
+
+def outcome_counts(rows: list[Record]) -> dict[str, Any]:
+    """Requests by outcome and the latency percentiles of the served ones."""
+    served = [r.latency for r in rows if r.outcome == "served"]
     return {
-        "requests": len(chosen),
+        "requests": len(rows),
         "served": len(served),
-        "queue_full": sum(r.outcome == "queue_full" for r in chosen),
-        "refused_as_expected": sum(r.outcome == "refused_as_expected" for r in chosen),
-        "errors": sum(r.outcome == "error" for r in chosen),
+        "queue_full": sum(r.outcome == "queue_full" for r in rows),
+        "refused_as_expected": sum(r.outcome == "refused_as_expected" for r in rows),
+        "errors": sum(r.outcome == "error" for r in rows),
         "p50_s": percentile(served, 50),
         "p95_s": percentile(served, 95),
-        "by_endpoint": by_endpoint,
     }
 
 

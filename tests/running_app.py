@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,22 @@ def app_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def wait_until_ready(
+    process: subprocess.Popen, url: str, name: str, log: Callable[[], str], timeout_s: float, every_s: float
+) -> None:
+    """Poll `url` until it answers 200; RuntimeError with the log tail if `process` dies or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode}:\n{log()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name} did not answer within {timeout_s:.0f}s:\n{log()}")
+        time.sleep(every_s)
+
+
 @contextlib.contextmanager
 def running_app(
     log_dir: Path, args: Sequence[str] = (), env: dict[str, str] | None = None
@@ -82,18 +98,8 @@ def running_app(
         process = subprocess.Popen(command, cwd=ROOT, env=app_env(env), stdout=log, stderr=subprocess.STDOUT)
     app = RunningApp(f"http://127.0.0.1:{port}/", process, log_path)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"app.py exited with {process.returncode}:\n{app.log()}")
-            try:  # "/" answers 200 with a loading page while the model loads; /healthz says 503
-                if httpx.get(app.url + "healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"app.py did not answer within {START_TIMEOUT_S}s:\n{app.log()}")
-            time.sleep(0.3)
+        # "/" answers 200 with a loading page while the model loads; /healthz says 503 until ready.
+        wait_until_ready(process, app.url + "healthz", "app.py", app.log, START_TIMEOUT_S, 0.3)
         yield app
     finally:
         process.terminate()

@@ -19,8 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-from running_app import free_port
+from running_app import free_port, wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_VENV = Path(os.environ.get("BLIP2_VLLM_VENV", ROOT / ".venv-vllm"))
@@ -103,16 +102,8 @@ def vllm_server(model_dir: Path, log_dir: Path, extra: tuple[str, ...] = ()) -> 
         )
     server = VLLMServer(f"http://127.0.0.1:{port}/v1", process, log_path)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {process.returncode}:\n{server.log()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"vllm serve did not answer within {START_TIMEOUT_S}s:\n{server.log()}")
-            time.sleep(1)
+        health = f"http://127.0.0.1:{port}/health"
+        wait_until_ready(process, health, "vllm serve", server.log, START_TIMEOUT_S, 1.0)
         yield server
     finally:
         if process.poll() is None:

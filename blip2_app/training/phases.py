@@ -311,6 +311,17 @@ def vision_features(vision: nn.Module, pixels: torch.Tensor, chunk: int = 256) -
     )
 
 
+def query_output(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """The Q-Former's query tokens after reading frozen vision `features` (B, Q, D): what both
+    stages project (to the ITC space in stage 1, into the language model in stage 2)."""
+    query = model.query_tokens.expand(len(features), -1, -1)
+    return model.qformer(
+        query_embeds=query,
+        encoder_hidden_states=features,
+        encoder_attention_mask=torch.ones(features.shape[:-1], dtype=torch.long),
+    ).last_hidden_state
+
+
 class QFormerPretraining(nn.Module):
     """Stage 1: ITC (max over query tokens of the cosine, as BLIP-2 and the app's `itc`) and ITM
     with hard negatives: the most similar wrong text/image in the batch (sampled by ITC weight, as
@@ -338,14 +349,7 @@ class QFormerPretraining(nn.Module):
         return self.tokenizer(texts, padding=True, truncation=True, max_length=35, return_tensors="pt")
 
     def image_embeds(self, features: torch.Tensor) -> torch.Tensor:
-        model = self.model
-        query = model.query_tokens.expand(len(features), -1, -1)
-        out = model.qformer(
-            query_embeds=query,
-            encoder_hidden_states=features,
-            encoder_attention_mask=torch.ones(features.shape[:-1], dtype=torch.long),
-        ).last_hidden_state
-        return F.normalize(model.vision_projection(out), dim=-1)
+        return F.normalize(self.model.vision_projection(query_output(self.model, features)), dim=-1)
 
     def text_embeds(self, tokens) -> torch.Tensor:
         model = self.model
@@ -486,14 +490,7 @@ class GenerativePretraining(nn.Module):
         return torch.from_numpy(idx), _pad(ids, tok.pad_token_id), _pad(labels, IGNORE)
 
     def _soft_prompt(self, features: torch.Tensor) -> torch.Tensor:
-        model = self.model
-        query = model.query_tokens.expand(len(features), -1, -1)
-        out = model.qformer(
-            query_embeds=query,
-            encoder_hidden_states=features,
-            encoder_attention_mask=torch.ones(features.shape[:-1], dtype=torch.long),
-        ).last_hidden_state
-        return model.language_projection(out)
+        return self.model.language_projection(query_output(self.model, features))
 
     def _logits(self, features: torch.Tensor, ids: torch.Tensor, image: torch.Tensor | None = None):
         model = self.model
