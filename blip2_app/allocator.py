@@ -1,12 +1,17 @@
 """glibc's allocator, tuned so resident memory follows what the model really holds.
 
-At start-up (`tune_allocator`, called by `load_engine`): tensors of 1 MB and more are mmapped
-(freed at once, instead of glibc raising its mmap threshold to 32 MB after the first big free and
-then keeping every freed block of that size), free heap tops over 1 MB are returned, and at most
-two malloc arenas exist (each thread otherwise gets its own, each keeping its own free blocks).
-Measured on the real-size blip2-opt-2.7b + blip2-itm-vit-g in dynamic-int8: peak anonymous memory
-4.97 -> 4.42 GB while loading, 4.76 -> 4.44 GB in use (benchmarks/results/memory_phases.md). Its
-cost in speed (page faults of mmapped activations) has not been isolated yet on a quiet machine.
+While loading (`tune_allocator()`, called first by `load_engine`): tensors of 1 MB and more are
+mmapped (freed at once, instead of glibc raising its mmap threshold to 32 MB after the first big
+free and then keeping every freed block of that size), free heap tops over 1 MB are returned, and
+at most two malloc arenas exist (each thread otherwise gets its own, each keeping its own free
+blocks). Measured on the real-size blip2-opt-2.7b + blip2-itm-vit-g in dynamic-int8: peak
+anonymous memory 4.97 -> 4.42 GiB while loading (benchmarks/results/memory_phases.md).
+
+Once loaded (`tune_allocator(serving=True)`, the end of `load_engine`): the mmap threshold goes
+up to glibc's own ceiling, 32 MB. Activations of a ViT-g forward pass are 1-10 MB each; mmapped,
+every one costs fresh zeroed pages, and the dynamic-int8 vision encoder ran 10-25% slower (same
+machine, one process per setting, each twice: 1.25-1.57 vs 0.99-1.25 s per image, 20-token
+caption 4.4-4.7 vs 4.1-4.3 s) for no gain in peak memory, which the load sets.
 
 While the app serves (`start_heap_trimmer`):
 
@@ -30,6 +35,7 @@ TRIM_INTERVAL_S = 20.0
 # mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 MMAP_THRESHOLD_BYTES = 1 << 20
+SERVING_MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
 TRIM_THRESHOLD_BYTES = 1 << 20
 ARENA_MAX = 2
 
@@ -43,13 +49,14 @@ def _libc() -> ctypes.CDLL | None:
     return libc
 
 
-def tune_allocator() -> bool:
-    """Set the thresholds above (once per process is enough; again is harmless). False off glibc."""
+def tune_allocator(serving: bool = False) -> bool:
+    """The loading settings above, or with `serving` the threshold for running the model. Again
+    is harmless. False off glibc."""
     libc = _libc()
     if libc is None:
         return False
     for parameter, value in (
-        (M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES),
+        (M_MMAP_THRESHOLD, SERVING_MMAP_THRESHOLD_BYTES if serving else MMAP_THRESHOLD_BYTES),
         (M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES),
         (M_ARENA_MAX, ARENA_MAX),
     ):

@@ -20,6 +20,7 @@ from .config import Settings, add_arguments
 from .errors import UserFacingError
 from .generation import DECODINGS
 from .images import ImageDecodeError
+from .prompts import MAX_QUERY_CHARS, clean_text
 
 EXIT_USER_ERROR = 2
 MODEL_FLAGS = (
@@ -71,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(search, os.environ, only=MODEL_FLAGS)
     search.add_argument("index_dir")
     search.add_argument("query")
-    search.add_argument("--top-k", type=int, default=5)
+    search.add_argument("--top-k", type=_positive_int, default=5)
     search.add_argument("--json", action="store_true")
 
     commands.add_parser("models", help="list the registry's model names")
@@ -82,6 +83,16 @@ def _parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, not {text!r}")
+    return value
 
 
 def _engine(args: argparse.Namespace, retrieval: bool):
@@ -143,6 +154,7 @@ def _index(args: argparse.Namespace) -> None:
     index = GalleryIndex(
         num_queries=engine.matcher.model.config.num_query_tokens,
         dim=engine.matcher.model.config.image_text_hidden_size,
+        embedding_model=engine.matcher.entry.name,
     )
     skipped = []
     for path in paths:
@@ -162,9 +174,17 @@ def _index(args: argparse.Namespace) -> None:
 def _search(args: argparse.Namespace) -> None:
     from .retrieval import GalleryIndex
 
+    text = clean_text(args.query, "search text", MAX_QUERY_CHARS)  # as the Retrieval tab does
     index = GalleryIndex.load(args.index_dir)
     engine = _engine(args, retrieval=True)
-    query = engine.text_features([args.query])[0].numpy()
+    model = engine.matcher.entry.name
+    if index.embedding_model and index.embedding_model != model:
+        raise UserFacingError(
+            f"{args.index_dir} was indexed with {index.embedding_model}, and this search would embed "
+            f"the query with {model}: their embeddings do not compare. Search with "
+            f"--model {index.embedding_model}, or index the folder again with --model {model}."
+        )
+    query = engine.text_features([text])[0].numpy()
     hits = index.search_text(query, args.top_k)
     for hit in hits:
         if args.json:

@@ -18,6 +18,7 @@ from .registry import PromptTemplates
 CaptionStyle = Literal["short", "detailed", "custom"]
 CAPTION_STYLES: tuple[str, ...] = ("short", "detailed", "custom")
 MAX_QUESTION_CHARS = 2000
+MAX_QUERY_CHARS = 500  # retrieval text; the Q-Former reads at most 35 tokens of it anyway
 MAX_INSTRUCTION_CHARS = 2000
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")

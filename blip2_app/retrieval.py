@@ -3,7 +3,8 @@
 An image is stored as its 32 normalised Q-Former query projections (32 x 256). BLIP-2's
 image-text score is the maximum over those 32 queries of cosine(query, text CLS projection),
 so text search is a nearest-neighbour search over all query vectors, aggregated per image by
-max. Decisions (see benchmarks/README_retrieval.md for the measurements behind them):
+max. Decisions (the measurements behind them: README "Gallery retrieval",
+benchmarks/results/retrieval_scale.md):
 
 * Exact path (gallery < ``IndexSettings.approximate_from`` images): faiss exact inner-product
   k-NN over every query vector, max-aggregated per image.
@@ -269,7 +270,13 @@ class _ApproxIndex:
 class GalleryIndex:
     """A user's gallery: per image its (num_queries, dim) projections, content hash, name, caption."""
 
-    def __init__(self, settings: IndexSettings = IndexSettings(), dim: int = 256, num_queries: int = 32):
+    def __init__(
+        self,
+        settings: IndexSettings = IndexSettings(),
+        dim: int = 256,
+        num_queries: int = 32,
+        embedding_model: str | None = None,
+    ):
         if not isinstance(settings, IndexSettings):
             raise TypeError(f"settings must be IndexSettings, got {type(settings).__name__}")
         for label, value in (("dim", dim), ("num_queries", num_queries)):
@@ -278,6 +285,9 @@ class GalleryIndex:
         if dim % settings.pq_dims_per_code:
             raise ValueError(f"dim {dim} is not divisible by pq_dims_per_code {settings.pq_dims_per_code}")
         self.settings, self.dim, self.num_queries = settings, dim, num_queries
+        # The retrieval model whose embeddings these are (saved with the index): a query embedded
+        # by another model has the right size but means nothing here.
+        self.embedding_model = embedding_model
         self._init_state()
 
     def _init_state(self) -> None:
@@ -666,6 +676,7 @@ class GalleryIndex:
             "count": n,
             "dim": self.dim,
             "num_queries": self.num_queries,
+            "embedding_model": self.embedding_model,
             "next_item_id": next_id,
             "sha256": shas,
         }
@@ -708,7 +719,8 @@ class GalleryIndex:
             or len(items) != n
         ):
             raise IndexFormatError(f"gallery index in {folder} is corrupt: data does not match its manifest")
-        index = cls(settings, dim=d, num_queries=q)
+        model = m.get("embedding_model")  # absent in indexes saved before it was recorded
+        index = cls(settings, dim=d, num_queries=q, embedding_model=model if isinstance(model, str) else None)
         try:
             ids = [int(it["item_id"]) for it in items]
             hashes = [str(it["content_hash"]) for it in items]

@@ -95,6 +95,13 @@ def load_engine(settings: Settings, registry: Registry | None = None) -> Engine:
 
 def _load_engine(settings: Settings, registry: Registry | None = None) -> Engine:
     tune_allocator()  # before the first big tensor: see allocator.py
+    try:
+        return _load_models(settings, registry)
+    finally:
+        tune_allocator(serving=True)
+
+
+def _load_models(settings: Settings, registry: Registry | None) -> Engine:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     registry = registry or Registry.load([settings.models_file] if settings.models_file else [])

@@ -103,6 +103,15 @@ def test_index_and_search_round_trip(tmp_path, load_tiny):
     assert abs(hits[0]["cosine"] - float(scores.max())) < 1e-4
     result = run("search", str(tmp_path), "x")
     assert result.returncode == 2 and "error: " in result.stderr
+    result = run("search", str(out), "   ", "--model", "tiny-random")
+    assert result.returncode == 2 and "The search text is empty" in result.stderr, result.stderr
+    result = run("search", str(out), "a cup", "--top-k", "-1", "--model", "tiny-random")
+    assert result.returncode == 2 and "1 or more" in result.stderr, result.stderr
+    # Another retrieval model: its query embeddings would not compare with this index's.
+    result = run("search", str(out), "a cup", "--model", "shapes-demo")
+    assert result.returncode == 2, result.stderr
+    assert "indexed with tiny-random-itm" in result.stderr and "shapes-demo-itm" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_unreachable_hub_fails_fast_with_one_paragraph():

@@ -45,3 +45,32 @@ def test_inputs_of_every_kind_give_the_same_caption(load_tiny):
     sources = [str(path), path.read_bytes(), image, np.asarray(image), {"path": str(path)}]
     results = {engine.caption([s], generation=greedy)[0][0].token_ids for s in sources}
     assert len(results) == 1
+
+
+def test_an_empty_answer_is_said_not_returned(load_tiny, monkeypatch):
+    """A model that ends its text at once (EOS first) gives the notice, never an empty string."""
+    import torch
+    from transformers import LogitsProcessor
+
+    from blip2_app.engine import EMPTY_TEXT_NOTICE
+
+    engine = load_tiny("tiny-random")
+    language_model = engine.captioner.model.language_model
+    eos = engine.captioner.processor.tokenizer.eos_token_id
+
+    class EndAtOnce(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            forced = torch.full_like(scores, -float("inf"))
+            forced[:, eos] = 0.0
+            return forced
+
+    original = language_model.generate
+    monkeypatch.setattr(
+        language_model, "generate", lambda **kw: original(**kw, logits_processor=[EndAtOnce()])
+    )
+    photo = str(sorted((Path(__file__).parents[1] / "assets" / "examples").glob("*.jpg"))[0])
+    greedy = GenerationSettings(decoding="greedy", max_new_tokens=5)
+    [[caption]] = engine.caption([photo], generation=greedy)  # per image, its captions
+    assert caption.text == EMPTY_TEXT_NOTICE and caption.empty
+    assert engine.answer(photo, "what is it?", generation=greedy).text == EMPTY_TEXT_NOTICE
+    assert list(engine.chat_stream(photo, "what is it?", generation=greedy)) == [EMPTY_TEXT_NOTICE]

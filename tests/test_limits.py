@@ -331,6 +331,34 @@ def test_heap_trimmer_runs_and_stops():
     assert not thread.is_alive()
 
 
+def test_allocator_mmaps_big_blocks_while_loading_only(monkeypatch):
+    """Loading mmaps blocks of 1 MB and up (peak memory); serving goes back to 32 MB (speed),
+    also when loading fails."""
+    from blip2_app import allocator
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, parameter, value):
+            calls.append((parameter, value))
+
+        def malloc_trim(self, pad):
+            return 1
+
+    monkeypatch.setattr(allocator, "_libc", FakeLibc)
+
+    def thresholds():
+        return [value for parameter, value in calls if parameter == allocator.M_MMAP_THRESHOLD]
+
+    load_engine(Settings(model="tiny-random", retrieval_model="none"))
+    assert thresholds() == [1 << 20, 32 << 20]
+    assert (allocator.M_ARENA_MAX, 2) in calls
+    calls.clear()
+    with pytest.raises(ModelLoadError):
+        load_engine(Settings(model="/no/such/folder"))
+    assert thresholds() == [1 << 20, 32 << 20]
+
+
 def test_result_gallery_writes_shared_images_atomically(tmp_path, monkeypatch):
     """Two visitors getting the same picture share one cached file: it is never rewritten in place."""
     from PIL import Image

@@ -1,6 +1,6 @@
 """The load test's short form: 4 gradio_client clients for 10 s against the app (tiny-random).
 
-The full run (8 clients, 120 s) is `python benchmarks/load_test.py`, with its results committed
+The full run (8 clients, 240 s) is `python benchmarks/load_test.py`, with its results committed
 in benchmarks/results/load_test.{json,md}. Here: no crash, no error other than "queue full", every
 main endpoint served, memory bounded.
 """

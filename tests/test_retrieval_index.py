@@ -400,9 +400,11 @@ def test_save_load_round_trip(tmp_path):
     loaded.save(tmp_path / "idx")  # overwrite: only the newest data folder is kept
     assert len([p for p in (tmp_path / "idx").iterdir() if p.name.startswith("data-")]) == 1
     assert len(GalleryIndex.load(tmp_path / "idx")) == 31
-    empty = GalleryIndex()
+    empty = GalleryIndex(embedding_model="blip2-itm-vit-g")
     empty.save(tmp_path / "empty")
     assert len(GalleryIndex.load(tmp_path / "empty")) == 0
+    assert GalleryIndex.load(tmp_path / "empty").embedding_model == "blip2-itm-vit-g"
+    assert GalleryIndex.load(tmp_path / "idx").embedding_model is None  # not recorded: not checked
 
 
 def _manifest(folder: Path) -> dict:

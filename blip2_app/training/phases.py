@@ -106,6 +106,22 @@ class VisionPretraining(nn.Module):
         return result
 
 
+class TokenIds:
+    """The tokenizer's ids of a text, remembered: the synthetic texts are a few hundred prompts and
+    answers and one code per scene, and a tokenizer call (~0.1 ms) made a third of a language-model
+    step. The ids are the tokenizer's own, so batches are unchanged."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._memo: dict[tuple[str, bool], list[int]] = {}
+
+    def __call__(self, text: str, special: bool = True) -> list[int]:
+        key = (text, special)
+        if key not in self._memo:
+            self._memo[key] = self.tokenizer(text, add_special_tokens=special).input_ids
+        return self._memo[key]
+
+
 def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
     width = max(map(len, rows))
     return torch.tensor([row + [value] * (width - len(row)) for row in rows])
@@ -130,6 +146,7 @@ class LanguagePretraining(nn.Module):
         self.lm = architecture.new_language_model(arch, tokenizer)
         self.caption_fraction, self.questions_per_text = caption_fraction, questions_per_text
         self.tokenizer, self.train_data, self.val_data = tokenizer, train, val
+        self.ids = TokenIds(tokenizer)
         self.seed, self.prefix_fraction, self.prefix = seed, prefix_fraction, prefix
         self.code = SceneCode(tokenizer, prefix, arch.num_query_tokens)
 
@@ -142,8 +159,8 @@ class LanguagePretraining(nn.Module):
             scene = data.scenes[int(i)]
             prompt, answer = sample_prompt(scene, rng, self.caption_fraction)
             prefix, extra = self.code(scene) if rng.random() < self.prefix_fraction else ([], [])
-            body = tok(prompt).input_ids  # BOS + prompt
-            target = [*tok(answer, add_special_tokens=False).input_ids, tok.eos_token_id]
+            body = self.ids(prompt)  # BOS + prompt
+            target = [*self.ids(answer, special=False), tok.eos_token_id]
             row = prefix + body + target
             # Only the answer (or caption) and its EOS are supervised, never the prefix (it stands
             # where the image will be) nor the prompt: an LM taught to write "Question: ..." after
@@ -154,8 +171,8 @@ class LanguagePretraining(nn.Module):
                 # so each one follows "</s>" exactly as the first follows BOS. More answers to learn
                 # from per step, the hard part of this phase (finding the object a question names).
                 for extra_prompt, extra_answer in sample_questions(scene, rng, self.questions_per_text - 1):
-                    more = tok(extra_prompt, add_special_tokens=False).input_ids
-                    answer_ids = [*tok(extra_answer, add_special_tokens=False).input_ids, tok.eos_token_id]
+                    more = self.ids(extra_prompt, special=False)
+                    answer_ids = [*self.ids(extra_answer, special=False), tok.eos_token_id]
                     row += more + answer_ids
                     label += [IGNORE] * len(more) + answer_ids
             ids.append(row)
@@ -231,6 +248,7 @@ class SceneCode:
 
     def __init__(self, tokenizer, mode: str, num_query_tokens: int):
         self.tokenizer, self.mode, self.length = tokenizer, mode, num_query_tokens
+        self.ids = TokenIds(tokenizer)
         self.width = 3 if mode == "slots" else 0
         self._ids: dict[str, int] = {}
 
@@ -243,13 +261,12 @@ class SceneCode:
         return self._ids[text]
 
     def __call__(self, scene) -> tuple[list[int], list[list[int]]]:
-        tok = self.tokenizer
         if self.mode == "caption":
-            ids = tok(scene.caption, add_special_tokens=False).input_ids
+            ids = self.ids(scene.caption, special=False)
             return ids, [[] for _ in ids]
         if self.mode == "scene":
             # the scene code starts with a space so each of its words is one whole-word token
-            ids = tok(" " + synthetic.scene_code(scene.objects), add_special_tokens=False).input_ids
+            ids = self.ids(" " + synthetic.scene_code(scene.objects), special=False)
             return ids, [[] for _ in ids]
         by_position = {o.position: o for o in scene.objects}
         copies = self.length // len(synthetic.POSITIONS)
@@ -461,6 +478,7 @@ class GenerativePretraining(nn.Module):
         architecture.trainable(self.model.vision_model, False)
         architecture.trainable(self.model.language_model, False)
         self.processor, self.tokenizer = processor, processor.tokenizer
+        self.ids = TokenIds(processor.tokenizer)
         self.image_token = self.tokenizer.convert_tokens_to_ids(processor.image_token.content)
         self.num_query = arch.num_query_tokens
         self.train_data, self.val_data = train, val
@@ -483,8 +501,8 @@ class GenerativePretraining(nn.Module):
         ids, labels, idx = [], [], rng.choice(len(data), batch_size, replace=False)
         for i in idx:
             prompt, answer = sample_prompt(data.scenes[int(i)], rng, caption_fraction)
-            head = [self.image_token] * self.num_query + tok(prompt).input_ids
-            target = [*tok(answer, add_special_tokens=False).input_ids, tok.eos_token_id]
+            head = [self.image_token] * self.num_query + self.ids(prompt)
+            target = [*self.ids(answer, special=False), tok.eos_token_id]
             ids.append(head + target)
             labels.append([IGNORE] * (len(head) - 1) + target + [IGNORE])
         return torch.from_numpy(idx), _pad(ids, tok.pad_token_id), _pad(labels, IGNORE)

@@ -29,7 +29,7 @@ from ..engine import EMPTY_TEXT_NOTICE, Engine, PreparedImage
 from ..errors import InvalidRequestError, UserFacingError
 from ..generation import GenerationSettings
 from ..images import ImageDecodeError
-from ..prompts import MAX_QUESTION_CHARS, ChatTurn, clean_text, context_notes
+from ..prompts import MAX_QUERY_CHARS, MAX_QUESTION_CHARS, ChatTurn, clean_text, context_notes
 from ..retrieval import SearchHit, rerank_with_itm
 from . import sessions
 from .sessions import MAX_GALLERY_IMAGES, ChatSession, GalleryBudget, GallerySession, turn_messages
@@ -37,7 +37,6 @@ from .sessions import message as chat_message
 
 log = logging.getLogger(__name__)
 
-MAX_QUERY_CHARS = 500  # retrieval text; the Q-Former reads at most 35 tokens of it anyway
 MAX_TOP_K = 30
 MAX_EXEMPLARS = 8
 MAX_EXEMPLAR_ROWS = 64  # rows accepted from the Dataframe (empty ones are skipped)

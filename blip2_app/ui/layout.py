@@ -1,6 +1,6 @@
 """The Gradio Blocks: layout and wiring only; the work happens in `handlers.StudioHandlers`.
 
-Public endpoints (api_name, parameters in order; see docs/UI.md):
+Public endpoints (api_name, parameters in order; see README, "API"):
   /caption, /answer, /chat (streaming), /index_gallery, /search_text, /search_image, /clear_gallery.
 Every other event is UI plumbing: `api_visibility="private"`, and if it does not touch the model
 it skips the queue (`queue=False`). Model events share one concurrency group ("model") whose
