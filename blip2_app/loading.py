@@ -7,6 +7,7 @@ own precision: fp32, bf16, fp16, int8 or nf4 (bitsandbytes; 0.50 runs both on CP
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -15,6 +16,7 @@ import struct
 import time
 import warnings
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -436,42 +438,50 @@ class _Int8Embedding(torch.nn.Module):
 
 
 TIED_HEAD_CHUNK_ROWS = 4096  # rows quantized at a time: no fp32 copy of a 50k x 2560 table
+RowReader = Callable[[int, int], torch.Tensor]  # (start, end) -> those rows of a table, in fp32
 
 
-def _quantize_tied_head(language_model: torch.nn.Module) -> None:
-    """An LM head tied to the (bf16) embedding table becomes dynamic-int8, computed in row chunks,
-    and the table then reads the same int8 rows: the fp32 copy torch's `from_float` would make
-    (515 MB on OPT-2.7B, the peak of the whole load) never exists, and the table halves."""
+def _quantize_tied_head(language_model: torch.nn.Module, read_rows: RowReader | None = None) -> bool:
+    """An LM head tied to the embedding table becomes dynamic-int8, quantized a block of rows at a
+    time, and the table then reads the same int8 rows: the fp32 copy torch's `from_float` would
+    make (515 MB on OPT-2.7B) never exists, and the table costs 1 byte per value. `read_rows`
+    reads the table straight from the checkpoint when it was left unloaded (no bf16 copy either:
+    without it, that copy was the peak of the whole load). Returns whether the head was tied."""
     head, table = language_model.get_output_embeddings(), language_model.get_input_embeddings()
     if not (
         type(head) is torch.nn.Linear
         and isinstance(table, torch.nn.Embedding)
         and head.weight is table.weight
     ):
-        return
-    weight = head.weight.detach()
-    # The observer of per_channel_dynamic_qconfig, so scales equal what `from_float` computes.
+        return False
+    if read_rows is None:
+        read_rows = lambda start, end: head.weight[start:end].detach().float()
+    shape = head.weight.shape
+    # The observer of per_channel_dynamic_qconfig, so scales equal what `from_float` computes;
+    # they are per row, so a block of rows at a time gives the same values as the whole table.
     observer = torch.ao.quantization.per_channel_dynamic_qconfig.weight()
-    low = torch.empty(weight.shape[0])
-    high = torch.empty(weight.shape[0])
-    for start in range(0, weight.shape[0], TIED_HEAD_CHUNK_ROWS):
-        chunk = weight[start : start + TIED_HEAD_CHUNK_ROWS].float()
-        low[start : start + len(chunk)] = chunk.amin(dim=1)
-        high[start : start + len(chunk)] = chunk.amax(dim=1)
-    scales, zero_points = observer._calculate_qparams(low, high)
-    rows = torch.empty(weight.shape, dtype=torch.int8)
-    for start in range(0, weight.shape[0], TIED_HEAD_CHUNK_ROWS):
-        end = start + TIED_HEAD_CHUNK_ROWS
+    rows = torch.empty(shape, dtype=torch.int8)
+    scales = torch.empty(shape[0], dtype=torch.float64)
+    zero_points = torch.empty(shape[0], dtype=torch.long)
+    for start in range(0, shape[0], TIED_HEAD_CHUNK_ROWS):
+        chunk = read_rows(start, start + TIED_HEAD_CHUNK_ROWS)
+        end = start + len(chunk)
+        chunk_scales, chunk_zero_points = observer._calculate_qparams(chunk.amin(dim=1), chunk.amax(dim=1))
         rows[start:end] = torch.quantize_per_channel(
-            weight[start:end].float(), scales[start:end], zero_points[start:end], 0, torch.qint8
+            chunk, chunk_scales, chunk_zero_points, 0, torch.qint8
         ).int_repr()
-    quantized = torch._make_per_channel_quantized_tensor(rows, scales.double(), zero_points.long(), 0)
-    linear = torch.ao.nn.quantized.dynamic.Linear(
-        head.in_features, head.out_features, bias_=head.bias is not None, dtype=torch.qint8
-    )
+        scales[start:end], zero_points[start:end] = chunk_scales, chunk_zero_points
+    del head.weight, table.weight  # the bf16 table, when it was loaded: freed before packing
+    quantized = torch._make_per_channel_quantized_tensor(rows, scales, zero_points, 0)
+    # Built 1 x 1, then given the weight: built at full size, its placeholder weight would be one
+    # more int8 copy of the table (129 MB) at the peak.
+    linear = torch.ao.nn.quantized.dynamic.Linear(1, 1, bias_=head.bias is not None, dtype=torch.qint8)
     linear.set_weight_bias(quantized, None if head.bias is None else head.bias.detach().float())
+    linear.in_features, linear.out_features = head.in_features, head.out_features
+    del quantized  # a copy of `rows` that the packed weight no longer needs
     language_model.set_output_embeddings(linear)
     language_model.set_input_embeddings(_Int8Embedding(rows, scales.float()))
+    return True
 
 
 class _Bf16Embedding(torch.nn.Embedding):
@@ -503,7 +513,8 @@ def stream_load(
     with no_init_weights(), no_tie_weights():
         model = model_class._from_config(config, dtype=torch.float32)
     expected = set(model.state_dict())
-    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    tie_targets = dict(getattr(model, "all_tied_weights_keys", {}) or {})  # {target: source}
+    tied = set(tie_targets)
     stored = {key: path for path in files for key in _safetensors_header(path)[1] if key != "__metadata__"}
     skip = "vision_model." if shared_vision is not None else None
     wanted = {k for k in expected if not (skip and k.startswith(skip))}
@@ -516,6 +527,8 @@ def stream_load(
         return getattr(precisions, component) if component else "fp32"
 
     pending: dict[str, dict[str, torch.Tensor]] = {}
+    # Embedding tables an LM head is tied to, left on the meta device until the head is quantized.
+    untied_tables: dict[torch.nn.Module, tuple[Path, str]] = {}
     loaded_ids: set[int] = set()
     if shared_vision is not None:
         loaded_ids |= {id(t) for t in [*shared_vision.parameters(), *shared_vision.buffers()]}
@@ -529,6 +542,12 @@ def stream_load(
                 owner = model.get_submodule(owner_name) if owner_name else model
                 precision = precision_of(key)
                 if precision == DYNAMIC_INT8 and type(owner) is torch.nn.Embedding:
+                    if key in tie_targets.values():  # read later, straight into int8 rows
+                        untied_tables[owner] = (path, key)
+                        # Flagged as loaded so that no init writes (and makes resident) its
+                        # never-touched fp32 storage: 515 MB on OPT-2.7B.
+                        loaded_ids.add(id(owner.weight))
+                        continue
                     owner.__class__ = _Bf16Embedding
                     loaded_ids.add(id(_assign(owner, attr, _read_cast(handle, key, torch.bfloat16))))
                     continue
@@ -563,8 +582,16 @@ def stream_load(
             part = getattr(model, name, None)
             if isinstance(part, torch.nn.Module) and part is not shared_vision:
                 if component == "llm":
-                    _quantize_tied_head(part)
+                    table = part.get_input_embeddings()
+                    source = untied_tables.get(table)
+                    with _row_reader(source) as read_rows:
+                        if _quantize_tied_head(part, read_rows):
+                            untied_tables.pop(table, None)
                 _quantize_linears(part)
+    for table, (path, key) in untied_tables.items():  # tied to nothing quantized after all: bf16
+        with safe_open(str(path), framework="pt") as handle:
+            table.__class__ = _Bf16Embedding
+            _assign(table, key.rpartition(".")[2], _read_cast(handle, key, torch.bfloat16))
     trim_heap()  # quantizing layer by layer leaves freed blocks in the heap (~150 MB on OPT-2.7B)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if pending or leftover:
@@ -586,6 +613,20 @@ def _read_cast(handle: Any, key: str, dtype: torch.dtype) -> torch.Tensor:
     for start in range(0, shape[0], READ_CHUNK_ROWS):
         out[start : start + READ_CHUNK_ROWS] = part[start : start + READ_CHUNK_ROWS]
     return out
+
+
+@contextlib.contextmanager
+def _row_reader(source: tuple[Path, str] | None) -> Iterator[RowReader | None]:
+    """Reads rows of a stored table as fp32, or None when there is no stored table to read."""
+    if source is None:
+        yield None
+        return
+    from safetensors import safe_open
+
+    path, key = source
+    with safe_open(str(path), framework="pt") as handle:
+        part = handle.get_slice(key)
+        yield lambda start, end: part[start:end].float()
 
 
 def _assign(owner: torch.nn.Module, attr: str, value: torch.Tensor) -> torch.Tensor:

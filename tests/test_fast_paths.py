@@ -1,5 +1,7 @@
 """The fast CPU paths: tensor-by-tensor loading, dynamic int8, one shared vision encoder."""
 
+import copy
+
 import pytest
 import torch
 import transformers
@@ -43,23 +45,43 @@ def test_dynamic_int8_quantizes_every_component(images):
 
 
 def test_tied_lm_head_is_quantized_in_chunks_exactly_as_torch_does(load_tiny, monkeypatch):
-    """The tied head is quantized row block by row block (no fp32 copy of the table): its packed
-    weight equals torch's own `from_float` on the same values, and the embedding table reads the
-    same int8 rows, each within half a quantization step of the bf16 table it replaces."""
+    """The tied head is quantized row block by row block, read straight from the fp32 checkpoint
+    (no fp32 or bf16 copy of the table): its packed weight equals torch's own `from_float` on the
+    fp32 table, and the embedding table reads the same int8 rows, each within half a quantization
+    step of the fp32 values."""
     monkeypatch.setattr(loading, "TIED_HEAD_CHUNK_ROWS", 7)  # several chunks, a ragged last one
     quantized = load_engine(Settings(model="tiny-random", precision="dynamic-int8", retrieval_model="none"))
     language_model = quantized.captioner.model.language_model
     head, table = language_model.get_output_embeddings(), language_model.get_input_embeddings()
     fp32_table = load_tiny("tiny-random").captioner.model.language_model.get_input_embeddings().weight
     reference = torch.nn.Linear(fp32_table.shape[1], fp32_table.shape[0], bias=False)
-    reference.weight.data = fp32_table.detach().to(torch.bfloat16).float()
+    reference.weight.data = fp32_table.detach().clone()
     expected = loading._dynamic_int8(reference).weight()
     assert torch.equal(head.weight().int_repr(), expected.int_repr())
     assert torch.equal(head.weight().q_per_channel_scales(), expected.q_per_channel_scales())
     assert torch.equal(table.rows, expected.int_repr())  # one int8 table, read by both
     ids = torch.arange(fp32_table.shape[0]).view(1, -1)
-    error = (table(ids)[0] - reference.weight.data).abs()
+    error = (table(ids)[0] - fp32_table.detach()).abs()
     assert (error <= table.scales.unsqueeze(1) / 2 + 1e-6).all()
+
+
+def test_a_loaded_tied_table_is_quantized_the_same_way(load_tiny):
+    """When the table is already in memory (no stored table to read rows from), the head is
+    quantized from it, and its floating-point copy is released."""
+    model = load_tiny("tiny-random").captioner.model
+    language_model = copy.deepcopy(model.language_model)
+    fp32_table = language_model.get_input_embeddings().weight.detach().clone()
+    assert loading._quantize_tied_head(language_model)
+    reference = torch.nn.Linear(fp32_table.shape[1], fp32_table.shape[0], bias=False)
+    reference.weight.data = fp32_table
+    expected = loading._dynamic_int8(reference).weight()
+    head, table = language_model.get_output_embeddings(), language_model.get_input_embeddings()
+    assert torch.equal(head.weight().int_repr(), expected.int_repr())
+    assert torch.equal(table.rows, expected.int_repr())
+    assert not any(
+        t.dtype.is_floating_point and t.shape == fp32_table.shape for t in language_model.parameters()
+    )
+    assert not loading._quantize_tied_head(language_model)  # nothing tied any more
 
 
 def test_dynamic_int8_itc_stays_close_to_fp32(load_tiny, images):
