@@ -77,17 +77,27 @@ class MemorySampler:
         self.peak_anon = max(self.peak_anon, now["RssAnon"])
 
 
-def read_bandwidth_gbs() -> float:
-    """Memory read bandwidth: summing a 2 GB buffer (far larger than the caches), best of 3."""
+def read_bandwidth_gbs(device: str = "cpu") -> float:
+    """Memory read bandwidth of the device the model runs on: summing a 2 GB buffer (far larger
+    than the caches), best of 4 (the first call may set up kernels)."""
     import torch
 
-    buffer = torch.ones(512 * 1024 * 1024, dtype=torch.float32)
+    buffer = torch.ones(512 * 1024 * 1024, dtype=torch.float32, device=device)
     best = 0.0
     for _ in range(4):
         started = time.perf_counter()
         buffer.sum()
+        _sync()
         best = max(best, buffer.numel() * 4 / (time.perf_counter() - started) / 1e9)
     return best
+
+
+def _sync() -> None:
+    """Waits for queued GPU work, so that a timing covers it (CUDA calls return before it ends)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -130,8 +140,9 @@ def architecture(layers_divisor: int = 1):
     return Blip2Config, vision, qformer, opt
 
 
-def build_checkpoints(workdir: Path, layers_divisor: int) -> tuple[Path, Path]:
-    """blip2-opt-2.7b and blip2-itm-vit-g architectures, random weights, fp32 safetensors (once)."""
+def build_checkpoints(workdir: Path, layers_divisor: int, device: str = "cpu") -> tuple[Path, Path]:
+    """blip2-opt-2.7b and blip2-itm-vit-g architectures, random weights, fp32 safetensors (once),
+    initialised on `device` (a GPU draws 3.9 B random numbers in a second, a CPU in a minute)."""
     import torch
     from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2Processor
 
@@ -159,7 +170,8 @@ def build_checkpoints(workdir: Path, layers_divisor: int) -> tuple[Path, Path]:
     )
     torch.manual_seed(0)
     started = time.perf_counter()
-    model = Blip2ForConditionalGeneration(config)  # post_init: the model's own initialisation
+    with torch.device(device):
+        model = Blip2ForConditionalGeneration(config)  # post_init: the model's own initialisation
     with torch.no_grad():
         model.query_tokens.normal_(0.0, 0.02)  # zeros by default: all 32 queries would be identical
     query_tokens = model.query_tokens.detach().clone()
@@ -181,7 +193,8 @@ def build_checkpoints(workdir: Path, layers_divisor: int) -> tuple[Path, Path]:
         image_text_hidden_size=256,
         image_token_index=bert.convert_tokens_to_ids("<image>"),
     )
-    itm = Blip2ForImageTextRetrieval(itm_config)
+    with torch.device(device):
+        itm = Blip2ForImageTextRetrieval(itm_config)
     itm.vision_model.load_state_dict(vision_state)  # BLIP-2 keeps the ViT-g frozen: same weights
     with torch.no_grad():
         itm.query_tokens.copy_(query_tokens)
@@ -194,11 +207,16 @@ def build_checkpoints(workdir: Path, layers_divisor: int) -> tuple[Path, Path]:
 
 
 # ----------------------------------------------------------------------------- measuring
-def timed(fn, repeats: int) -> tuple[float, object]:
+def timed(fn, repeats: int, warmup: int = 0) -> tuple[float, object]:
+    """Median seconds of `repeats` calls, after `warmup` untimed ones (on a GPU the first call of
+    each new shape picks and loads kernels: a tenth of a second, more than the call itself)."""
+    for _ in range(warmup):
+        fn()
     times, result = [], None
     for _ in range(repeats):
         started = time.perf_counter()
         result = fn()
+        _sync()
         times.append(time.perf_counter() - started)
     return statistics.median(times), result
 
@@ -239,6 +257,9 @@ def worker(args: argparse.Namespace) -> dict:
     results["load_avg_at_end"] = round(os.getloadavg()[0], 2)
     results["peak_rss_gib"] = round(memory.peak_rss / 2**30, 2)
     results["peak_rss_anon_gib"] = round(memory.peak_anon / 2**30, 2)
+    results["peak_rss_anon_gb"] = round(memory.peak_anon / 1e9, 2)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        results["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return results
 
 
@@ -279,6 +300,7 @@ def measure_captioning(args, images, repeats) -> dict:
         out["report"] = loaded.report()
     out["load_seconds"] = round(time.perf_counter() - started, 1)
     device = model.device if naive else engine.captioner.device
+    warm = 1 if torch.device(device).type == "cuda" else 0  # CPU kernels need no warm-up; CPU calls take seconds
     image = images[0]
     prompt = "Question: what is in the image? Answer:"
 
@@ -292,12 +314,8 @@ def measure_captioning(args, images, repeats) -> dict:
         batch = processor.image_processor(images[: args.batch], return_tensors="pt").pixel_values.to(
             device, dtype
         )
-        t, _ = timed(lambda: model.vision_model(pixel_values=batch), max(1, repeats - 1))
+        t, _ = timed(lambda: model.vision_model(pixel_values=batch), max(1, repeats - 1), warm)
         out[f"vision_s_per_image_batch{args.batch}"] = round(t / args.batch, 3)
-
-    def sync():
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
 
     if naive:
         inputs = processor(images=image, text=prompt, return_tensors="pt").to(args.device)
@@ -305,9 +323,7 @@ def measure_captioning(args, images, repeats) -> dict:
         def generate(tokens: int, **kw):
             generation = _forced(tokens, **kw)
             with torch.inference_mode():
-                result = model.generate(**inputs, **generation.generate_kwargs())
-            sync()
-            return result
+                return model.generate(**inputs, **generation.generate_kwargs())
 
         with torch.inference_mode():
             lm_inputs = None
@@ -371,14 +387,14 @@ def measure_captioning(args, images, repeats) -> dict:
     with torch.inference_mode():
         prefill_kwargs = {k: v for k, v in lm_inputs.items() if k != "input_ids"}
         out["prompt_tokens"] = int(prefill_kwargs["attention_mask"].shape[1])
-        out["prefill_s"] = round(timed(lambda: model.language_model(**prefill_kwargs), repeats)[0], 3)
-        logits = logits_fn()
+        out["prefill_s"] = round(timed(lambda: model.language_model(**prefill_kwargs), repeats, warm)[0], 3)
+        logits = logits_fn().cpu()
         out["logits_finite"] = bool(torch.isfinite(logits).all())
         out["llm_bytes_per_token"] = bytes_read_per_token(model.language_model)
     # Decode speed: the difference between 1 and 21 forced tokens, features cached (engine).
     decode_fn(1, decoding="greedy")
-    one, _ = timed(lambda: decode_fn(1, decoding="greedy"), repeats)
-    many, _ = timed(lambda: decode_fn(CAPTION_TOKENS + 1, decoding="greedy"), repeats)
+    one, _ = timed(lambda: decode_fn(1, decoding="greedy"), repeats, warm)
+    many, _ = timed(lambda: decode_fn(CAPTION_TOKENS + 1, decoding="greedy"), repeats, warm)
     out["decode_s_per_token"] = round((many - one) / CAPTION_TOKENS, 4)
 
     def cold(fn):
@@ -388,16 +404,19 @@ def measure_captioning(args, images, repeats) -> dict:
 
         return run
 
-    out["caption_greedy_20_s"] = round(timed(cold(caption_fn), repeats)[0], 2)
+    out["caption_greedy_20_s"] = round(timed(cold(caption_fn), repeats, warm)[0], 2)
     if not naive and args.batch > 1:
         batch_fn = lambda: engine.caption(
             images[: args.batch], generation=_forced(CAPTION_TOKENS, decoding="greedy")
         )
         out[f"caption_greedy_20_batch{args.batch}_s_per_image"] = round(
-            timed(cold(batch_fn), max(1, repeats - 1))[0] / args.batch, 2
+            timed(cold(batch_fn), max(1, repeats - 1), warm)[0] / args.batch, 2
         )
-    out["caption_beam5_20_s"] = round(timed(cold(beam_fn), max(1, repeats - 1))[0], 2)
+    out["caption_beam5_20_s"] = round(timed(cold(beam_fn), max(1, repeats - 1), warm)[0], 2)
     firsts, seconds = [], []
+    for _ in range(warm):
+        clear()
+        chat_fn(), turn2_fn()
     for _ in range(repeats):
         clear()
         firsts.append(timed(chat_fn, 1)[0])
@@ -461,7 +480,7 @@ def measure_retrieval(args, images, repeats) -> dict:
             engine.cache.clear()
             engine.image_features(images[:INDEX_IMAGES])
 
-    seconds, _ = timed(index, max(1, repeats - 1))
+    seconds, _ = timed(index, max(1, repeats - 1), 1 if args.device.startswith("cuda") else 0)
     out["index_images_per_s"] = round(INDEX_IMAGES / seconds, 2)
     return out
 
@@ -471,9 +490,9 @@ def run_all(args: argparse.Namespace) -> None:
     workdir = Path(args.workdir).expanduser()
     if args.layers_divisor > 1:
         workdir = workdir.with_name(f"{workdir.name}-div{args.layers_divisor}")
-    captioner_dir, itm_dir = build_checkpoints(workdir, args.layers_divisor)
+    captioner_dir, itm_dir = build_checkpoints(workdir, args.layers_divisor, args.device)
     configs = args.configs.split(",")
-    bandwidth_before = read_bandwidth_gbs()
+    bandwidth_before = read_bandwidth_gbs(args.device)
     rows = []
     for config in configs:
         jobs = [(config, False)] + ([(config, True)] if config in args.retrieval_configs.split(",") else [])
@@ -511,9 +530,10 @@ def run_all(args: argparse.Namespace) -> None:
             row["config"] = label
             print(json.dumps({k: v for k, v in row.items() if not k.startswith("report")}), flush=True)
             rows.append(row)
+            write_results(args, rows, bandwidth_before)  # so that a run cut short keeps its rows
     # The higher of two readings: a lower bandwidth would flatter every "x floor" figure.
-    bandwidth = max(bandwidth_before, read_bandwidth_gbs())
-    write_results(args, rows, bandwidth)
+    bandwidth = max(bandwidth_before, read_bandwidth_gbs(args.device))
+    print(write_results(args, rows, bandwidth))
 
 
 def bytes_read_per_token(language_model) -> int:
@@ -532,7 +552,8 @@ def bytes_read_per_token(language_model) -> int:
     return total
 
 
-def write_results(args, rows: list[dict], bandwidth: float) -> None:
+def write_results(args, rows: list[dict], bandwidth: float) -> str:
+    """Writes the JSON and markdown results; returns the markdown."""
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     import torch
@@ -568,6 +589,8 @@ def write_results(args, rows: list[dict], bandwidth: float) -> None:
         "device": args.device,
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
+    if args.device.startswith("cuda"):
+        machine["gpu"] = torch.cuda.get_device_name()
     suffix = "" if args.device == "cpu" else f"_{args.device}"
     (out_dir / f"real_size{suffix}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
     columns = [
@@ -586,20 +609,22 @@ def write_results(args, rows: list[dict], bandwidth: float) -> None:
         ("chat_turn2_s", "chat turn 2 s"),
         ("index_images_per_s", "index img/s"),
         ("peak_rss_anon_gib", "peak RssAnon GiB"),
+        ("peak_rss_anon_gb", "peak RssAnon GB"),
         ("peak_rss_gib", "peak RSS GiB"),
+        *([("peak_cuda_gib", "peak CUDA GiB")] if any("peak_cuda_gib" in row for row in rows) else []),
         ("logits_cosine_vs_fp32", "logits cos vs fp32"),
         ("top10_overlap_vs_fp32", "top-10 overlap"),
     ]
     lines = [
         f"# Real-size benchmark: blip2-opt-2.7b architecture, random weights ({machine['date']})",
         "",
-        f"Machine: {machine['cpu_model']}, {machine['cores']} cores, torch {machine['torch']}, device {args.device}; "
+        f"Machine: {', '.join(filter(None, [machine.get('gpu'), machine['cpu_model']]))}, {machine['cores']} cores, torch {machine['torch']}, device {args.device}; "
         f"measured read bandwidth {machine['read_bandwidth_gbs']} GB/s. Medians of {args.repeats} runs. "
         f"Caption and chat lengths forced ({CAPTION_TOKENS} and {CHAT_TOKENS} new tokens). Each row is its own "
         "process; memory peaks include loading, in GiB (2^30 bytes: the unit of the model card's 14.4 GB for fp32, "
-        "3.87 B parameters x 4 bytes). Rows marked +retrieval load the captioning AND the retrieval "
-        "model (blip2-itm-vit-g architecture) and index "
-        f"{INDEX_IMAGES} images. The floor is the language model's weight bytes read per token (every Linear layer, the LM head included) / read bandwidth.",
+        "3.87 B parameters x 4 bytes) and, for RssAnon, also in GB (10^9 bytes). The app's +retrieval row loads "
+        "the captioning AND the retrieval model (blip2-itm-vit-g architecture); the naive +retrieval row loads "
+        f"the retrieval model alone with plain transformers. Both index {INDEX_IMAGES} images. The floor is the language model's weight bytes read per token (every Linear layer, the LM head included) / read bandwidth.",
         "",
         "| " + " | ".join(title for _, title in columns) + " |",
         "|" + "---|" * len(columns),
@@ -607,7 +632,7 @@ def write_results(args, rows: list[dict], bandwidth: float) -> None:
     for row in rows:
         lines.append("| " + " | ".join(str(row.get(key, "")) for key, _ in columns) + " |")
     (out_dir / f"real_size{suffix}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines)
 
 
 def main() -> None:
