@@ -527,7 +527,7 @@ def stream_load(
         return getattr(precisions, component) if component else "fp32"
 
     pending: dict[str, dict[str, torch.Tensor]] = {}
-    # Embedding tables an LM head is tied to, left on the meta device until the head is quantized.
+    # Embedding tables an LM head is tied to, left unread (untouched storage) until the head is quantized.
     untied_tables: dict[torch.nn.Module, tuple[Path, str]] = {}
     loaded_ids: set[int] = set()
     if shared_vision is not None:
