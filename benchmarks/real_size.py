@@ -300,7 +300,8 @@ def measure_captioning(args, images, repeats) -> dict:
         out["report"] = loaded.report()
     out["load_seconds"] = round(time.perf_counter() - started, 1)
     device = model.device if naive else engine.captioner.device
-    warm = 1 if torch.device(device).type == "cuda" else 0  # CPU kernels need no warm-up; CPU calls take seconds
+    # CPU kernels need no warm-up and CPU calls take seconds; CUDA sets up kernels on first call.
+    warm = 1 if torch.device(device).type == "cuda" else 0
     image = images[0]
     prompt = "Question: what is in the image? Answer:"
 
