@@ -32,6 +32,7 @@ def rss_anon() -> int:
 class Phases:
     def __init__(self) -> None:
         self.current, self.peaks, self.rows = "start", {}, []
+        self.started = time.perf_counter()
         threading.Thread(target=self._sample, daemon=True).start()
 
     def _sample(self) -> None:
@@ -40,6 +41,7 @@ class Phases:
             time.sleep(0.01)
 
     def end(self, name: str) -> None:
+        seconds = time.perf_counter() - self.started
         time.sleep(0.05)
         after = rss_anon()
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -48,11 +50,13 @@ class Phases:
             "peak_gb": round(self.peaks.get(self.current, after) / GB, 2),
             "after_gb": round(after / GB, 2),
             "after_trim_gb": round(rss_anon() / GB, 2),
+            "seconds": round(seconds, 2),
         }
         self.rows.append(row)
         print(json.dumps(row), flush=True)
         self.current = name + " (next)"
         self.peaks[self.current] = 0
+        self.started = time.perf_counter()
 
 
 def main() -> None:
@@ -61,18 +65,26 @@ def main() -> None:
     )
     parser.add_argument("--workdir", default=str(Path("~/.cache/blip2-studio/real-size").expanduser()))
     parser.add_argument("--no-allocator-tuning", action="store_true")
+    parser.add_argument(
+        "--serving-mmap-mb",
+        type=float,
+        help="mmap threshold once loaded, in MB (default: the app's own, allocator.py)",
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory_phases.jsonl"))
     args = parser.parse_args()
     phases = Phases()
     from PIL import Image
 
     import blip2_app.startup as startup
+    from blip2_app import allocator
     from blip2_app.config import Settings
     from blip2_app.generation import GenerationSettings
     from blip2_app.prompts import ChatTurn
 
     if args.no_allocator_tuning:
-        startup.tune_allocator = lambda: None
+        startup.tune_allocator = lambda serving=False: False
+    if args.serving_mmap_mb is not None:
+        allocator.SERVING_MMAP_THRESHOLD_BYTES = int(args.serving_mmap_mb * 2**20)
     phases.end("imports")
     workdir = Path(args.workdir)
     engine = startup.load_engine(
@@ -101,6 +113,9 @@ def main() -> None:
     phases.end("index 16 images")
     record = {
         "allocator_tuning": not args.no_allocator_tuning,
+        "serving_mmap_mb": allocator.SERVING_MMAP_THRESHOLD_BYTES / 2**20
+        if not args.no_allocator_tuning
+        else None,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "phases": phases.rows,
     }
@@ -112,13 +127,19 @@ def main() -> None:
 
 def write_table(jsonl: Path) -> None:
     """memory_phases.md: every recorded run, one column pair per run."""
-    runs = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-    titles = [f"tuning {'on' if r['allocator_tuning'] else 'off'} ({r['date']})" for r in runs]
+    every = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    latest = {_setting(run): run for run in every}  # the last run of each setting
+    order = {_setting(run): (not run["allocator_tuning"], run.get("serving_mmap_mb") or 0) for run in every}
+    runs = [latest[key] for key in sorted(latest, key=order.get)]
+    titles = [f"{_setting(r)} ({r['date']})" for r in runs]
     lines = [
         "# Peak anonymous memory by phase: blip2-opt-2.7b + blip2-itm-vit-g, dynamic-int8, random weights",
         "",
-        "`python benchmarks/memory_phases.py [--no-allocator-tuning]`. GB of RssAnon: the peak during the",
-        "phase / the level after it / after `malloc_trim(0)` (the difference is free heap glibc kept).",
+        "`python benchmarks/memory_phases.py [--no-allocator-tuning]`. GiB (2^30 bytes) of RssAnon: the",
+        "peak during the phase / the level after it / after `malloc_trim(0)` (the difference is free",
+        "heap glibc kept), then the phase's seconds (one run, indicative only). The latest run of",
+        "each setting; every run is in memory_phases.jsonl. The 16 indexed images are copies of one",
+        "image: all but the first come from the vision-feature cache.",
         "",
         "| phase | " + " | ".join(titles) + " |",
         "|---|" + "---|" * len(runs),
@@ -127,9 +148,19 @@ def write_table(jsonl: Path) -> None:
         cells = []
         for run in runs:
             r = run["phases"][i]
-            cells.append(f"{r['peak_gb']} / {r['after_gb']} / {r['after_trim_gb']}")
+            seconds = f", {r['seconds']} s" if "seconds" in r else ""
+            cells.append(f"{r['peak_gb']} / {r['after_gb']} / {r['after_trim_gb']}{seconds}")
         lines.append(f"| {row['phase']} | " + " | ".join(cells) + " |")
     jsonl.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def _setting(run: dict) -> str:
+    if not run["allocator_tuning"]:
+        return "tuning off"
+    serving = run.get("serving_mmap_mb")
+    if serving is None:  # runs from before the serving threshold existed: 1 MB throughout
+        return "tuning on, 1 MB mmap threshold throughout"
+    return f"tuning on, serving mmap threshold {serving:g} MB"
 
 
 if __name__ == "__main__":

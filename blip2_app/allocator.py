@@ -5,13 +5,13 @@ mmapped (freed at once, instead of glibc raising its mmap threshold to 32 MB aft
 free and then keeping every freed block of that size), free heap tops over 1 MB are returned, and
 at most two malloc arenas exist (each thread otherwise gets its own, each keeping its own free
 blocks). Measured on the real-size blip2-opt-2.7b + blip2-itm-vit-g in dynamic-int8: peak
-anonymous memory 4.97 -> 4.42 GiB while loading (benchmarks/results/memory_phases.md).
+anonymous memory 4.61 -> 4.18 GiB while loading (benchmarks/results/memory_phases.md).
 
 Once loaded (`tune_allocator(serving=True)`, the end of `load_engine`): the mmap threshold goes
-up to glibc's own ceiling, 32 MB. Activations of a ViT-g forward pass are 1-10 MB each; mmapped,
-every one costs fresh zeroed pages, and the dynamic-int8 vision encoder ran 10-25% slower (same
-machine, one process per setting, each twice: 1.25-1.57 vs 0.99-1.25 s per image, 20-token
-caption 4.4-4.7 vs 4.1-4.3 s) for no gain in peak memory, which the load sets.
+up to glibc's own ceiling, 32 MB. Activations are 1-10 MB each (ViT-g, beam search); mmapped,
+every one costs fresh zeroed pages: kept at 1 MB, the chat turn's peak drops 4.54 -> 4.43 GiB but
+a 5-beam caption takes 9.5 instead of 6.5 s and a chat turn 13.5 instead of 9.7 s (4 MB: in
+between); the heap trimmer below returns what the larger threshold keeps.
 
 While the app serves (`start_heap_trimmer`):
 

@@ -513,12 +513,14 @@ def stream_load(
     with no_init_weights(), no_tie_weights():
         model = model_class._from_config(config, dtype=torch.float32)
     expected = set(model.state_dict())
-    tie_targets = dict(getattr(model, "all_tied_weights_keys", {}) or {})  # {target: source}
-    tied = set(tie_targets)
     stored = {key: path for path in files for key in _safetensors_header(path)[1] if key != "__metadata__"}
     skip = "vision_model." if shared_vision is not None else None
     wanted = {k for k in expected if not (skip and k.startswith(skip))}
-    if set(stored) - expected or wanted - set(stored) - tied:
+    if set(stored) - expected:
+        log.info("Tensor names of %s differ from the model's; using transformers' loader.", location)
+        return None
+    ties = _checkpoint_ties(dict(getattr(model, "all_tied_weights_keys", {}) or {}), stored)
+    if wanted - set(stored) - set(ties):
         log.info("Tensor names of %s differ from the model's; using transformers' loader.", location)
         return None
 
@@ -526,6 +528,14 @@ def stream_load(
         component = _component_of(key)
         return getattr(precisions, component) if component else "fp32"
 
+    # A Linear weight that a table is tied to (a checkpoint storing the head, not the table) stays
+    # fp32 until tied, then is quantized with its table.
+    tie_sources = set(ties.values())
+    head_tables = {
+        source
+        for target, source in ties.items()
+        if type(model.get_submodule(target.rpartition(".")[0])) is torch.nn.Linear
+    }
     pending: dict[str, dict[str, torch.Tensor]] = {}
     # Embedding tables an LM head is tied to, left unread (untouched storage) until the head is quantized.
     untied_tables: dict[torch.nn.Module, tuple[Path, str]] = {}
@@ -533,7 +543,7 @@ def stream_load(
     if shared_vision is not None:
         loaded_ids |= {id(t) for t in [*shared_vision.parameters(), *shared_vision.buffers()]}
     by_file: dict[Path, list[str]] = {}
-    for key in sorted(wanted & set(stored)):
+    for key in sorted(wanted & set(stored) - set(ties)):  # a tied copy is not read twice
         by_file.setdefault(stored[key], []).append(key)
     for path, keys in by_file.items():
         with safe_open(str(path), framework="pt") as handle:
@@ -542,7 +552,7 @@ def stream_load(
                 owner = model.get_submodule(owner_name) if owner_name else model
                 precision = precision_of(key)
                 if precision == DYNAMIC_INT8 and type(owner) is torch.nn.Embedding:
-                    if key in tie_targets.values():  # read later, straight into int8 rows
+                    if key in head_tables:  # read later, straight into int8 rows
                         untied_tables[owner] = (path, key)
                         # Flagged as loaded so that no init writes (and makes resident) its
                         # never-touched fp32 storage: 515 MB on OPT-2.7B.
@@ -552,7 +562,7 @@ def stream_load(
                     loaded_ids.add(id(_assign(owner, attr, _read_cast(handle, key, torch.bfloat16))))
                     continue
                 tensor = handle.get_tensor(key)
-                if precision == DYNAMIC_INT8 and type(owner) is torch.nn.Linear:
+                if precision == DYNAMIC_INT8 and type(owner) is torch.nn.Linear and key not in tie_sources:
                     parts = pending.setdefault(owner_name, {})
                     parts[attr] = tensor
                     if "weight" in parts and ("bias" in parts or owner.bias is None):
@@ -566,15 +576,20 @@ def stream_load(
                 del tensor
     if shared_vision is not None:
         model.vision_model = shared_vision
-    model.tie_weights()
+    _tie(model, ties)
     # transformers v5 fills some buffers (position ids, rotary frequencies) in `_init_weights`, which
     # no_init_weights skipped: run it now; its init functions skip tensors flagged as loaded.
     for tensor in [*model.parameters(), *model.buffers()]:
         if tensor.device.type != "meta" and id(tensor) in loaded_ids:
             tensor._is_hf_initialized = True
+    # A module with nothing left to fill is skipped whole: some inits (T5 attention) write to
+    # `layer.weight`, which a dynamic-int8 Linear no longer has as a tensor.
+    for module in model.modules():
+        if all(id(t) in loaded_ids for t in [*module.parameters(), *module.buffers()]):
+            module._is_hf_initialized = True
     model.initialize_weights()
-    # Tied Linear layers (an LM head sharing the embedding table) were not in the checkpoint:
-    # quantize them now, from the tied table, as separate int8 copies.
+    # An LM head tied to its embedding table is quantized now, with the table (one int8 copy for
+    # both); then every Linear layer not quantized while streaming.
     for component, names in COMPONENT_MODULES.items():
         if getattr(precisions, component) != DYNAMIC_INT8:
             continue
@@ -583,15 +598,15 @@ def stream_load(
             if isinstance(part, torch.nn.Module) and part is not shared_vision:
                 if component == "llm":
                     table = part.get_input_embeddings()
-                    source = untied_tables.get(table)
+                    source = untied_tables.pop(table, None)
                     with _row_reader(source) as read_rows:
-                        if _quantize_tied_head(part, read_rows):
-                            untied_tables.pop(table, None)
+                        if not _quantize_tied_head(part, read_rows) and source is not None:
+                            raise ModelLoadError(f"{location}: the LM head is not tied to {source[1]}.")
                 _quantize_linears(part)
-    for table, (path, key) in untied_tables.items():  # tied to nothing quantized after all: bf16
-        with safe_open(str(path), framework="pt") as handle:
-            table.__class__ = _Bf16Embedding
-            _assign(table, key.rpartition(".")[2], _read_cast(handle, key, torch.bfloat16))
+    if untied_tables:
+        raise ModelLoadError(
+            f"{location}: tied tables left unread: {sorted(k for _, k in untied_tables.values())}."
+        )
     trim_heap()  # quantizing layer by layer leaves freed blocks in the heap (~150 MB on OPT-2.7B)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if pending or leftover:
@@ -602,6 +617,58 @@ def stream_load(
 
 
 READ_CHUNK_ROWS = 4096
+
+
+def _checkpoint_ties(tie_targets: dict[str, str], stored: dict[str, Path]) -> dict[str, str]:
+    """The ties ({target: source}) this checkpoint really has, by the rules of transformers'
+    `from_pretrained`: a target stored with values of its own keeps them (flan-t5 stores its own
+    LM head, though transformers' T5 config always says "tied"); one stored with its source's
+    values is tied; a source missing from the checkpoint is taken from a stored target."""
+    groups: dict[str, list[str]] = {}
+    for target, source in tie_targets.items():
+        groups.setdefault(source, []).append(target)
+    ties = {}
+    for source, targets in groups.items():
+        present = [key for key in (source, *targets) if key in stored]
+        if not present:
+            continue  # reported as missing by the caller
+        root = present[0]
+        for key in (source, *targets):
+            if key != root and (key not in stored or _same_stored_tensor(stored, key, root)):
+                ties[key] = root
+    return ties
+
+
+def _same_stored_tensor(stored: dict[str, Path], first: str, second: str) -> bool:
+    """Whether two stored tensors hold the same values, compared a block of rows at a time."""
+    from safetensors import safe_open
+
+    with (
+        safe_open(str(stored[first]), framework="pt") as a,
+        safe_open(str(stored[second]), framework="pt") as b,
+    ):
+        x, y = a.get_slice(first), b.get_slice(second)
+        if x.get_shape() != y.get_shape() or x.get_dtype() != y.get_dtype():
+            return False
+        if not x.get_shape():
+            return torch.equal(a.get_tensor(first), b.get_tensor(second))
+        rows = x.get_shape()[0]
+        return all(
+            torch.equal(x[start : start + READ_CHUNK_ROWS], y[start : start + READ_CHUNK_ROWS])
+            for start in range(0, rows, READ_CHUNK_ROWS)
+        )
+
+
+def _tie(model: torch.nn.Module, ties: dict[str, str]) -> None:
+    """Point each tied target at its source; a table tied to a bf16 table also returns fp32."""
+    for target, source in ties.items():
+        source_owner_name, _, source_attr = source.rpartition(".")
+        source_owner = model.get_submodule(source_owner_name)
+        owner_name, _, attr = target.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        setattr(owner, attr, getattr(source_owner, source_attr))
+        if type(source_owner) is _Bf16Embedding and type(owner) is torch.nn.Embedding:
+            owner.__class__ = _Bf16Embedding
 
 
 def _read_cast(handle: Any, key: str, dtype: torch.dtype) -> torch.Tensor:

@@ -44,6 +44,22 @@ def test_dynamic_int8_quantizes_every_component(images):
     assert len(engine.caption(images[:2], generation=GREEDY)[1][0].token_ids) > 0
 
 
+@pytest.mark.parametrize("name", GENERATING_MODELS)
+def test_every_generating_family_loads_and_captions_at_dynamic_int8(images, name):
+    """OPT, T5 and both InstructBLIP families: every Linear quantized, the LM head within half a
+    quantization step of the fp32 head, and a caption comes back (T5's own weight init once
+    wrote into quantized layers)."""
+    entry = Registry.load().resolve(name)
+    loaded = load_model(entry, PRESETS["dynamic-int8"], CPU)
+    for component, info in loaded.report()["components"].items():
+        assert set(info["linear_layers"]) == {"DynamicInt8Linear"}, component
+    fp32_head = load_model(entry, PRESETS["fp32"], CPU).model.language_model.get_output_embeddings().weight
+    head = loaded.model.language_model.get_output_embeddings().weight()
+    scales = head.q_per_channel_scales().float().unsqueeze(1)
+    assert ((head.dequantize() - fp32_head.detach()).abs() <= scales / 2 + 1e-6).all()
+    assert len(Engine(loaded).caption(images[:1], generation=GREEDY)[0][0].token_ids) > 0
+
+
 def test_tied_lm_head_is_quantized_in_chunks_exactly_as_torch_does(load_tiny, monkeypatch):
     """The tied head is quantized row block by row block, read straight from the fp32 checkpoint
     (no fp32 or bf16 copy of the table): its packed weight equals torch's own `from_float` on the
@@ -130,3 +146,50 @@ def test_different_vision_weights_are_not_shared(tmp_path):
     matcher = load_model(registry.resolve(str(folder)), PRESETS["fp32"], CPU, share_vision_with=captioner)
     assert matcher.model.vision_model is not captioner.model.vision_model
     assert weight_files(str(folder))
+
+
+def _untied_t5_checkpoint(folder):
+    """tiny-random-t5 saved with an LM head of its own (-1.5 x the table), as flan-t5 stores one."""
+    entry = Registry.load().resolve("tiny-random-t5")
+    reference = transformers.Blip2ForConditionalGeneration.from_pretrained(checkpoint_location(entry))
+    language_model = reference.language_model
+    language_model.lm_head.weight = torch.nn.Parameter(language_model.shared.weight.detach() * -1.5)
+    reference.config.text_config.tie_word_embeddings = False
+    reference.save_pretrained(folder)
+    transformers.Blip2Processor.from_pretrained(checkpoint_location(entry)).save_pretrained(folder)
+    return reference
+
+
+def test_a_stored_untied_lm_head_keeps_its_own_weights(tmp_path):
+    """flan-t5 checkpoints store an LM head that differs from the embedding table, while
+    transformers' T5 config always says "tied": the stored head is loaded, as transformers does."""
+    reference = _untied_t5_checkpoint(tmp_path)
+    streamed = load_model(Registry.load().resolve(str(tmp_path)), PRESETS["fp32"], CPU).model
+    expected = transformers.Blip2ForConditionalGeneration.from_pretrained(tmp_path).language_model
+    language_model = streamed.language_model
+    assert torch.equal(language_model.lm_head.weight, reference.language_model.lm_head.weight)
+    assert torch.equal(language_model.lm_head.weight, expected.lm_head.weight)
+    assert language_model.lm_head.weight is not language_model.shared.weight
+    assert language_model.encoder.embed_tokens.weight is language_model.shared.weight
+    assert language_model.decoder.embed_tokens.weight is language_model.shared.weight
+
+
+def test_a_stored_untied_lm_head_is_quantized_from_its_own_weights(tmp_path, images):
+    """At dynamic-int8 the stored head is quantized from its own weights; the table (bf16) stays
+    shared by encoder and decoder, which read it as fp32."""
+    reference = _untied_t5_checkpoint(tmp_path).language_model
+    loaded = load_model(Registry.load().resolve(str(tmp_path)), PRESETS["dynamic-int8"], CPU)
+    language_model = loaded.model.language_model
+    shared = language_model.get_input_embeddings()
+    assert language_model.encoder.embed_tokens.weight is shared.weight
+    assert language_model.decoder.embed_tokens.weight is shared.weight
+    ids = torch.arange(shared.num_embeddings).view(1, -1)
+    for table in (shared, language_model.encoder.embed_tokens, language_model.decoder.embed_tokens):
+        assert table(ids).dtype == torch.float32
+    assert torch.allclose(shared.weight.float(), reference.shared.weight, rtol=1e-2, atol=1e-6)
+    head = language_model.get_output_embeddings()
+    assert isinstance(head, torch.ao.nn.quantized.dynamic.Linear)
+    scales = head.weight().q_per_channel_scales().float().unsqueeze(1)
+    error = (head.weight().dequantize() - reference.lm_head.weight.detach()).abs()
+    assert (error <= scales / 2 + 1e-6).all()
+    assert len(Engine(loaded).caption(images[:1], generation=GREEDY)[0][0].token_ids) > 0
