@@ -37,6 +37,11 @@ CHAT_TOKENS = 10
 INDEX_IMAGES = 16
 CPU_CONFIGS = ("naive-fp32", "bf16", "int8", "nf4", "dynamic-int8")
 RETRIEVAL_CONFIGS = ("naive-fp32", "dynamic-int8")
+LOW_MEMORY = "+low-memory"  # a config such as "dynamic-int8+low-memory": the app's --low-memory
+
+
+def precision_of(config: str) -> str:
+    return config.removesuffix(LOW_MEMORY)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -291,7 +296,11 @@ def measure_captioning(args, images, repeats) -> dict:
 
         engine = load_engine(
             Settings(
-                model=str(args.checkpoint), retrieval_model="none", precision=args.worker, device=args.device
+                model=str(args.checkpoint),
+                retrieval_model="none",
+                precision=precision_of(args.worker),
+                low_memory=args.worker.endswith(LOW_MEMORY),
+                device=args.device,
             )
         )
         loaded = engine.captioner
@@ -469,7 +478,8 @@ def measure_retrieval(args, images, repeats) -> dict:
             Settings(
                 model=str(args.checkpoint),
                 retrieval_model=str(args.itm),
-                precision=args.worker,
+                precision=precision_of(args.worker),
+                low_memory=args.worker.endswith(LOW_MEMORY),
                 device=args.device,
             )
         )

@@ -182,7 +182,7 @@ def markdown(results: dict) -> str:
     lines = [
         "# Gallery retrieval at scale",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM; faiss {m['faiss']}, numpy {m['numpy']}.",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GiB RAM; faiss {m['faiss']}, numpy {m['numpy']}.",
         f"Settings: {s}. top_k = {TOP_K}. Data: i.i.d. random unit vectors, 32 x 256 per image.",
         "",
         *rows,

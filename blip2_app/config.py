@@ -51,6 +51,9 @@ class Settings:
     upload_ttl_minutes: float = 360.0
     available_memory_mb: int | None = None  # None: MemAvailable (or free GPU memory); 0: no check
     threads: int | None = None
+    # Keep the loading allocator settings while serving: lower memory peaks, slower beam search
+    # (measured in benchmarks/results/memory_phases.md; see allocator.py).
+    low_memory: bool = False
     # "auto": lazy on a Hugging Face Space (SPACE_ID set), off elsewhere; resolved in from_namespace.
     cache_examples: str = "auto"
     # Where captions, answers and chat are generated: "local" (this process) or "vllm" (a vLLM
@@ -218,6 +221,8 @@ def add_arguments(
         "available_memory_mb": "memory the model may use, for the check before loading "
         "(default: MemAvailable from /proc/meminfo, or free GPU memory; 0 = no check)",
         "threads": "PyTorch CPU threads (default: PyTorch's choice)",
+        "low_memory": "keep memory peaks lower while serving (blocks of 1 MB and up are mmapped and "
+        "freed at once) at the cost of slower beam search; for machines where every 100 MB counts",
         "cache_examples": "cache the example photos' captions: lazy (first click computes, later "
         "visitors get it at once), off, or auto = lazy on a Hugging Face Space",
         "backend": "where captions, answers and chat are generated: local (this process) or vllm "
@@ -232,7 +237,7 @@ def add_arguments(
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default
-        if f.name == "share":
+        if _kind(f) is bool:
             parser.add_argument(
                 flag, action="store_true", default=_env_value(env, f.name, bool, default), help=helps[f.name]
             )

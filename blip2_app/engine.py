@@ -480,6 +480,11 @@ class Engine:
             return_tensors="pt",
         ).to(loaded.device)
 
+    def retrieval_text_overflow(self, text: str) -> int:
+        """Tokens of a search text past the MAX_RETRIEVAL_TEXT_TOKENS the Q-Former reads (0: none)."""
+        tokenizer = self._require_matcher().processor.tokenizer
+        return max(0, len(tokenizer(text).input_ids) - MAX_RETRIEVAL_TEXT_TOKENS)
+
     def text_features(self, texts: Sequence[str]) -> torch.Tensor:
         """Normalised projection of the Q-Former's CLS output for each text: (n, embed_dim)."""
         loaded = self._require_matcher()

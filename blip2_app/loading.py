@@ -111,9 +111,15 @@ def resolve_precisions(
     name = entry.precision.get(device.type, "auto") if preset == "auto" else preset
     if name == "auto":
         name = "fp16" if device.type == "cuda" else DYNAMIC_INT8
-    if name not in PRESETS:
+    if isinstance(name, dict):  # the entry's own precision per component
+        try:
+            chosen = ComponentPrecisions(**name).as_dict()
+        except ModelLoadError as error:
+            raise ModelLoadError(f"The registry's default precision for {entry.name}: {error}") from error
+    elif name in PRESETS:
+        chosen = PRESETS[name].as_dict()
+    else:
         raise ModelLoadError(f"Unknown precision preset {name!r}; choose from auto, {', '.join(PRESETS)}.")
-    chosen = PRESETS[name].as_dict()
     chosen.update({k: v for k, v in (overrides or {}).items() if v})
     notes = []
     if device.type != "cpu" and DYNAMIC_INT8 in chosen.values():

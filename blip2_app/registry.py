@@ -76,7 +76,8 @@ class ModelEntry:
     checkpoint: str
     family: Family
     image_size: int
-    precision: dict[str, str]  # device type ("cpu", "cuda") -> precision preset
+    # device type ("cpu", "cuda") -> a precision preset, or {"vision": .., "qformer": .., "llm": ..}
+    precision: dict[str, str | dict[str, str]]
     retrieval: str | None
     description: str
     decoding: GenerationSettings
@@ -218,11 +219,34 @@ def _resolve_folders(data: Any, base: Path) -> Any:
     return {**data, "models": models}
 
 
-def _precision_by_device(value: str | Mapping[str, str]) -> dict[str, str]:
-    """A preset name for every device, or {"cpu": ..., "cuda": ...}."""
-    if isinstance(value, str):
-        return {"cpu": value, "cuda": value}
-    return {"cpu": value.get("cpu", "auto"), "cuda": value.get("cuda", "auto")}
+COMPONENTS = ("vision", "qformer", "llm")
+
+
+def _precision_by_device(value: Any) -> dict[str, str | dict[str, str]]:
+    """The default precision on each device: one for all devices, or {"cpu": ..., "cuda": ...};
+    each a preset name or a precision per component ({"vision": "bf16", "qformer": "fp32",
+    "llm": "nf4"}: all three, checked when the entry is loaded)."""
+    if isinstance(value, str) or (isinstance(value, Mapping) and set(value) & set(COMPONENTS)):
+        value = {"cpu": value, "cuda": value}
+    if not isinstance(value, Mapping) or set(value) - {"cpu", "cuda"}:
+        raise ValueError(
+            f"precision must be a preset, a precision per component or per device; got {value!r}"
+        )
+    by_device = {}
+    for device in ("cpu", "cuda"):
+        default = value.get(device, "auto")
+        if isinstance(default, Mapping):
+            if set(default) != set(COMPONENTS):
+                raise ValueError(
+                    f"a precision per component names vision, qformer and llm; got {dict(default)!r}"
+                )
+            default = {component: str(default[component]) for component in COMPONENTS}
+        elif not isinstance(default, str):
+            raise ValueError(
+                f"precision for {device} must be a preset or a precision per component; got {default!r}"
+            )
+        by_device[device] = default
+    return by_device
 
 
 def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:

@@ -98,7 +98,8 @@ def _load_engine(settings: Settings, registry: Registry | None = None) -> Engine
     try:
         return _load_models(settings, registry)
     finally:
-        tune_allocator(serving=True)
+        if not settings.low_memory:
+            tune_allocator(serving=True)
 
 
 def _load_models(settings: Settings, registry: Registry | None) -> Engine:

@@ -357,6 +357,18 @@ def test_allocator_mmaps_big_blocks_while_loading_only(monkeypatch):
     with pytest.raises(ModelLoadError):
         load_engine(Settings(model="/no/such/folder"))
     assert thresholds() == [1 << 20, 32 << 20]
+    calls.clear()
+    load_engine(
+        Settings.from_sources(["--model", "tiny-random", "--retrieval-model", "none", "--low-memory"], {})
+    )
+    assert thresholds() == [1 << 20], "--low-memory keeps the loading threshold while serving"
+    calls.clear()
+    load_engine(
+        Settings.from_sources(
+            ["--model", "tiny-random", "--retrieval-model", "none"], {"BLIP2_LOW_MEMORY": "1"}
+        )
+    )
+    assert thresholds() == [1 << 20]
 
 
 def test_result_gallery_writes_shared_images_atomically(tmp_path, monkeypatch):

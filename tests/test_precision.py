@@ -76,3 +76,49 @@ def test_auto_uses_the_registry_default(load_tiny):
     assert resolve_precisions("auto", registry.resolve("tiny-random"), cpu)[0] == ComponentPrecisions(
         "fp32", "fp32", "fp32"
     )
+
+
+def test_a_registry_entry_can_set_a_precision_per_component(tmp_path):
+    """A user's entry sets its default per component (and per device); `auto` loads exactly that,
+    an explicit --precision still wins, and a bad entry is refused with a sentence naming it."""
+    import json
+
+    from blip2_app.config import Settings
+    from blip2_app.registry import Registry
+    from blip2_app.startup import load_engine
+
+    per_component = {"vision": "bf16", "qformer": "fp32", "llm": "nf4"}
+    models = {
+        "mixed": {"checkpoint": "tiny:blip2-opt", "family": "blip2-opt", "precision": per_component},
+        "by-device": {
+            "checkpoint": "tiny:blip2-opt",
+            "family": "blip2-opt",
+            "precision": {"cpu": {"vision": "fp32", "qformer": "bf16", "llm": "fp32"}, "cuda": "fp16"},
+        },
+        "broken": {"checkpoint": "tiny:blip2-opt", "family": "blip2-opt", "precision": {"vision": "int3"}},
+    }
+    user = tmp_path / "models.json"
+    user.write_text(json.dumps({"models": {k: v for k, v in models.items() if k != "broken"}}))
+    registry = Registry.load([user])
+    cpu = torch.device("cpu")
+    assert resolve_precisions("auto", registry.resolve("mixed"), cpu)[0] == ComponentPrecisions(
+        **per_component
+    )
+    assert resolve_precisions("auto", registry.resolve("by-device"), cpu)[0] == ComponentPrecisions(
+        "fp32", "bf16", "fp32"
+    )
+    assert resolve_precisions("auto", registry.resolve("by-device"), torch.device("cuda"))[0].llm == "fp16"
+    assert resolve_precisions("bf16", registry.resolve("mixed"), cpu)[0].llm == "bf16"
+    engine = load_engine(Settings(model="mixed", models_file=str(user), retrieval_model="none"))
+    classes = linear_classes_by_component(engine.captioner.model)
+    assert "Linear4bit" in classes["language_model"] and classes["vision_model"] == {"Linear"}
+    assert engine.captioner.report()["components"]["llm"]["requested"] == "nf4"
+    assert {p.dtype for p in engine.captioner.model.vision_model.parameters()} == {torch.bfloat16}
+
+    user.write_text(json.dumps({"models": {"broken": models["broken"]}}))
+    with pytest.raises(ModelLoadError, match="registry is invalid: a precision per component names vision"):
+        Registry.load([user])
+    models["broken"]["precision"] = {"vision": "int3", "qformer": "fp32", "llm": "fp32"}
+    user.write_text(json.dumps({"models": {"broken": models["broken"]}}))
+    with pytest.raises(ModelLoadError, match="default precision for broken: Unknown precision 'int3'"):
+        resolve_precisions("auto", Registry.load([user]).resolve("broken"), cpu)

@@ -76,6 +76,39 @@ def test_exact_search_equals_brute_force(seed, n):
             assert all(h.name == f"img{h.item_id}.jpg" and h.content_hash == f"h{h.item_id}" for h in hits)
 
 
+@pytest.mark.parametrize("seed,n", [(0, 1), (1, 6), (2, 20)])
+def test_tiny_itm_gallery_search_equals_brute_force(load_tiny, seed, n):
+    """End to end on the tiny ITM checkpoint: random images through the engine, then text and image
+    search over faiss equal numpy's max-over-queries cosine (and Chamfer), ranks included, and the
+    text scores equal the engine's own ITC."""
+    from PIL import Image
+
+    engine = load_tiny("tiny-random-itm")
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 256, (24 + i % 5, 30, 3), dtype=np.uint8)) for i in range(n)]
+    features = engine.image_features(images)
+    emb = features.projections.numpy()
+    index = GalleryIndex(IndexSettings(), dim=emb.shape[2], num_queries=emb.shape[1])
+    index.add(emb, features.content_hashes, [f"img{i}.png" for i in range(n)])
+    texts = ["a red square", "two dogs on a beach at night", "x"]
+    queries = engine.text_features(texts).numpy()
+    itc = engine.itc(images, texts).numpy()
+    for t, query in enumerate(queries):
+        reference = (emb @ query).max(axis=1)
+        order = reference_ranking(reference)
+        for top_k in (1, 5, n):
+            hits = index.search_text(query, top_k)
+            assert [h.item_id for h in hits] == order[:top_k].tolist()
+            assert [h.rank for h in hits] == list(range(1, min(top_k, n) + 1))
+            np.testing.assert_allclose([h.cosine for h in hits], reference[order[:top_k]], atol=1e-6)
+            np.testing.assert_allclose([h.cosine for h in hits], itc[order[:top_k], t], atol=1e-5)
+    reference = np.array([chamfer(emb[0], other) for other in emb])
+    order = reference_ranking(reference)
+    hits = index.search_image(emb[0], n)
+    assert [h.item_id for h in hits] == order.tolist()
+    np.testing.assert_allclose([h.cosine for h in hits], reference[order], atol=1e-6)
+
+
 def test_ties_are_broken_by_insertion_order_including_at_the_cut():
     rng = np.random.default_rng(4)
     emb = unit(rng, 400, Q, D)

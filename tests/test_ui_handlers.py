@@ -297,6 +297,12 @@ def test_index_search_and_clear(handlers):
     reranked = handlers.search_text("a photo", 3, True, 3, gallery)
     assert all("ITM" in caption for _, caption in reranked)
 
+    long_query = " ".join(["a red bicycle leaning on a wall"] * 10)  # 500 characters at most, > 35 tokens
+    with pytest.warns(
+        UserWarning, match=r"Only the first 35 tokens of the search text are read.*last \d+ were"
+    ):
+        assert len(handlers.search_text(long_query, 2, False, 10, gallery)) == 2
+
     similar = handlers.search_image(str(PHOTOS[0]), 5, gallery)
     assert len(similar) == 2, "the query image itself is left out"
     assert all(PHOTOS[0].name not in caption for _, caption in similar)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..config import Settings
-from ..engine import EMPTY_TEXT_NOTICE, Engine, PreparedImage
+from ..engine import EMPTY_TEXT_NOTICE, MAX_RETRIEVAL_TEXT_TOKENS, Engine, PreparedImage
 from ..errors import InvalidRequestError, UserFacingError
 from ..generation import GenerationSettings
 from ..images import ImageDecodeError
@@ -585,6 +585,12 @@ class StudioHandlers:
         top_k = whole_number(top_k, "top_k", 1, MAX_TOP_K)
         use_itm = flag(rerank, "rerank")
         k = whole_number(rerank_k, "rerank_k", 1, MAX_TOP_K) if use_itm else 0
+        overflow = self.engine.retrieval_text_overflow(text)
+        if overflow:
+            gr.Warning(
+                f"Only the first {MAX_RETRIEVAL_TEXT_TOKENS} tokens of the search text are read (BLIP-2's "
+                f"text length); the last {overflow} were left out."
+            )
         with self.galleries.use(gallery):
             self._require_gallery(gallery)  # evicted while this request waited?
             embedding = self.engine.text_features([text])[0].numpy()
