@@ -312,7 +312,7 @@ def load_model(
                 )
             model = None
             if files and not _uses_bitsandbytes(precisions):
-                model = stream_load(model_class, location, files, precisions, shared)
+                model = stream_load(model_class, location, files, precisions, shared, device)
             if model is None:
                 model = _load_with_transformers(model_class, location, precisions, device)
                 if shared is not None:
@@ -504,9 +504,11 @@ def stream_load(
     files: list[Path],
     precisions: ComponentPrecisions,
     shared_vision: torch.nn.Module | None = None,
+    device: torch.device | None = None,
 ) -> Any | None:
     """Load tensor by tensor, casting or quantizing each as it is read, so peak memory is the final
-    model plus one tensor (a 15 GB fp32 checkpoint never sits in memory in full).
+    model plus one tensor (a 15 GB fp32 checkpoint never sits in memory in full). On a GPU each
+    cast tensor goes straight to it: the host holds one tensor at a time, not the whole model.
 
     The model is built without initialising its weights: untouched storage costs no resident
     memory. Returns None when the checkpoint's tensor names do not match the model's (e.g. an
@@ -578,7 +580,7 @@ def stream_load(
                 dtype = FLOAT_DTYPES.get(precision, torch.float32)
                 if not tensor.is_floating_point():
                     dtype = tensor.dtype
-                loaded_ids.add(id(_assign(owner, attr, tensor.to(dtype))))
+                loaded_ids.add(id(_assign(owner, attr, tensor.to(device=device, dtype=dtype))))
                 del tensor
     if shared_vision is not None:
         model.vision_model = shared_vision
