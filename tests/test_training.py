@@ -10,6 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from blip2_app.config import Settings
+from blip2_app.prompts import ChatTurn, chat_prompt
+from blip2_app.registry import Registry
 from blip2_app.startup import load_engine
 from blip2_app.training import evaluate as evaluate_module
 from blip2_app.training import synthetic, vocab
@@ -20,6 +22,7 @@ from blip2_app.training.phases import (
     LanguagePretraining,
     SceneCode,
     code_embeddings,
+    sample_prompt,
 )
 from blip2_app.training.train import train, twin_folder
 
@@ -44,7 +47,10 @@ def smoke(tmp_path_factory, smoke_config):
 
 def test_configs_are_validated():
     config = TrainConfig.load("shapes-demo")
-    assert config.architecture.num_query_tokens == 12 and config.lm_prefix in ("scene", "slots")
+    assert config.architecture.question_aware and config.architecture.num_query_tokens == 13
+    assert config.lm_prefix == "scene"
+    with pytest.raises(ValueError, match="question_aware needs"):
+        TrainConfig.from_dict({"name": "x", "lm_prefix": "scene", "architecture": {"question_aware": True}})
     with pytest.raises(ValueError, match="multiple of 3"):
         TrainConfig.from_dict({"name": "x", "lm_prefix": "slots", "architecture": {"num_query_tokens": 4}})
     with pytest.raises(ValueError, match="code_loss_weight needs"):
@@ -70,13 +76,14 @@ def test_losses_go_down(smoke):
 
 def test_only_answer_tokens_are_supervised(smoke_config):
     arch = smoke_config.architecture
-    captioning, retrieval = vocab.processors(arch.image_size, arch.num_query_tokens)
+    captioning, retrieval = vocab.processors(arch.image_size, arch.num_query_tokens, arch.question_aware)
     data = _tiny_data(arch, captioning)
     tokenizer = captioning.tokenizer
+    *states, text_embeddings = _fresh_states(arch, captioning, retrieval)
     phase = GenerativePretraining(
-        arch, data, data, captioning, retrieval.tokenizer, *_fresh_states(arch, captioning, retrieval), 0, 0.5
+        arch, data, data, captioning, retrieval.tokenizer, *states, 0, 0.5, "scene", 1.0, text_embeddings
     )
-    _, ids, labels = phase._batch(data, np.random.default_rng(0), 8, caption_fraction=0.5)
+    idx, ids, labels, prompts, answers = phase._batch(data, np.random.default_rng(0), 8, caption_fraction=0.5)
     image = tokenizer.convert_tokens_to_ids("<image>")
     for row, label in zip(ids.tolist(), labels.tolist(), strict=False):
         length = sum(t != tokenizer.pad_token_id for t in row)
@@ -89,6 +96,17 @@ def test_only_answer_tokens_are_supervised(smoke_config):
         assert [label[i] for i in supervised] == row[supervised[0] + 1 : length]
         prompt = tokenizer.decode(row[arch.num_query_tokens : supervised[0] + 1])
         assert prompt.startswith("</s>") and (prompt == "</s>" or prompt.endswith("Short answer:"))
+    # the code's answer slot (the stage-2 target of the 13th query token): the answer to the
+    # question asked, "no" under a caption; the Q-Former reads the prompt the LM reads
+    targets = phase.code_targets([data.scenes[int(i)] for i in idx], answers)
+    embedding = phase.model.get_input_embeddings().weight
+    for target, prompt, answer in zip(targets, prompts, answers, strict=True):
+        assert (answer is None) == (prompt == "")
+        word = tokenizer(f" {answer.strip() if answer else 'no'}", add_special_tokens=False).input_ids
+        torch.testing.assert_close(target[-1], embedding[word[0]])
+    qformer_tokenizer = phase.processor.qformer_tokenizer
+    read = qformer_tokenizer.decode(qformer_tokenizer(prompts[0]).input_ids, skip_special_tokens=True)
+    assert read.replace(" ", "") == prompts[0].lower().replace(" ", "")  # WordPiece spaces out ":"
     for prefix in ("caption", "scene", "slots"):
         language = LanguagePretraining(arch, data, data, tokenizer, 0, prefix_fraction=1.0, prefix=prefix)
         ids, labels, extra = language._sample(data, np.random.default_rng(0), 4)
@@ -136,6 +154,29 @@ def test_slot_code_sums_each_objects_words(smoke_config):
         torch.testing.assert_close(dense[position], embedding.weight[words].sum(0))
 
 
+def test_chat_prompts_are_the_chat_tabs_own():
+    """With chat_fraction, questions also come as the app's chat sends them (earlier turns, then
+    `Question: ... Answer:`), built by the app's prompt builder with the demo model's templates;
+    without it, the random stream is untouched (older configs train exactly as before)."""
+    templates = Registry.load().resolve("shapes-demo").templates
+    scene = synthetic.make_scene(0, "train", 7, count=3)
+    answers = {qa.question: qa.answer for qa in scene.qa}
+    seen = set()
+    for seed in range(40):
+        prompt, answer = sample_prompt(scene, np.random.default_rng(seed), 0.0, chat_fraction=1.0)
+        turns = prompt.split(". Question: ")
+        question = turns[-1].removeprefix("Question: ").removesuffix(" Answer:")
+        history = [ChatTurn(*t.removeprefix("Question: ").split(" Answer: ")) for t in turns[:-1]]
+        assert prompt == chat_prompt(templates, question, history).text
+        assert answer == f" {answers[question]}"
+        assert all(answers[t.question] == t.answer for t in history)  # earlier turns answered right
+        seen.add(len(history))
+    assert seen == {0, 1}
+    plain = [sample_prompt(scene, np.random.default_rng(seed), 0.3) for seed in range(20)]
+    assert plain == [sample_prompt(scene, np.random.default_rng(seed), 0.3, 0.0) for seed in range(20)]
+    assert all(p == "" or p.endswith("Short answer:") for p, _ in plain)
+
+
 def _tiny_data(arch, captioning):
     from blip2_app.training.shapes_data import ShapesData
 
@@ -148,7 +189,13 @@ def _fresh_states(arch, captioning, retrieval):
     itm = architecture.new_retrieval_model(arch, retrieval)
     itm.query_tokens.data.normal_(0.0, 0.02)  # as stage 1 starts them
     lm = architecture.new_language_model(arch, captioning.tokenizer)
-    return itm.vision_model.state_dict(), itm.qformer.state_dict(), itm.query_tokens.data, lm.state_dict()
+    return (
+        itm.vision_model.state_dict(),
+        itm.qformer.state_dict(),
+        itm.query_tokens.data,
+        lm.state_dict(),
+        itm.embeddings.state_dict(),
+    )
 
 
 def test_interrupted_training_resumes_exactly(smoke, smoke_config, tmp_path):
@@ -189,7 +236,7 @@ def test_checkpoints_load_through_the_app(smoke):
         assert (folder / "model.safetensors").exists() and (folder / "processor_config.json").exists()
         assert json.loads((folder / "training.json").read_text())["finished"]
     engine = load_engine(Settings(model=str(model_dir), retrieval_model=str(itm_dir)))
-    assert engine.captioner.entry.family.name == "blip2-opt"
+    assert engine.captioner.entry.family.name == "instructblip-opt"
     assert engine.matcher.entry.family.name == "blip2-itm"
     assert any("Vision encoder shared" in note for note in engine.matcher.notes)
     image = synthetic.make_scene(0, "test", 0).render()
@@ -268,7 +315,7 @@ def test_bundled_model_is_small_and_in_the_app_format():
     files = [p for folder in (BUNDLED, twin_folder(BUNDLED)) for p in folder.iterdir()]
     assert sum(p.stat().st_size for p in files) < 25 * 1024 * 1024
     assert json.loads((BUNDLED / "config.json").read_text())["architectures"] == [
-        "Blip2ForConditionalGeneration"
+        "InstructBlipForConditionalGeneration"
     ]
     itm_config = json.loads((twin_folder(BUNDLED) / "config.json").read_text())
     assert itm_config["architectures"] == ["Blip2ForImageTextRetrieval"]

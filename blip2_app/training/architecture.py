@@ -15,6 +15,8 @@ from transformers import (
     Blip2QFormerConfig,
     Blip2VisionConfig,
     Blip2VisionModel,
+    InstructBlipConfig,
+    InstructBlipForConditionalGeneration,
     OPTConfig,
     OPTForCausalLM,
 )
@@ -79,9 +81,13 @@ def new_language_model(arch: ArchitectureConfig, tokenizer) -> OPTForCausalLM:
     return OPTForCausalLM(opt_config(arch, tokenizer))
 
 
-def captioning_config(arch: ArchitectureConfig, processor: Blip2Processor, qformer_tokenizer) -> Blip2Config:
+def captioning_config(
+    arch: ArchitectureConfig, processor: Blip2Processor, qformer_tokenizer
+) -> Blip2Config | InstructBlipConfig:
+    """`qformer_tokenizer`: the one stage 1 trained the Q-Former's word embeddings with."""
     tokenizer = processor.tokenizer
-    return Blip2Config(
+    config_class = InstructBlipConfig if arch.question_aware else Blip2Config
+    return config_class(
         vision_config=vision_config(arch).to_dict(),
         qformer_config=qformer_config(arch, qformer_tokenizer).to_dict(),
         text_config=opt_config(arch, tokenizer).to_dict(),
@@ -101,8 +107,13 @@ def retrieval_config(arch: ArchitectureConfig, processor: Blip2Processor) -> Bli
     )
 
 
-def new_captioning_model(arch, processor, qformer_tokenizer) -> Blip2ForConditionalGeneration:
-    return Blip2ForConditionalGeneration(captioning_config(arch, processor, qformer_tokenizer))
+def new_captioning_model(
+    arch, processor, qformer_tokenizer
+) -> Blip2ForConditionalGeneration | InstructBlipForConditionalGeneration:
+    model_class = (
+        InstructBlipForConditionalGeneration if arch.question_aware else Blip2ForConditionalGeneration
+    )
+    return model_class(captioning_config(arch, processor, qformer_tokenizer))
 
 
 def new_retrieval_model(arch, processor) -> Blip2ForImageTextRetrieval:

@@ -44,9 +44,15 @@ class ArchitectureConfig:
     # every image and every text with nearly the same embedding, a saddle ITC takes ~80 steps to
     # leave; 0.1 leaves it in ~20 (measured on the shapes data).
     qformer_init_range: float = 0.1
+    # InstructBLIP's recipe: the captioning model's Q-Former reads the prompt beside the image
+    # (`InstructBlipForConditionalGeneration`, family instructblip-opt), and the scene code gets a
+    # 13th word, the answer to the question asked ("no" under a caption): the language model learns
+    # to read the answer there, and the Q-Former, which sees both question and image, to put it
+    # there. Needs lm_prefix "scene" and 13 query tokens.
+    question_aware: bool = False
 
     def __post_init__(self) -> None:
-        _positive(self, *(f.name for f in fields(self)))
+        _positive(self, *(f.name for f in fields(self) if f.name != "question_aware"))
         if self.image_size % self.patch_size:
             raise ValueError("image_size must be a multiple of patch_size.")
         for hidden, heads in (
@@ -111,6 +117,9 @@ class TrainConfig:
     # Stage 2: weight of the loss pulling each query output towards the LM's embedding of its
     # position of the scene code (0: the LM loss alone). Needs lm_prefix "scene" or "slots".
     code_loss_weight: float = 0.0
+    # Share of questions (LM pretraining and stage 2) asked as the chat tab asks them: after none
+    # or one earlier turn about the same image, in the app's chat template.
+    chat_fraction: float = 0.0
 
     PHASES = ("vision", "language", "stage1", "stage2")
 
@@ -125,11 +134,19 @@ class TrainConfig:
             raise ValueError("lm_prefix 'slots' needs num_query_tokens a multiple of 3 (one share per slot).")
         if self.code_loss_weight < 0:
             raise ValueError("code_loss_weight must not be negative.")
+        question_aware = self.architecture.question_aware
+        scene_words = 13 if question_aware else 12
+        if question_aware and (
+            self.lm_prefix != "scene" or queries != scene_words or self.lm_questions_per_text != 1
+        ):
+            raise ValueError(
+                "question_aware needs lm_prefix 'scene', 13 query tokens and one question a text."
+            )
         if self.code_loss_weight and (
-            self.lm_prefix == "caption" or (self.lm_prefix == "scene" and queries != 12)
+            self.lm_prefix == "caption" or (self.lm_prefix == "scene" and queries != scene_words)
         ):
             raise ValueError("code_loss_weight needs lm_prefix 'slots', or 'scene' with 12 query tokens.")
-        for name in ("caption_fraction", "lm_caption_fraction", "prefix_fraction"):
+        for name in ("caption_fraction", "lm_caption_fraction", "prefix_fraction", "chat_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1.")
 

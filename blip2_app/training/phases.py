@@ -14,6 +14,7 @@ whether the run was interrupted or not: resuming is exact.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..prompts import ChatTurn, chat_prompt
+from ..registry import Registry
 from . import architecture, synthetic
 from .config import ArchitectureConfig
 from .shapes_data import ATTRIBUTE_CLASSES, ShapesData, perturb
@@ -141,14 +144,16 @@ class LanguagePretraining(nn.Module):
         prefix: str = "caption",
         caption_fraction: float = 0.3,
         questions_per_text: int = 1,
+        chat_fraction: float = 0.0,
     ):
         super().__init__()
         self.lm = architecture.new_language_model(arch, tokenizer)
         self.caption_fraction, self.questions_per_text = caption_fraction, questions_per_text
+        self.chat_fraction = chat_fraction
         self.tokenizer, self.train_data, self.val_data = tokenizer, train, val
         self.ids = TokenIds(tokenizer)
         self.seed, self.prefix_fraction, self.prefix = seed, prefix_fraction, prefix
-        self.code = SceneCode(tokenizer, prefix, arch.num_query_tokens)
+        self.code = SceneCode(tokenizer, prefix, arch.num_query_tokens, answer_slot=arch.question_aware)
 
     def _sample(self, data: ShapesData, rng: np.random.Generator, batch_size: int):
         """(ids, labels, extra): `extra` (batch, length, k) holds the further words summed into
@@ -157,8 +162,9 @@ class LanguagePretraining(nn.Module):
         ids, labels, extras = [], [], []
         for i in rng.choice(len(data), batch_size, replace=False):
             scene = data.scenes[int(i)]
-            prompt, answer = sample_prompt(scene, rng, self.caption_fraction)
-            prefix, extra = self.code(scene) if rng.random() < self.prefix_fraction else ([], [])
+            prompt, answer = sample_prompt(scene, rng, self.caption_fraction, self.chat_fraction)
+            with_prefix = rng.random() < self.prefix_fraction
+            prefix, extra = self.code(scene, answer if prompt else None) if with_prefix else ([], [])
             body = self.ids(prompt)  # BOS + prompt
             target = [*self.ids(answer, special=False), tok.eos_token_id]
             row = prefix + body + target
@@ -198,12 +204,13 @@ class LanguagePretraining(nn.Module):
     @torch.no_grad()
     def answer_accuracy(self, scenes, limit: int | None = None) -> dict[str, float]:
         """Share of questions whose answer word is the LM's most likely next token when the scene
-        code (the truth, not an image) stands before the prompt: the ceiling for stage 2."""
+        code (the truth, not an image; with an answer slot, the answer in it) stands before the
+        prompt: the ceiling for stage 2."""
         tok = self.tokenizer
         rows, extras, answers, kinds = [], [], [], []
         for scene in scenes:
-            prefix, extra = self.code(scene)
             for qa in scene.qa:
+                prefix, extra = self.code(scene, qa.answer)
                 rows.append(prefix + tok(f"Question: {qa.question} Short answer:").input_ids)
                 extras.append(extra)
                 answers.append(tok(f" {qa.answer}", add_special_tokens=False).input_ids[0])
@@ -227,12 +234,33 @@ class LanguagePretraining(nn.Module):
         return result
 
     @torch.no_grad()
+    def caption_accuracy(self, scenes) -> float:
+        """Share of canonical captions whose every token (and EOS) is the LM's most likely next
+        token, teacher-forced, after the true scene code: the captioning ceiling for stage 2."""
+        tok = self.tokenizer
+        rows, extras, labels = [], [], []
+        for scene in scenes:
+            prefix, extra = self.code(scene)
+            body, target = self.ids(""), [*self.ids(scene.caption, special=False), tok.eos_token_id]
+            rows.append(prefix + body + target)
+            extras.append(extra)
+            labels.append([IGNORE] * (len(prefix) + len(body) - 1) + target + [IGNORE])
+        ids, labels = _pad(rows, tok.pad_token_id), _pad(labels, IGNORE)
+        predicted = self._logits(ids, self.code.extra_tensor(extras, ids.shape[1])).argmax(-1)
+        return 1.0 - ((predicted != labels) & (labels != IGNORE)).any(dim=1).float().mean().item()
+
+    @torch.no_grad()
     def validate(self) -> dict[str, float]:
         batch = self._sample(self.val_data, np.random.default_rng(self.seed), min(256, len(self.val_data)))
         result = {"val_loss": self._loss(*batch).item()}
         if self.prefix != "caption":
             result.update(self.answer_accuracy(self.val_data.scenes))
+            result["prefix_caption_exact"] = self.caption_accuracy(self.val_data.scenes)
         return result
+
+
+# The answer slot's word under a caption (no question asked): a word the code already uses.
+NO_QUESTION = "no"
 
 
 class SceneCode:
@@ -246,8 +274,9 @@ class SceneCode:
     steps it answered 0.45 of the test questions from the true code, "scene" 0.60.
     Returns (ids, extra): one id per position, plus the further words summed into it ("slots")."""
 
-    def __init__(self, tokenizer, mode: str, num_query_tokens: int):
+    def __init__(self, tokenizer, mode: str, num_query_tokens: int, answer_slot: bool = False):
         self.tokenizer, self.mode, self.length = tokenizer, mode, num_query_tokens
+        self.answer_slot = answer_slot
         self.ids = TokenIds(tokenizer)
         self.width = 3 if mode == "slots" else 0
         self._ids: dict[str, int] = {}
@@ -260,13 +289,16 @@ class SceneCode:
             self._ids[text] = ids[0]
         return self._ids[text]
 
-    def __call__(self, scene) -> tuple[list[int], list[list[int]]]:
+    def __call__(self, scene, answer: str | None = None) -> tuple[list[int], list[list[int]]]:
+        """`answer`: with an answer slot, the answer to the question asked (None: a caption)."""
         if self.mode == "caption":
             ids = self.ids(scene.caption, special=False)
             return ids, [[] for _ in ids]
         if self.mode == "scene":
             # the scene code starts with a space so each of its words is one whole-word token
             ids = self.ids(" " + synthetic.scene_code(scene.objects), special=False)
+            if self.answer_slot:
+                ids = [*ids, self.word(answer.strip() if answer else NO_QUESTION)]
             return ids, [[] for _ in ids]
         by_position = {o.position: o for o in scene.objects}
         copies = self.length // len(synthetic.POSITIONS)
@@ -309,14 +341,31 @@ def sample_questions(scene, rng: np.random.Generator, count: int) -> list[tuple[
     ]
 
 
-def sample_prompt(scene, rng: np.random.Generator, caption_fraction: float) -> tuple[str, str]:
+# Earlier chat turns before a chat question in training: one is enough to learn which question
+# is asked (the last), and every turn lengthens the batch's longest row, which sets its cost.
+MAX_EARLIER_TURNS = 1
+
+
+def sample_prompt(
+    scene, rng: np.random.Generator, caption_fraction: float, chat_fraction: float = 0.0
+) -> tuple[str, str]:
     """(prompt, answer) in the app's blip2-opt templates: caption_short is the empty prompt, VQA is
-    `Question: {q} Short answer:`. Captions start without a space (they open the text); answers
-    continue the prompt, so they start with one."""
+    `Question: {q} Short answer:`; with `chat_fraction`, that share of questions comes as the chat
+    tab sends it, after none or one earlier turn about the image (`prompts.chat_prompt`). Captions
+    start without a space (they open the text); answers continue the prompt, so they start with one."""
     if rng.random() < caption_fraction:
         return "", scene.caption
     qa = scene.qa[int(rng.integers(len(scene.qa)))]
+    if chat_fraction and rng.random() < chat_fraction:
+        earlier = rng.choice(len(scene.qa), int(rng.integers(0, MAX_EARLIER_TURNS + 1)), replace=False)
+        history = [ChatTurn(scene.qa[int(i)].question, scene.qa[int(i)].answer) for i in earlier]
+        return chat_prompt(_chat_templates(), qa.question, history).text, f" {qa.answer}"
     return f"Question: {qa.question} Short answer:", f" {qa.answer}"
+
+
+@functools.cache
+def _chat_templates():
+    return Registry.load().families["instructblip-opt"].templates
 
 
 @torch.no_grad()
@@ -328,15 +377,25 @@ def vision_features(vision: nn.Module, pixels: torch.Tensor, chunk: int = 256) -
     )
 
 
-def query_output(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
+def query_output(model: nn.Module, features: torch.Tensor, text_ids=None, text_mask=None) -> torch.Tensor:
     """The Q-Former's query tokens after reading frozen vision `features` (B, Q, D): what both
-    stages project (to the ITC space in stage 1, into the language model in stage 2)."""
+    stages project (to the ITC space in stage 1, into the language model in stage 2). With
+    `text_ids` (InstructBLIP), the queries also read that text, as the engine runs it."""
     query = model.query_tokens.expand(len(features), -1, -1)
-    return model.qformer(
+    image_mask = torch.ones(features.shape[:-1], dtype=torch.long)
+    if text_ids is None:
+        return model.qformer(
+            query_embeds=query, encoder_hidden_states=features, encoder_attention_mask=image_mask
+        ).last_hidden_state
+    mask = torch.cat([torch.ones(query.shape[:-1], dtype=torch.long), text_mask], dim=1)
+    out = model.qformer(
+        input_ids=text_ids,
+        attention_mask=mask,
         query_embeds=query,
         encoder_hidden_states=features,
-        encoder_attention_mask=torch.ones(features.shape[:-1], dtype=torch.long),
-    ).last_hidden_state
+        encoder_attention_mask=image_mask,
+    )
+    return out.last_hidden_state[:, : query.shape[1]]
 
 
 class QFormerPretraining(nn.Module):
@@ -465,14 +524,28 @@ class GenerativePretraining(nn.Module):
         caption_fraction: float,
         lm_prefix: str = "caption",
         code_loss_weight: float = 0.0,
+        text_embeddings_state: dict | None = None,
+        chat_fraction: float = 0.0,
     ):
         super().__init__()
         self.model = architecture.new_captioning_model(arch, processor, qformer_tokenizer)
         self.model.vision_model.load_state_dict(vision_state)
-        # The stage-2 Q-Former has no text feed-forward layers: those stage-1 weights stay behind.
-        missing, unexpected = self.model.qformer.load_state_dict(qformer_state, strict=False)
-        if missing or any(".intermediate." not in k and ".output." not in k for k in unexpected):
-            raise RuntimeError(f"Stage-1 Q-Former does not fit: missing {missing}, unexpected {unexpected}")
+        self.question_aware = arch.question_aware
+        if self.question_aware:
+            # InstructBLIP starts from the stage-1 Q-Former whole, text embeddings and text layers
+            # included (it reads the prompt); its embedding module holds the query LayerNorm.
+            state = {
+                ("embeddings." + k if k.startswith("layernorm.") else k): v for k, v in qformer_state.items()
+            }
+            state.update({f"embeddings.{k}": v for k, v in (text_embeddings_state or {}).items()})
+            self.model.qformer.load_state_dict(state)
+        else:
+            # The stage-2 Q-Former has no text feed-forward layers: those stage-1 weights stay behind.
+            missing, unexpected = self.model.qformer.load_state_dict(qformer_state, strict=False)
+            if missing or any(".intermediate." not in k and ".output." not in k for k in unexpected):
+                raise RuntimeError(
+                    f"Stage-1 Q-Former does not fit: missing {missing}, unexpected {unexpected}"
+                )
         self.model.query_tokens.data.copy_(query_tokens)
         self.model.language_model.load_state_dict(lm_state)
         architecture.trainable(self.model.vision_model, False)
@@ -482,11 +555,13 @@ class GenerativePretraining(nn.Module):
         self.image_token = self.tokenizer.convert_tokens_to_ids(processor.image_token.content)
         self.num_query = arch.num_query_tokens
         self.train_data, self.val_data = train, val
-        self.seed, self.caption_fraction = seed, caption_fraction
+        self.seed, self.caption_fraction, self.chat_fraction = seed, caption_fraction, chat_fraction
         # The scene code the frozen LM learnt to read: with code_loss_weight, each query output
         # is also pulled towards the LM's embedding of its position of the code (MSE, relative to
         # the code's mean square), a dense signal beside the LM loss on one or two answer tokens.
-        self.code = SceneCode(self.tokenizer, lm_prefix, arch.num_query_tokens)
+        self.code = SceneCode(
+            self.tokenizer, lm_prefix, arch.num_query_tokens, answer_slot=arch.question_aware
+        )
         self.code_loss_weight = code_loss_weight
         if code_loss_weight and lm_prefix == "caption":
             raise ValueError("code_loss_weight needs a fixed-length scene code (lm_prefix scene or slots).")
@@ -497,63 +572,86 @@ class GenerativePretraining(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def _batch(self, data: ShapesData, rng: np.random.Generator, batch_size: int, caption_fraction: float):
+        """(scene indices, ids, labels, prompts, answers): answers[i] is None under a caption."""
         tok = self.tokenizer
         ids, labels, idx = [], [], rng.choice(len(data), batch_size, replace=False)
+        prompts, answers = [], []
         for i in idx:
-            prompt, answer = sample_prompt(data.scenes[int(i)], rng, caption_fraction)
+            prompt, answer = sample_prompt(data.scenes[int(i)], rng, caption_fraction, self.chat_fraction)
             head = [self.image_token] * self.num_query + self.ids(prompt)
             target = [*self.ids(answer, special=False), tok.eos_token_id]
             ids.append(head + target)
             labels.append([IGNORE] * (len(head) - 1) + target + [IGNORE])
-        return torch.from_numpy(idx), _pad(ids, tok.pad_token_id), _pad(labels, IGNORE)
+            prompts.append(prompt)
+            answers.append(answer if prompt else None)
+        return torch.from_numpy(idx), _pad(ids, tok.pad_token_id), _pad(labels, IGNORE), prompts, answers
 
-    def _soft_prompt(self, features: torch.Tensor) -> torch.Tensor:
-        return self.model.language_projection(query_output(self.model, features))
+    def _soft_prompt(self, features: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        if not self.question_aware:
+            return self.model.language_projection(query_output(self.model, features))
+        # As the engine feeds InstructBLIP's Q-Former: the prompt through its own tokenizer.
+        text = self.processor.qformer_tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
+        return self.model.language_projection(
+            query_output(self.model, features, text.input_ids, text.attention_mask)
+        )
 
-    def _logits(self, features: torch.Tensor, ids: torch.Tensor, image: torch.Tensor | None = None):
+    def _logits(
+        self, features: torch.Tensor, ids: torch.Tensor, image: torch.Tensor | None = None, prompts=None
+    ):
         model = self.model
-        image = self._soft_prompt(features) if image is None else image
+        image = self._soft_prompt(features, prompts) if image is None else image
         embeds = model.get_input_embeddings()(ids)
         embeds = torch.cat([image, embeds[:, self.num_query :]], dim=1)  # image tokens come first
         mask = (ids != self.tokenizer.pad_token_id).long()
         return model.language_model(inputs_embeds=embeds, attention_mask=mask).logits
 
     @torch.no_grad()
-    def code_targets(self, scenes) -> torch.Tensor:
-        """(scenes, num_query, lm_hidden): the frozen LM's embedding of each scene's code."""
-        codes = [self.code(scene) for scene in scenes]
+    def code_targets(self, scenes, answers=None) -> torch.Tensor:
+        """(scenes, num_query, lm_hidden): the frozen LM's embedding of each scene's code (with an
+        answer slot, holding `answers[i]`)."""
+        codes = [
+            self.code(scene, answer)
+            for scene, answer in zip(scenes, answers or [None] * len(scenes), strict=True)
+        ]
         ids = torch.tensor([c[0] for c in codes])
         extra = self.code.extra_tensor([c[1] for c in codes], ids.shape[1])
         return code_embeddings(self.model.get_input_embeddings(), ids, extra)
 
-    def _code_loss(self, image: torch.Tensor, idx: torch.Tensor, data: ShapesData) -> torch.Tensor:
-        target = self.code_targets([data.scenes[int(i)] for i in idx])
+    def _code_loss(
+        self, image: torch.Tensor, idx: torch.Tensor, data: ShapesData, answers=None
+    ) -> torch.Tensor:
+        target = self.code_targets([data.scenes[int(i)] for i in idx], answers)
         return F.mse_loss(image, target) / target.pow(2).mean()
 
     def step(self, step: int, batch_size: int) -> StepResult:
         rng = batch_rng(self.seed, self.INDEX, step)
-        idx, ids, labels = self._batch(self.train_data, rng, batch_size, self.caption_fraction)
-        image = self._soft_prompt(self.train_features[idx])
+        idx, ids, labels, prompts, answers = self._batch(
+            self.train_data, rng, batch_size, self.caption_fraction
+        )
+        image = self._soft_prompt(self.train_features[idx], prompts)
         logits = self._logits(None, ids, image)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
         if not self.code_loss_weight:
             return StepResult(loss, {})
-        code = self._code_loss(image, idx, self.train_data)
+        code = self._code_loss(image, idx, self.train_data, answers)
         return StepResult(loss + self.code_loss_weight * code, {"lm": loss.item(), "code": code.item()})
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Teacher-forced exact match of whole answers (VQA) and captions on the validation split."""
-        result = {}
+        """Teacher-forced exact match of whole answers (VQA) and captions on the validation split,
+        and the code loss over both."""
+        result, codes = {}, []
         for name, fraction in (("vqa_exact", 0.0), ("caption_exact", 1.0)):
             rng = np.random.default_rng(self.seed)
-            idx, ids, labels = self._batch(self.val_data, rng, min(256, len(self.val_data)), fraction)
-            predicted = self._logits(self.val_features[idx], ids).argmax(-1)
+            idx, ids, labels, prompts, answers = self._batch(
+                self.val_data, rng, min(256, len(self.val_data)), fraction
+            )
+            image = self._soft_prompt(self.val_features[idx], prompts)
+            predicted = self._logits(None, ids, image).argmax(-1)
             wrong = ((predicted != labels) & (labels != IGNORE)).any(dim=1)
             result[name] = 1.0 - wrong.float().mean().item()
-        if self.code.mode != "caption":
-            image = self._soft_prompt(self.val_features)
-            result["code_relative_mse"] = self._code_loss(
-                image, torch.arange(len(self.val_data)), self.val_data
-            ).item()
+            if self.code.mode != "caption":
+                codes.append(self._code_loss(image, idx, self.val_data, answers).item())
+        if codes:
+            result["code_relative_mse"] = float(np.mean(codes))
         return result

@@ -85,7 +85,7 @@ def train(
     if work_dir is not None:
         work_dir.mkdir(parents=True, exist_ok=True)
     arch, seed = config.architecture, config.seed
-    captioning, retrieval = vocab.processors(arch.image_size, arch.num_query_tokens)
+    captioning, retrieval = vocab.processors(arch.image_size, arch.num_query_tokens, arch.question_aware)
     report = TrainReport(config)
 
     def build(split: str, size: int) -> ShapesData:
@@ -126,6 +126,7 @@ def train(
         config.lm_prefix,
         config.lm_caption_fraction,
         config.lm_questions_per_text,
+        config.chat_fraction,
     )
     if not run("language", language, list(language.parameters())):
         return _stopped(report, started)
@@ -150,6 +151,8 @@ def train(
         config.caption_fraction,
         config.lm_prefix,
         config.code_loss_weight,
+        stage1.model.embeddings.state_dict(),
+        config.chat_fraction,
     )
     if not run("stage2", stage2, stage2.trainable_parameters()):
         return _stopped(report, started)

@@ -9,7 +9,7 @@ so a word split into pieces could repeat a trigram where the words do not.
 from __future__ import annotations
 
 from tokenizers import pre_tokenizers
-from transformers import BertTokenizer, Blip2Processor, GPT2Tokenizer
+from transformers import BertTokenizer, Blip2Processor, GPT2Tokenizer, InstructBlipProcessor
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
@@ -62,7 +62,7 @@ def opt_tokenizer() -> GPT2Tokenizer:
     )
 
 
-def bert_tokenizer() -> BertTokenizer:
+def bert_tokenizer(**settings) -> BertTokenizer:
     """WordPiece with BERT's conventions and a fixed vocabulary: every lower-cased corpus word, and
     single characters (plain and "##") for anything else."""
     words = _words(pre_tokenizers.BertPreTokenizer())
@@ -72,7 +72,7 @@ def bert_tokenizer() -> BertTokenizer:
     for token in [*characters, *(f"##{c}" for c in characters), *words]:
         if token not in tokens:
             tokens.append(token)
-    return BertTokenizer(vocab={token: index for index, token in enumerate(tokens)})
+    return BertTokenizer(vocab={token: index for index, token in enumerate(tokens)}, **settings)
 
 
 def image_processor(image_size: int) -> BlipImageProcessorPil:
@@ -84,13 +84,28 @@ def image_processor(image_size: int) -> BlipImageProcessorPil:
     )
 
 
-def processors(image_size: int, num_query_tokens: int) -> tuple[Blip2Processor, Blip2Processor]:
+# What the question-aware Q-Former reads of a prompt: its last 64 tokens (its position table's
+# length), so in a long chat it sees the question being asked rather than the first turns.
+QFORMER_PROMPT_TOKENS = 64
+
+
+def processors(
+    image_size: int, num_query_tokens: int, question_aware: bool = False
+) -> tuple[Blip2Processor | InstructBlipProcessor, Blip2Processor]:
     """(captioning processor with the OPT tokenizer, retrieval processor with the BERT tokenizer).
+    `question_aware`: the captioning processor is InstructBLIP's, with the BERT tokenizer for the
+    Q-Former's reading of the prompt.
 
     Blip2Processor adds the `<image>` token to each tokenizer, so vocabulary sizes are read after."""
-    captioning = Blip2Processor(
-        image_processor(image_size), opt_tokenizer(), num_query_tokens=num_query_tokens
-    )
+    if question_aware:
+        qformer_tokenizer = bert_tokenizer(model_max_length=QFORMER_PROMPT_TOKENS, truncation_side="left")
+        captioning = InstructBlipProcessor(
+            image_processor(image_size), opt_tokenizer(), qformer_tokenizer, num_query_tokens=num_query_tokens
+        )
+    else:
+        captioning = Blip2Processor(
+            image_processor(image_size), opt_tokenizer(), num_query_tokens=num_query_tokens
+        )
     retrieval = Blip2Processor(
         image_processor(image_size), bert_tokenizer(), num_query_tokens=num_query_tokens
     )
