@@ -1,6 +1,7 @@
 """The trainer on a tiny config (seconds), the exported checkpoints through the app's loader, the
 evaluate command, and the bundled shapes model (skipped only when its folder does not exist)."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -243,6 +244,20 @@ def test_checkpoints_load_through_the_app(smoke):
     assert isinstance(engine.caption([image])[0][0].text, str)
     assert isinstance(engine.answer(image, "what colour is the shape?").text, str)
     assert engine.itc([image], ["a red circle", "a blue square"]).shape == (1, 2)
+
+
+def test_the_blip2_format_recipe_still_trains_and_loads(smoke_config, tmp_path):
+    """`question_aware: false` (12 query tokens): the plain BLIP-2 recipe, whose Q-Former sees
+    only the image, exported as `Blip2ForConditionalGeneration` and loaded as family blip2-opt."""
+    arch = dataclasses.replace(smoke_config.architecture, question_aware=False, num_query_tokens=12)
+    report = train(smoke_config.replace(architecture=arch), tmp_path / "model", progress=False)
+    config = json.loads((report.out_dir / "config.json").read_text())
+    assert config["architectures"] == ["Blip2ForConditionalGeneration"] and config["num_query_tokens"] == 12
+    engine = load_engine(Settings(model=str(report.out_dir), retrieval_model=str(report.itm_dir)))
+    assert engine.captioner.entry.family.name == "blip2-opt"
+    assert isinstance(
+        engine.answer(synthetic.make_scene(0, "test", 0).render(), "what colour is it?").text, str
+    )
 
 
 def test_evaluate_reports_every_task(smoke, tmp_path):
