@@ -77,6 +77,29 @@ class ImageFeatures:
     projections: torch.Tensor  # (n, num_query_tokens, embed_dim), L2-normalised rows
 
 
+def query_outputs(model, image_embeds: torch.Tensor, qformer_ids=None, qformer_mask=None) -> torch.Tensor:
+    """Q-Former over the image, as in transformers' get_image_features (InstructBLIP: with text).
+    The one place the queries are run: the engine serves with it and the trainer trains with it."""
+    query_tokens = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
+    image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+    if qformer_ids is None:
+        out = model.qformer(
+            query_embeds=query_tokens,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_mask,
+        )
+        return out.last_hidden_state
+    query_mask = torch.ones(query_tokens.shape[:-1], dtype=torch.long, device=image_embeds.device)
+    out = model.qformer(
+        input_ids=qformer_ids,
+        attention_mask=torch.cat([query_mask, qformer_mask], dim=1),
+        query_embeds=query_tokens,
+        encoder_hidden_states=image_embeds,
+        encoder_attention_mask=image_mask,
+    )
+    return out.last_hidden_state[:, : query_tokens.shape[1], :]
+
+
 @dataclass
 class EngineInfo:
     captioner: dict[str, Any] | None
@@ -161,30 +184,6 @@ class Engine:
 
         return self._cached(("vision", id(vision), loaded.pixel_signature), images, compute, progress)
 
-    def _query_outputs(
-        self, loaded: LoadedModel, image_embeds: torch.Tensor, qformer_ids=None, qformer_mask=None
-    ) -> torch.Tensor:
-        """Q-Former over the image, as in transformers' get_image_features (InstructBLIP: with text)."""
-        model = loaded.model
-        query_tokens = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        if qformer_ids is None:
-            out = model.qformer(
-                query_embeds=query_tokens,
-                encoder_hidden_states=image_embeds,
-                encoder_attention_mask=image_mask,
-            )
-            return out.last_hidden_state
-        query_mask = torch.ones(query_tokens.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        out = model.qformer(
-            input_ids=qformer_ids,
-            attention_mask=torch.cat([query_mask, qformer_mask], dim=1),
-            query_embeds=query_tokens,
-            encoder_hidden_states=image_embeds,
-            encoder_attention_mask=image_mask,
-        )
-        return out.last_hidden_state[:, : query_tokens.shape[1], :]
-
     def _language_inputs(self, images: list[PreparedImage], prompts: list[str]) -> torch.Tensor:
         """Image tokens for the language model: (n, num_query_tokens, llm_hidden)."""
         loaded = self._require_captioner()
@@ -199,7 +198,7 @@ class Engine:
             return self._cached(
                 ("language_inputs", id(model)),
                 images,
-                lambda batch: project(self._query_outputs(loaded, self._vision_embeds(loaded, batch))),
+                lambda batch: project(query_outputs(loaded.model, self._vision_embeds(loaded, batch))),
             )
         # InstructBLIP's Q-Former reads the instruction too: only the vision encoder is cached.
         image_embeds = self._vision_embeds(loaded, images)
@@ -208,7 +207,7 @@ class Engine:
         ).to(loaded.device)
         with torch.inference_mode():
             return project(
-                self._query_outputs(loaded, image_embeds, qformer.input_ids, qformer.attention_mask)
+                query_outputs(loaded.model, image_embeds, qformer.input_ids, qformer.attention_mask)
             )
 
     # ----------------------------------------------------------------- text generation
@@ -463,7 +462,7 @@ class Engine:
         prepared = self.prepare(images)
         image_embeds = self._vision_embeds(loaded, prepared, progress)
         with torch.inference_mode():
-            query = self._query_outputs(loaded, image_embeds)
+            query = query_outputs(loaded.model, image_embeds)
             projections = F.normalize(
                 model.vision_projection(query.to(input_dtype(model.vision_projection))), dim=-1
             )

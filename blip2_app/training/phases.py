@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine import query_outputs
 from ..prompts import ChatTurn, chat_prompt
 from ..registry import Registry
 from . import architecture, synthetic
@@ -377,27 +378,6 @@ def vision_features(vision: nn.Module, pixels: torch.Tensor, chunk: int = 256) -
     )
 
 
-def query_output(model: nn.Module, features: torch.Tensor, text_ids=None, text_mask=None) -> torch.Tensor:
-    """The Q-Former's query tokens after reading frozen vision `features` (B, Q, D): what both
-    stages project (to the ITC space in stage 1, into the language model in stage 2). With
-    `text_ids` (InstructBLIP), the queries also read that text, as the engine runs it."""
-    query = model.query_tokens.expand(len(features), -1, -1)
-    image_mask = torch.ones(features.shape[:-1], dtype=torch.long)
-    if text_ids is None:
-        return model.qformer(
-            query_embeds=query, encoder_hidden_states=features, encoder_attention_mask=image_mask
-        ).last_hidden_state
-    mask = torch.cat([torch.ones(query.shape[:-1], dtype=torch.long), text_mask], dim=1)
-    out = model.qformer(
-        input_ids=text_ids,
-        attention_mask=mask,
-        query_embeds=query,
-        encoder_hidden_states=features,
-        encoder_attention_mask=image_mask,
-    )
-    return out.last_hidden_state[:, : query.shape[1]]
-
-
 class QFormerPretraining(nn.Module):
     """Stage 1: ITC (max over query tokens of the cosine, as BLIP-2 and the app's `itc`) and ITM
     with hard negatives: the most similar wrong text/image in the batch (sampled by ITC weight, as
@@ -425,7 +405,7 @@ class QFormerPretraining(nn.Module):
         return self.tokenizer(texts, padding=True, truncation=True, max_length=35, return_tensors="pt")
 
     def image_embeds(self, features: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.model.vision_projection(query_output(self.model, features)), dim=-1)
+        return F.normalize(self.model.vision_projection(query_outputs(self.model, features)), dim=-1)
 
     def text_embeds(self, tokens) -> torch.Tensor:
         model = self.model
@@ -588,18 +568,16 @@ class GenerativePretraining(nn.Module):
 
     def _soft_prompt(self, features: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         if not self.question_aware:
-            return self.model.language_projection(query_output(self.model, features))
+            return self.model.language_projection(query_outputs(self.model, features))
         # As the engine feeds InstructBLIP's Q-Former: the prompt through its own tokenizer.
         text = self.processor.qformer_tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
         return self.model.language_projection(
-            query_output(self.model, features, text.input_ids, text.attention_mask)
+            query_outputs(self.model, features, text.input_ids, text.attention_mask)
         )
 
-    def _logits(
-        self, features: torch.Tensor, ids: torch.Tensor, image: torch.Tensor | None = None, prompts=None
-    ):
+    def _logits(self, ids: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """The frozen LM's logits with the soft prompt `image` in place of the image tokens."""
         model = self.model
-        image = self._soft_prompt(features, prompts) if image is None else image
         embeds = model.get_input_embeddings()(ids)
         embeds = torch.cat([image, embeds[:, self.num_query :]], dim=1)  # image tokens come first
         mask = (ids != self.tokenizer.pad_token_id).long()
@@ -629,7 +607,7 @@ class GenerativePretraining(nn.Module):
             self.train_data, rng, batch_size, self.caption_fraction
         )
         image = self._soft_prompt(self.train_features[idx], prompts)
-        logits = self._logits(None, ids, image)
+        logits = self._logits(ids, image)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
         if not self.code_loss_weight:
             return StepResult(loss, {})
@@ -647,7 +625,7 @@ class GenerativePretraining(nn.Module):
                 self.val_data, rng, min(256, len(self.val_data)), fraction
             )
             image = self._soft_prompt(self.val_features[idx], prompts)
-            predicted = self._logits(None, ids, image).argmax(-1)
+            predicted = self._logits(ids, image).argmax(-1)
             wrong = ((predicted != labels) & (labels != IGNORE)).any(dim=1)
             result[name] = 1.0 - wrong.float().mean().item()
             if self.code.mode != "caption":
