@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
 from .errors import SettingsError
-from .loading import PRECISIONS, PRESETS
+from .precisions import PRECISIONS, PRESETS
 
 DEFAULT_MODEL = "blip2-opt-2.7b"
 PRECISION_CHOICES = ("auto", *PRESETS)

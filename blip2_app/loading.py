@@ -26,68 +26,19 @@ import transformers
 
 from .allocator import trim_heap
 from .errors import CheckpointUnreachableError, ModelLoadError
+from .precisions import (
+    COMPONENT_MODULES,
+    COMPONENTS,
+    DYNAMIC_INT8,
+    PRESETS,
+    QUANTIZED,
+    ComponentPrecisions,
+)
 from .registry import TINY_PREFIX, ModelEntry, is_local_path, require_hub, unreachable_checkpoint_message
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16", "fp16", "int8", "nf4", "dynamic-int8")
-QUANTIZED = ("int8", "nf4")  # bitsandbytes, applied by transformers while loading
-DYNAMIC_INT8 = "dynamic-int8"  # torch's dynamic int8 Linear (fbgemm, CPU), applied by stream_load
 FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-COMPONENTS = ("vision", "qformer", "llm")
-# Top-level module names of each component, for every BLIP-2 / InstructBLIP / ITM class.
-COMPONENT_MODULES: dict[str, tuple[str, ...]] = {
-    "vision": ("vision_model",),
-    "qformer": (
-        "qformer",
-        "query_tokens",
-        "language_projection",
-        "embeddings",
-        "vision_projection",
-        "text_projection",
-        "itm_head",
-    ),
-    "llm": ("language_model",),
-}
-
-
-@dataclass(frozen=True)
-class ComponentPrecisions:
-    vision: str
-    qformer: str
-    llm: str
-
-    def __post_init__(self) -> None:
-        for component in COMPONENTS:
-            value = getattr(self, component)
-            if value not in PRECISIONS:
-                raise ModelLoadError(
-                    f"Unknown precision {value!r} for the {component} component; choose from "
-                    f"{', '.join(PRECISIONS)}."
-                )
-        quantized = {getattr(self, c) for c in COMPONENTS} & set(QUANTIZED)
-        if len(quantized) > 1:
-            raise ModelLoadError(
-                "bitsandbytes loads one quantization mode per model: use int8 or nf4 for the "
-                f"quantized components, not both ({', '.join(sorted(quantized))})."
-            )
-
-    def as_dict(self) -> dict[str, str]:
-        return {c: getattr(self, c) for c in COMPONENTS}
-
-
-# `--precision` presets. The Q-Former stays fp32 (it is small and BLIP-2 keeps it in fp32);
-# int8/nf4 quantize only the language model, which holds most of the weights.
-PRESETS: dict[str, ComponentPrecisions] = {
-    "fp32": ComponentPrecisions("fp32", "fp32", "fp32"),
-    "bf16": ComponentPrecisions("bf16", "fp32", "bf16"),
-    "fp16": ComponentPrecisions("fp16", "fp32", "fp16"),
-    "int8": ComponentPrecisions("bf16", "fp32", "int8"),
-    "nf4": ComponentPrecisions("bf16", "fp32", "nf4"),
-    # CPU: int8 weights per output channel, activations quantized on the fly (fbgemm VNNI kernels).
-    # The fastest CPU path measured (benchmarks/results/real_size.md) and the smallest in memory.
-    "dynamic-int8": ComponentPrecisions(DYNAMIC_INT8, DYNAMIC_INT8, DYNAMIC_INT8),
-}
 
 
 def pick_device(requested: str = "auto") -> torch.device:
