@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         name: Path(folder).resolve() for name, _, folder in (c.partition("=") for c in args.checkout)
     }
 
+    commits = {name: git_head(folder) for name, folder in checkouts.items()}  # before: edits may follow
     for name, folder in checkouts.items():
         print(f"warm-up: {name}", flush=True)
         measure(folder, args.model)
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model,
         "checkouts": {
             name: {
-                "commit": git_head(checkouts[name]),
+                "commit": commits[name],
                 "first_answer_s": summary([run["first_answer_s"] for run in runs[name]]),
                 "ready_s": summary([run["ready_s"] for run in runs[name]]),
                 "runs": runs[name],
