@@ -135,6 +135,11 @@ class Settings:
     def precision_overrides(self) -> dict[str, str | None]:
         return {"vision": self.vision_precision, "qformer": self.qformer_precision, "llm": self.llm_precision}
 
+    def server_name(self, on_space: bool = False) -> str | None:
+        """The host to bind; None leaves it to GRADIO_SERVER_NAME, which a Hugging Face Space sets
+        (a default --host must not override the platform's choice there)."""
+        return None if on_space and self.host == Settings.host else self.host
+
     @classmethod
     def from_sources(
         cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None

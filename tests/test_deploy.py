@@ -31,7 +31,8 @@ from starlette.testclient import TestClient
 
 from blip2_app.config import Settings
 from blip2_app.ui import build_demo
-from blip2_app.ui.health import HealthRoute, LoadingServer, readiness
+from blip2_app.ui.health import HealthRoute, readiness
+from blip2_app.ui.loading_page import LoadingServer
 from blip2_app.ui.zerogpu import GPU_SECONDS
 
 ROOT = Path(__file__).resolve().parents[1]

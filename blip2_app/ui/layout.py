@@ -68,8 +68,7 @@ def launch_options(
     if engine is not None:
         middleware.insert(0, Middleware(HealthRoute, payload=readiness(engine)))
     return {
-        # On a Hugging Face Space the platform sets GRADIO_SERVER_NAME; a default host must not override it.
-        "server_name": None if on_space and settings.host == Settings.host else settings.host,
+        "server_name": settings.server_name(on_space),
         "server_port": settings.port,
         "share": settings.share,
         "max_file_size": settings.max_upload_mb * 1024 * 1024,
