@@ -81,8 +81,8 @@ def _three_shape_scenes(seed: int, count: int):
 def test_answers_about_the_object_the_question_names(demo_engine):
     """Fresh images of three shapes, where an answer about *a* shape is right a third of the time
     (the second bundled model's colour answers were right half the time over all images). Its
-    Q-Former now reads the question (README, "Why the Q-Former reads the question"). Measured on
-    these 60 objects: colour asked by shape 60 of 60, place asked by colour and shape 46 of 60
+    Q-Former now reads the question (docs/decisions/0004-question-aware-qformer-for-the-demo-model.md).
+    Measured on these 60 objects: colour asked by shape 60 of 60, place asked by colour and shape 46 of 60
     (places are its weakest kind: 0.89 on the test split, 0.77 with three shapes)."""
     images, colour_questions, place_questions, colours, places = [], [], [], [], []
     for scene in _three_shape_scenes(20263, 20):

@@ -114,10 +114,10 @@ def test_cli_style_namespaces_still_follow_the_variables():
 
 
 def test_docs_list_every_limit():
-    docs = ROOT / "docs" / "LIMITS.md"
-    text = docs.read_text() if docs.exists() else (ROOT / "README.md").read_text()
-    for flag, _, _ in LIMIT_FLAGS.values():
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    for field, (flag, _, _) in LIMIT_FLAGS.items():
         assert flag in text, flag
+        assert "BLIP2_" + field.upper() in text, field
 
 
 # --------------------------------------------------------------------------- wiring
