@@ -14,7 +14,10 @@ class ModelLoadError(UserFacingError):
 
 
 class CheckpointUnreachableError(ModelLoadError):
-    """A checkpoint is neither on disk nor in the Hugging Face cache, and cannot be downloaded."""
+    """A checkpoint is neither on disk nor in the Hugging Face cache, and cannot be downloaded.
+
+    Raised only for the hub client's own failures (`checkpoints.hub_fetch_errors`), because
+    `--fallback-model` starts on it: a bug raised as this would start the demo model instead."""
 
 
 class InvalidRequestError(UserFacingError, ValueError):

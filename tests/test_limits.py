@@ -22,15 +22,15 @@ import torch
 from blip2_app.config import Settings
 from blip2_app.errors import ModelLoadError, SettingsError
 from blip2_app.loading import PRESETS
-from blip2_app.startup import (
+from blip2_app.memory import (
     RUNTIME_OVERHEAD_BYTES,
     MemoryBudget,
     check_memory,
     estimate_weight_bytes,
-    load_engine,
     memory_budget,
     read_mem_available,
 )
+from blip2_app.startup import load_engine
 from blip2_app.ui.guard import _fetches_url, body_limit_bytes
 from blip2_app.ui.handlers import StudioHandlers
 from blip2_app.ui.sessions import GalleryBudget, GallerySession
