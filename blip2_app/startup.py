@@ -82,16 +82,15 @@ def _load_models(settings: Settings, registry: Registry | None) -> Engine:
         budget = check_memory(entry, precisions, budget)
         captioner = load_model(entry, precisions, device)
         captioner.notes.extend(notes)
-    else:
-        matcher_entry = entry
 
-    retrieval_name = settings.retrieval_model
-    if captioner is not None or remote is not None:
-        matcher_entry = None
-        if retrieval_name == "auto":
-            retrieval_name = entry.retrieval or "none"
-        if retrieval_name != "none":
-            matcher_entry = resolve_model(registry, retrieval_name, "--retrieval-model")
+    retrieval_name = retrieval_model_for(entry, settings.retrieval_model)
+    matcher_entry: ModelEntry | None = None
+    if retrieval_name is not None:
+        matcher_entry = (
+            entry
+            if retrieval_name == entry.name
+            else resolve_model(registry, retrieval_name, "--retrieval-model")
+        )
     if matcher_entry is not None:
         precisions, notes = resolve_precisions(
             settings.precision, matcher_entry, device, settings.precision_overrides
@@ -113,6 +112,16 @@ def _load_models(settings: Settings, registry: Registry | None) -> Engine:
 
         return VLLMEngine(remote, matcher, cache, limits)
     return Engine(captioner, matcher, cache, limits)
+
+
+def retrieval_model_for(entry: ModelEntry, requested: str = "auto") -> str | None:
+    """The retrieval model that goes with `entry` (None: none). A retrieval-only model is its own;
+    a captioning model gets `requested`: "auto" is its registry partner, "none" is none."""
+    if not entry.family.generates_text:
+        return entry.name
+    if requested == "auto":
+        return entry.retrieval
+    return None if requested == "none" else requested
 
 
 def connect_vllm(entry: ModelEntry, settings: Settings):
