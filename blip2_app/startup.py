@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from .allocator import tune_allocator
+from .backends import BACKENDS, TextBackend
 from .cache import FeatureCache
 from .config import Settings
 from .engine import Engine
@@ -110,25 +111,32 @@ def _load_models(settings: Settings, registry: Registry | None) -> Engine:
     entry = resolve_model(registry, settings.model, "--model")
     budget = memory_budget(settings, device)
 
-    captioner = matcher = remote = None
-    if settings.backend == "vllm":
-        if not entry.family.generates_text:
-            raise ModelLoadError(
-                f"{entry.name} is a retrieval model; --backend vllm needs a captioning model (--model)."
+    text: TextBackend | None = None
+    matcher = None
+    matcher_entry: ModelEntry | None = None
+    if entry.family.generates_text:
+
+        def load_weights(text_entry: ModelEntry) -> LoadedModel:
+            nonlocal budget
+            precisions, notes = resolve_precisions(
+                settings.precision, text_entry, device, settings.precision_overrides
             )
-        remote = connect_vllm(entry, settings)
-    elif entry.family.generates_text:
-        precisions, notes = resolve_precisions(
-            settings.precision, entry, device, settings.precision_overrides
+            budget = check_memory(text_entry, precisions, budget)
+            loaded = load_model(text_entry, precisions, device)
+            loaded.notes.extend(notes)
+            return loaded
+
+        text = BACKENDS[settings.backend](entry, settings, load_weights)
+    elif settings.backend != "local":
+        raise ModelLoadError(
+            f"{entry.name} is a retrieval model; --backend {settings.backend} needs a captioning model (--model)."
         )
-        budget = check_memory(entry, precisions, budget)
-        captioner = load_model(entry, precisions, device)
-        captioner.notes.extend(notes)
     else:
         matcher_entry = entry
+    captioner = text.loaded if text is not None else None  # weights a retrieval model may share
 
     retrieval_name = settings.retrieval_model
-    if captioner is not None or remote is not None:
+    if text is not None:
         matcher_entry = None
         if retrieval_name == "auto":
             retrieval_name = entry.retrieval or "none"
@@ -150,25 +158,7 @@ def _load_models(settings: Settings, registry: Registry | None) -> Engine:
     cache = FeatureCache(max_entries=settings.cache_entries, max_bytes=settings.cache_mb * 1024 * 1024)
     allow_pillow_pixels(settings.max_image_pixels)
     limits = ImageLimits(max_pixels=settings.max_image_pixels, max_bytes=settings.max_upload_mb * 1024 * 1024)
-    if remote is not None:
-        from .vllm_backend import VLLMEngine
-
-        return VLLMEngine(remote, matcher, cache, limits)
-    return Engine(captioner, matcher, cache, limits)
-
-
-def connect_vllm(entry: ModelEntry, settings: Settings):
-    """`--backend vllm`: the checkpoint's processor here, the weights on the server (checked now)."""
-    from .vllm_backend import VLLMOptions, connect
-
-    assert settings.vllm_url is not None  # Settings refuses --backend vllm without it
-    options = VLLMOptions(
-        url=settings.vllm_url,
-        model=settings.vllm_model,
-        timeout_s=settings.vllm_timeout_s,
-        retries=settings.vllm_retries,
-    )
-    return connect(entry, options)
+    return Engine(text, matcher, cache, limits)
 
 
 def allow_pillow_pixels(max_pixels: int) -> None:
