@@ -24,9 +24,5 @@ class InvalidRequestError(UserFacingError, ValueError):
     """A request parameter is outside what the app accepts (message says which and why)."""
 
 
-class EmptyOutputError(UserFacingError):
-    """The model produced no text; the message says so instead of returning an empty string."""
-
-
 class SettingsError(UserFacingError, ValueError):
     """A flag or environment variable has a value the app cannot use."""

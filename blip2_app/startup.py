@@ -15,13 +15,14 @@ import torch
 from PIL import Image
 
 from .allocator import tune_allocator
+from .backends import BACKENDS, TextBackend
 from .cache import FeatureCache
 from .checkpoints import looks_like_path
 from .config import Settings
 from .engine import Engine
 from .errors import CheckpointUnreachableError, ModelLoadError
 from .images import ImageLimits
-from .loading import load_model, pick_device, resolve_precisions
+from .loading import LoadedModel, load_model, pick_device, resolve_precisions
 from .memory import check_memory, memory_budget
 from .registry import ModelEntry, Registry
 
@@ -68,23 +69,29 @@ def _load_models(settings: Settings, registry: Registry | None) -> Engine:
     entry = resolve_model(registry, settings.model, "--model")
     budget = memory_budget(settings, device)
 
-    captioner = matcher = remote = None
-    if settings.backend == "vllm":
-        if not entry.family.generates_text:
-            raise ModelLoadError(
-                f"{entry.name} is a retrieval model; --backend vllm needs a captioning model (--model)."
+    text: TextBackend | None = None
+    matcher = None
+    matcher_entry: ModelEntry | None = None
+    if entry.family.generates_text:
+
+        def load_weights(text_entry: ModelEntry) -> LoadedModel:
+            nonlocal budget
+            precisions, notes = resolve_precisions(
+                settings.precision, text_entry, device, settings.precision_overrides
             )
-        remote = connect_vllm(entry, settings)
-    elif entry.family.generates_text:
-        precisions, notes = resolve_precisions(
-            settings.precision, entry, device, settings.precision_overrides
+            budget = check_memory(text_entry, precisions, budget)
+            loaded = load_model(text_entry, precisions, device)
+            loaded.notes.extend(notes)
+            return loaded
+
+        text = BACKENDS[settings.backend](entry, settings, load_weights)
+    elif settings.backend != "local":
+        raise ModelLoadError(
+            f"{entry.name} is a retrieval model; --backend {settings.backend} needs a captioning model (--model)."
         )
-        budget = check_memory(entry, precisions, budget)
-        captioner = load_model(entry, precisions, device)
-        captioner.notes.extend(notes)
+    captioner = text.loaded if text is not None else None  # weights a retrieval model may share
 
     retrieval_name = retrieval_model_for(entry, settings.retrieval_model)
-    matcher_entry: ModelEntry | None = None
     if retrieval_name is not None:
         matcher_entry = (
             entry
@@ -107,11 +114,7 @@ def _load_models(settings: Settings, registry: Registry | None) -> Engine:
     cache = FeatureCache(max_entries=settings.cache_entries, max_bytes=settings.cache_mb * 1024 * 1024)
     allow_pillow_pixels(settings.max_image_pixels)
     limits = ImageLimits(max_pixels=settings.max_image_pixels, max_bytes=settings.max_upload_mb * 1024 * 1024)
-    if remote is not None:
-        from .vllm_backend import VLLMEngine
-
-        return VLLMEngine(remote, matcher, cache, limits)
-    return Engine(captioner, matcher, cache, limits)
+    return Engine(text, matcher, cache, limits)
 
 
 def retrieval_model_for(entry: ModelEntry, requested: str = "auto") -> str | None:
@@ -122,20 +125,6 @@ def retrieval_model_for(entry: ModelEntry, requested: str = "auto") -> str | Non
     if requested == "auto":
         return entry.retrieval
     return None if requested == "none" else requested
-
-
-def connect_vllm(entry: ModelEntry, settings: Settings):
-    """`--backend vllm`: the checkpoint's processor here, the weights on the server (checked now)."""
-    from .vllm_backend import VLLMOptions, connect
-
-    assert settings.vllm_url is not None  # Settings refuses --backend vllm without it
-    options = VLLMOptions(
-        url=settings.vllm_url,
-        model=settings.vllm_model,
-        timeout_s=settings.vllm_timeout_s,
-        retries=settings.vllm_retries,
-    )
-    return connect(entry, options)
 
 
 def allow_pillow_pixels(max_pixels: int) -> None:

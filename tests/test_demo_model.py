@@ -58,9 +58,13 @@ def test_a_users_models_file_resolves_relative_folders_against_itself(tmp_path):
 
 
 def test_loads_by_name_through_the_apps_loader(demo_engine):
-    assert demo_engine.captioner.entry.name == "shapes-demo"
+    assert demo_engine.text.entry.name == "shapes-demo"
     assert demo_engine.matcher.entry.name == "shapes-demo-itm"
-    assert demo_engine.captioner.precisions.as_dict() == {"vision": "fp32", "qformer": "fp32", "llm": "fp32"}
+    assert demo_engine.text.loaded.precisions.as_dict() == {
+        "vision": "fp32",
+        "qformer": "fp32",
+        "llm": "fp32",
+    }
     assert any("Vision encoder shared" in note for note in demo_engine.matcher.notes)
 
 
@@ -120,7 +124,7 @@ def test_offline_fallback_is_opt_in_and_shown_on_every_tab(demo_engine):
     with pytest.raises(ModelLoadError, match="Unknown model"):  # other failures never fall back
         load_engine(Settings(model="blip2-opt-99b", fallback_model="shapes-demo"))
     engine = load_engine(Settings(model=UNREACHABLE, fallback_model="shapes-demo"))
-    assert engine.captioner.entry.name == "shapes-demo" and engine.matcher.entry.name == "shapes-demo-itm"
+    assert engine.text.entry.name == "shapes-demo" and engine.matcher.entry.name == "shapes-demo-itm"
     assert len(engine.notices) == 1 and UNREACHABLE in engine.notices[0]
     header = _header(engine)
     assert 'id="model-notice"' in header and UNREACHABLE in header and "--model blip2-opt-2.7b" in header

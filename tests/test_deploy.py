@@ -91,7 +91,7 @@ def test_health_route_answers_before_the_app_and_passes_the_rest(load_tiny):
         "model": "tiny-random",
         "retrieval_model": "tiny-random-itm",
         "device": "cpu",
-        "precision": engine.captioner.precisions.as_dict(),
+        "precision": engine.text.loaded.precisions.as_dict(),
         "backend": "local",
     }
     app = Starlette(

@@ -271,8 +271,8 @@ def test_memory_budget_sources(tmp_path):
 
 
 def test_memory_check_refuses_and_accumulates(engine):
-    entry = engine.captioner.entry
-    precisions = engine.captioner.precisions
+    entry = engine.text.entry
+    precisions = engine.text.loaded.precisions
     roomy = check_memory(entry, precisions, MemoryBudget(10**10, "test"))
     assert roomy.used_bytes > RUNTIME_OVERHEAD_BYTES
     with pytest.raises(ModelLoadError, match=r"Not enough memory to load tiny-random .*\(test\)"):

@@ -476,10 +476,10 @@ def test_other_families_caption_chat_and_instruction(model, photo):
     engine = load_engine(settings)
     other = StudioHandlers(engine, settings)
     assert other.caption(photo, "detailed", max_new_tokens=4)
-    instruction = "Answer in one word." if engine.captioner.entry.family.instruction_aware else ""
+    instruction = "Answer in one word." if engine.text.entry.family.instruction_aware else ""
     assert other.answer(photo, "What is it?", True, instruction, max_new_tokens=4)
     messages, session = drain(other.chat(photo, "What is it?", None, instruction, **GREEDY))[-1]
     assert len(session.turns) == 1 and messages[-1]["role"] == "assistant"
     demo = build_demo(settings, engine)
     boxes = [b for b in demo.blocks.values() if getattr(b, "label", None) == "Instruction (InstructBLIP)"]
-    assert len(boxes) == 1 and boxes[0].visible == engine.captioner.entry.family.instruction_aware
+    assert len(boxes) == 1 and boxes[0].visible == engine.text.entry.family.instruction_aware

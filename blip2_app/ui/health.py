@@ -21,15 +21,15 @@ HEALTH_PATH = "/healthz"
 
 def readiness(engine: Engine) -> dict[str, Any]:
     """What /healthz reports once the app serves."""
-    loaded = engine.captioner or engine.matcher
-    precisions = getattr(loaded, "precisions", None)  # None for a vLLM server's model
+    text, matcher = engine.text, engine.matcher
+    weights = text.loaded if text is not None else matcher  # None: text generated elsewhere
     return {
         "status": "ready",
-        "model": engine.captioner.entry.name if engine.captioner else None,
-        "retrieval_model": engine.matcher.entry.name if engine.matcher else None,
-        "device": str(loaded.device) if loaded is not None else None,
-        "precision": precisions.as_dict() if precisions is not None else None,
-        "backend": "vllm" if engine.unsupported_knobs() else "local",
+        "model": text.entry.name if text is not None else None,
+        "retrieval_model": matcher.entry.name if matcher is not None else None,
+        "device": text.device if text is not None else str(matcher.device) if matcher is not None else None,
+        "precision": weights.precisions.as_dict() if weights is not None else None,
+        "backend": text.name if text is not None else "local",  # retrieval only: all in this process
     }
 
 
