@@ -137,7 +137,7 @@ class GalleryBudget:
         self.evictions = 0
 
     def _prune(self) -> None:
-        for key in [k for k, ref in self._order.items() if ref() is None]:
+        for key in [key for key, ref in self._order.items() if ref() is None]:
             del self._order[key]
 
     def __len__(self) -> int:
@@ -181,7 +181,7 @@ class GalleryBudget:
     def _evict_over_limit(self, keep: int) -> None:
         self._prune()
         while len(self._order) > self.limit:
-            victim_key = next((k for k in self._order if k != keep and not self._busy.get(k)), None)
+            victim_key = next((key for key in self._order if key != keep and not self._busy.get(key)), None)
             if victim_key is None:  # the others are in use right now: try again next time
                 return
             victim = self._order.pop(victim_key)()
