@@ -9,7 +9,7 @@ they fit the context, decoding answers, the image-feature cache, and retrieval (
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
@@ -343,7 +343,7 @@ class Engine:
         exemplars: Sequence[ChatTurn] = (),
         instruction: str = "",
         generation: GenerationSettings | None = None,
-    ) -> Iterator[StreamEvent]:
+    ) -> Generator[StreamEvent, None, None]:
         """`AnswerSoFar` each time the shown answer grows, then one `AnswerDone` (beam search
         cannot stream: `AnswerDone` only). Closing the iterator stops the generation."""
         generation = (generation or self.default_generation()).replace(num_captions=1)

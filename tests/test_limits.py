@@ -32,8 +32,9 @@ from blip2_app.memory import (
 )
 from blip2_app.startup import load_engine
 from blip2_app.ui.guard import _fetches_url, body_limit_bytes
-from blip2_app.ui.handlers import StudioHandlers
 from blip2_app.ui.sessions import GalleryBudget, GallerySession
+from blip2_app.ui.tabs.chat import ChatHandlers
+from blip2_app.ui.tabs.retrieval import RetrievalHandlers
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = [str(p) for p in sorted((ROOT / "assets" / "examples").glob("*.*"))[:4]]
@@ -57,9 +58,12 @@ def engine():
     return load_engine(Settings(model="tiny-random"))
 
 
-def handlers_with(engine, **changes) -> StudioHandlers:
-    settings = Settings(model="tiny-random", **changes)
-    return StudioHandlers(engine, settings)
+def chats_with(engine, **changes) -> ChatHandlers:
+    return ChatHandlers(engine, Settings(model="tiny-random", **changes))
+
+
+def galleries_with(engine, **changes) -> RetrievalHandlers:
+    return RetrievalHandlers(engine, Settings(model="tiny-random", **changes))
 
 
 # --------------------------------------------------------------------------- settings
@@ -155,7 +159,7 @@ def test_guard_recognises_url_fetches(path, refused):
 
 # --------------------------------------------------------------------------- chats and galleries
 def test_chat_keeps_at_most_max_chat_turns(engine):
-    h = handlers_with(engine, max_chat_turns=2)
+    h = chats_with(engine, max_chat_turns=2)
     session = None
     for number in range(4):
         *_, (messages, session) = h.chat(
@@ -171,7 +175,7 @@ def test_chat_keeps_at_most_max_chat_turns(engine):
 
 
 def test_gallery_size_is_a_setting(engine):
-    h = handlers_with(engine, max_gallery_images=2)
+    h = galleries_with(engine, max_gallery_images=2)
     with pytest.raises(gr.Error, match="index at most 2 images at a time"):
         h.index_gallery(PHOTOS[:3], False, None)
     _, gallery = h.index_gallery(PHOTOS[:2], False, None)
@@ -181,7 +185,7 @@ def test_gallery_size_is_a_setting(engine):
 
 
 def test_at_most_max_galleries_hold_memory(engine):
-    h = handlers_with(engine, max_galleries=2)
+    h = galleries_with(engine, max_galleries=2)
     _, alice = h.index_gallery(PHOTOS[:1], False, None)
     _, bob = h.index_gallery(PHOTOS[1:2], False, None)
     assert len(h.galleries) == 2

@@ -82,12 +82,10 @@ def test_app_main_answers_on_its_port_before_the_heavy_imports():
 
 def test_the_ui_package_still_exports_its_names_on_first_use():
     import blip2_app.ui as ui
-    from blip2_app.ui import StudioHandlers, build_demo, launch_options
-    from blip2_app.ui.handlers import StudioHandlers as handlers_class
+    from blip2_app.ui import build_demo, launch_options
     from blip2_app.ui.layout import build_demo as layout_build_demo
     from blip2_app.ui.layout import launch_options as layout_launch_options
 
-    assert StudioHandlers is handlers_class
     assert build_demo is layout_build_demo and launch_options is layout_launch_options
     with pytest.raises(AttributeError, match="no_such_name"):
         ui.no_such_name  # noqa: B018

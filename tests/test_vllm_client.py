@@ -40,9 +40,10 @@ from blip2_app.errors import ModelLoadError, SettingsError
 from blip2_app.generation import GenerationSettings
 from blip2_app.prompts import ChatTurn, caption_prompt, vqa_prompt
 from blip2_app.registry import Registry
-from blip2_app.ui.handlers import StudioHandlers
 from blip2_app.ui.health import readiness
 from blip2_app.ui.report import model_report_markdown
+from blip2_app.ui.tabs.caption import CaptionHandlers
+from blip2_app.ui.tabs.chat import ChatHandlers
 
 URL = "http://vllm.test:8000/v1"
 MODEL = "tiny-blip2"
@@ -356,14 +357,14 @@ def test_handlers_turn_backend_failures_into_specific_gradio_errors(entry, photo
     path = tmp_path / "photo.png"
     photo.save(path)
     settings = Settings(model="tiny-random", backend="vllm", vllm_url=URL, retrieval_model="none")
-    handlers = StudioHandlers(remote(entry, Script()), settings)
+    captions = CaptionHandlers(remote(entry, Script()))
     with pytest.raises(gr.Error, match="Beam search is not available with the vLLM backend"):
-        handlers.caption(str(path), decoding="beam")
+        captions.caption(str(path), decoding="beam")
     with pytest.raises(gr.Error, match="no_repeat_ngram_size=2 is not supported"):
-        handlers.caption(str(path), decoding="greedy", no_repeat_ngram_size=2)
-    handlers = StudioHandlers(remote(entry, Script(down), retries=0), settings)
+        captions.caption(str(path), decoding="greedy", no_repeat_ngram_size=2)
+    chats = ChatHandlers(remote(entry, Script(down), retries=0), settings)
     with pytest.raises(gr.Error, match="cannot be reached"):
-        list(handlers.chat(str(path), "what is it?"))
+        list(chats.chat(str(path), "what is it?"))
 
 
 def test_model_tab_shows_server_health(entry):
