@@ -7,19 +7,22 @@ tests/test_vllm_client.py::test_closing_the_chat_stream_closes_the_server_respon
 
 import threading
 
+import pytest
 import torch
 from transformers import LogitsProcessor
 
 from blip2_app.backends import BACKENDS, AnswerDone, AnswerSoFar, TextBackend
 from blip2_app.backends import local as local_backend
-from blip2_app.config import BACKEND_CHOICES
+from blip2_app.config import Settings
+from blip2_app.errors import SettingsError
 from blip2_app.generation import GenerationSettings
 
 LONG = GenerationSettings(decoding="greedy", min_new_tokens=400, max_new_tokens=400, no_repeat_ngram_size=0)
 
 
-def test_every_backend_flag_has_a_backend_and_the_local_one_fits_the_protocol(load_tiny):
-    assert set(BACKENDS) == set(BACKEND_CHOICES)
+def test_the_backend_flag_takes_the_mapping_names_and_the_local_one_fits_the_protocol(load_tiny):
+    with pytest.raises(SettingsError, match="backend must be one of " + ", ".join(BACKENDS)):
+        Settings(model="tiny-random", backend="no-such-backend")
     engine = load_tiny("tiny-random")
     assert isinstance(engine.text, TextBackend) and engine.text.name == "local"
     assert engine.text.report()["backend"] == "local" and engine.unsupported_knobs() == {}

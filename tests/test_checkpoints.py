@@ -156,13 +156,13 @@ def _offline_hub(monkeypatch, remote_error: BaseException) -> None:
 def test_an_unreachable_checkpoint_falls_back(monkeypatch, remote_error):
     _offline_hub(monkeypatch, remote_error)
     engine = load_engine(Settings(model=UNREACHABLE, fallback_model="tiny-random", retrieval_model="none"))
-    assert engine.captioner.entry.name == "tiny-random"
+    assert engine.text.entry.name == "tiny-random"
     assert len(engine.notices) == 1 and UNREACHABLE in engine.notices[0]
 
 
 def test_the_offline_hub_falls_back():
     engine = load_engine(Settings(model=UNREACHABLE, fallback_model="tiny-random", retrieval_model="none"))
-    assert engine.captioner.entry.name == "tiny-random" and UNREACHABLE in engine.notices[0]
+    assert engine.text.entry.name == "tiny-random" and UNREACHABLE in engine.notices[0]
 
 
 @pytest.mark.parametrize("bug", [KeyError("config"), TypeError("unexpected argument")], ids=repr)

@@ -1,8 +1,8 @@
 """Text backends: where captions, answers and chat are generated (`--backend NAME`).
 
 Adding a backend is one new module in this package with an `open_backend(entry, settings,
-load_weights)` returning a `TextBackend` (see base.py), and one line in `BACKENDS` below (and
-its name in config.BACKEND_CHOICES, which validates the flag). The modules are imported when a
+load_weights)` returning a `TextBackend` (see base.py), and one line in `BACKENDS` below (the
+`--backend` flag takes its names from there). The modules are imported when a
 backend is opened, not here: `blip2_app.backends` stays torch-free.
 """
 
