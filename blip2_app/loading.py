@@ -445,7 +445,43 @@ def stream_load(
     memory. Returns None when the checkpoint's tensor names do not match the model's (e.g. an
     old format transformers renames while loading); the caller then uses transformers' loader.
     """
-    from safetensors import safe_open
+    plan = _plan_stream_load(model_class, location, files, shared_vision)
+    if plan is None:
+        return None
+    stream = _TensorStream(plan, precisions, device)
+    if shared_vision is not None:
+        stream.loaded_ids |= {id(t) for t in [*shared_vision.parameters(), *shared_vision.buffers()]}
+    stream.read_checkpoint()
+    return _finish_stream_load(stream, shared_vision, location)
+
+
+@dataclass
+class _StreamPlan:
+    """What a streaming load reads and where each tensor goes, decided before any tensor is read."""
+
+    model: transformers.PreTrainedModel  # built without initialising its weights
+    stored: dict[str, Path]  # tensor name -> the file that stores it
+    ties: dict[str, str]  # {target: source} the checkpoint really has
+    wanted: set[str]  # the model's tensors to fill (not those of a shared vision encoder)
+    tie_sources: set[str]
+    head_tables: set[str]  # embedding tables an LM head (a Linear layer) is tied to
+
+    def keys_by_file(self) -> dict[Path, list[str]]:
+        """The tensors to read, grouped by file so that each file is opened once."""
+        by_file: dict[Path, list[str]] = {}
+        for key in sorted(self.wanted & set(self.stored) - set(self.ties)):  # a tied copy is not read twice
+            by_file.setdefault(self.stored[key], []).append(key)
+        return by_file
+
+
+def _plan_stream_load(
+    model_class: type[transformers.PreTrainedModel],
+    location: str,
+    files: list[Path],
+    shared_vision: torch.nn.Module | None,
+) -> _StreamPlan | None:
+    """The model skeleton and what to read into it; None when the checkpoint's tensor names do
+    not match the model's."""
     from transformers.initialization import no_init_weights, no_tie_weights
 
     config = transformers.AutoConfig.from_pretrained(location)
@@ -462,11 +498,6 @@ def stream_load(
     if wanted - set(stored) - set(ties):
         log.info("Tensor names of %s differ from the model's; using transformers' loader.", location)
         return None
-
-    def precision_of(key: str) -> str:
-        component = component_of(key)
-        return getattr(precisions, component) if component else "fp32"
-
     # A Linear weight that a table is tied to (a checkpoint storing the head, not the table) stays
     # fp32 until tied, then is quantized with its table.
     tie_sources = set(ties.values())
@@ -475,58 +506,119 @@ def stream_load(
         for target, source in ties.items()
         if type(model.get_submodule(target.rpartition(".")[0])) is torch.nn.Linear
     }
-    pending: dict[str, dict[str, torch.Tensor]] = {}
+    return _StreamPlan(model, stored, ties, wanted, tie_sources, head_tables)
+
+
+def _precision_of(precisions: ComponentPrecisions, key: str) -> str:
+    component = component_of(key)
+    return getattr(precisions, component) if component else "fp32"
+
+
+@dataclass
+class _TensorStream:
+    """The streaming read: each stored tensor goes into the model as it is read, cast to its
+    component's precision, and a dynamic-int8 Linear layer is quantized as soon as its weight
+    (and bias) arrived."""
+
+    plan: _StreamPlan
+    precisions: ComponentPrecisions
+    device: torch.device | None
+    # Dynamic-int8 Linear layers whose weight or bias has not been read yet: {layer: {attr: tensor}}.
+    pending: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     # Embedding tables an LM head is tied to, left unread (untouched storage) until the head is quantized.
-    untied_tables: dict[torch.nn.Module, tuple[Path, str]] = {}
-    loaded_ids: set[int] = set()
-    if shared_vision is not None:
-        loaded_ids |= {id(t) for t in [*shared_vision.parameters(), *shared_vision.buffers()]}
-    by_file: dict[Path, list[str]] = {}
-    for key in sorted(wanted & set(stored) - set(ties)):  # a tied copy is not read twice
-        by_file.setdefault(stored[key], []).append(key)
-    for path, keys in by_file.items():
-        with safe_open(str(path), framework="pt") as handle:
-            for key in keys:
-                owner_name, _, attr = key.rpartition(".")
-                owner = model.get_submodule(owner_name) if owner_name else model
-                precision = precision_of(key)
-                if precision == DYNAMIC_INT8 and type(owner) is torch.nn.Embedding:
-                    if key in head_tables:  # read later, straight into int8 rows
-                        untied_tables[owner] = (path, key)
-                        # Flagged as loaded so that no init writes (and makes resident) its
-                        # never-touched fp32 storage: 515 MB on OPT-2.7B.
-                        loaded_ids.add(id(owner.weight))
-                        continue
-                    owner.__class__ = _Bf16Embedding
-                    loaded_ids.add(id(_assign(owner, attr, _read_cast(handle, key, torch.bfloat16))))
-                    continue
-                tensor = handle.get_tensor(key)
-                if precision == DYNAMIC_INT8 and type(owner) is torch.nn.Linear and key not in tie_sources:
-                    parts = pending.setdefault(owner_name, {})
-                    parts[attr] = tensor
-                    if "weight" in parts and ("bias" in parts or owner.bias is None):
-                        _replace_linear(model, owner_name, parts)
-                        del pending[owner_name]
-                    continue
-                dtype = FLOAT_DTYPES.get(precision, torch.float32)
-                if not tensor.is_floating_point():
-                    dtype = tensor.dtype
-                loaded_ids.add(id(_assign(owner, attr, tensor.to(device=device, dtype=dtype))))
-                del tensor
+    untied_tables: dict[torch.nn.Module, tuple[Path, str]] = field(default_factory=dict)
+    # Tensors holding checkpoint values: `initialize_weights` must not overwrite them.
+    loaded_ids: set[int] = field(default_factory=set)
+
+    def read_checkpoint(self) -> None:
+        from safetensors import safe_open
+
+        for path, keys in self.plan.keys_by_file().items():
+            with safe_open(str(path), framework="pt") as handle:
+                for key in keys:
+                    self._read_tensor(handle, path, key)
+
+    def _read_tensor(self, handle: Any, path: Path, key: str) -> None:
+        model = self.plan.model
+        owner_name, _, attr = key.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        precision = _precision_of(self.precisions, key)
+        if precision == DYNAMIC_INT8 and type(owner) is torch.nn.Embedding:
+            self._read_dynamic_int8_table(handle, path, key, owner, attr)
+            return
+        tensor = handle.get_tensor(key)
+        if precision == DYNAMIC_INT8 and type(owner) is torch.nn.Linear and key not in self.plan.tie_sources:
+            self._collect_linear_part(owner_name, owner, attr, tensor)
+            return
+        dtype = FLOAT_DTYPES.get(precision, torch.float32)
+        if not tensor.is_floating_point():
+            dtype = tensor.dtype
+        self.loaded_ids.add(id(_assign(owner, attr, tensor.to(device=self.device, dtype=dtype))))
+
+    def _read_dynamic_int8_table(
+        self, handle: Any, path: Path, key: str, owner: torch.nn.Module, attr: str
+    ) -> None:
+        if key in self.plan.head_tables:  # read later, straight into int8 rows
+            self.untied_tables[owner] = (path, key)
+            # Flagged as loaded so that no init writes (and makes resident) its
+            # never-touched fp32 storage: 515 MB on OPT-2.7B.
+            self.loaded_ids.add(id(cast(torch.nn.Embedding, owner).weight))
+            return
+        owner.__class__ = _Bf16Embedding
+        self.loaded_ids.add(id(_assign(owner, attr, _read_cast(handle, key, torch.bfloat16))))
+
+    def _collect_linear_part(
+        self, owner_name: str, owner: torch.nn.Module, attr: str, tensor: torch.Tensor
+    ) -> None:
+        """Quantizes the layer once its weight and (if it has one) bias have both arrived."""
+        parts = self.pending.setdefault(owner_name, {})
+        parts[attr] = tensor
+        if "weight" in parts and ("bias" in parts or cast(torch.nn.Linear, owner).bias is None):
+            _replace_linear(self.plan.model, owner_name, parts)
+            del self.pending[owner_name]
+
+
+def _finish_stream_load(
+    stream: _TensorStream, shared_vision: torch.nn.Module | None, location: str
+) -> transformers.PreTrainedModel:
+    """Tie, fill what the checkpoint does not hold, quantize what is left, check nothing is missing."""
+    model = stream.plan.model
     if shared_vision is not None:
         model.vision_model = shared_vision
-    _tie(model, ties)
+    _tie(model, stream.plan.ties)
+    _initialize_unloaded(model, stream.loaded_ids)
+    _quantize_remaining_linears(model, stream.precisions, shared_vision, stream.untied_tables, location)
+    trim_heap()  # quantizing layer by layer leaves freed blocks in the heap (~150 MB on OPT-2.7B)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if stream.pending or leftover:
+        raise ModelLoadError(
+            f"Incomplete checkpoint {location}: missing {sorted([*stream.pending, *leftover])[:5]}."
+        )
+    return model
+
+
+def _initialize_unloaded(model: transformers.PreTrainedModel, loaded_ids: set[int]) -> None:
     # transformers v5 fills some buffers (position ids, rotary frequencies) in `_init_weights`, which
     # no_init_weights skipped: run it now; its init functions skip tensors flagged as loaded.
+    # (`_is_hf_initialized` is transformers' flag, set on torch objects that do not declare it.)
     for tensor in [*model.parameters(), *model.buffers()]:
         if tensor.device.type != "meta" and id(tensor) in loaded_ids:
-            tensor._is_hf_initialized = True
+            tensor._is_hf_initialized = True  # type: ignore[attr-defined]
     # A module with nothing left to fill is skipped whole: some inits (T5 attention) write to
     # `layer.weight`, which a dynamic-int8 Linear no longer has as a tensor.
     for module in model.modules():
         if all(id(t) in loaded_ids for t in [*module.parameters(), *module.buffers()]):
-            module._is_hf_initialized = True
+            module._is_hf_initialized = True  # type: ignore[assignment]
     model.initialize_weights()
+
+
+def _quantize_remaining_linears(
+    model: transformers.PreTrainedModel,
+    precisions: ComponentPrecisions,
+    shared_vision: torch.nn.Module | None,
+    untied_tables: dict[torch.nn.Module, tuple[Path, str]],
+    location: str,
+) -> None:
     # An LM head tied to its embedding table is quantized now, with the table (one int8 copy for
     # both); then every Linear layer not quantized while streaming.
     for component, names in COMPONENT_MODULES.items():
@@ -546,13 +638,6 @@ def stream_load(
         raise ModelLoadError(
             f"{location}: tied tables left unread: {sorted(k for _, k in untied_tables.values())}."
         )
-    trim_heap()  # quantizing layer by layer leaves freed blocks in the heap (~150 MB on OPT-2.7B)
-    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if pending or leftover:
-        raise ModelLoadError(
-            f"Incomplete checkpoint {location}: missing {sorted([*pending, *leftover])[:5]}."
-        )
-    return model
 
 
 READ_CHUNK_ROWS = 4096
