@@ -152,6 +152,12 @@ def _is_deep_link(path: str) -> bool:
     return "/deep_link" in path.lower()
 
 
+def client_address(scope: Scope) -> str:
+    """The client's IP address as the server sees it (a trusted proxy's X-Forwarded-For applied)."""
+    client: Any = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
 def _content_length(scope: Scope) -> int | None:
     for name, value in scope.get("headers") or []:
         if name.lower() == b"content-length":

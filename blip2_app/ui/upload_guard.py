@@ -26,11 +26,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from .guard import ASGIApp, Message, Receive, Scope, Send, reply
+from .guard import ASGIApp, Message, Receive, Scope, Send, client_address, reply
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +197,7 @@ class UploadGuard:
         if scope["type"] != "http" or scope.get("method") != "POST" or not path.endswith(UPLOAD_PATH_SUFFIX):
             await self.app(scope, receive, send)
             return
-        client = _client_address(scope)
+        client = client_address(scope)
         _, options = parse_options_header(_header(scope, b"content-type"))
         boundary = options.get(b"boundary")
         if not boundary:
@@ -249,7 +248,7 @@ class UploadGuard:
                 raise
         if refused and not started:
             self.orphans_possible = True
-            log.info("Upload refused from %s: %s", _client_address(scope), refused[0])
+            log.info("Upload refused from %s: %s", client_address(scope), refused[0])
             await reply(send, refused[0].status, str(refused[0]))
         elif refused or (started and started[0] != 200):
             self.orphans_possible = True
@@ -279,8 +278,3 @@ def _header(scope: Scope, name: bytes) -> bytes:
         if key.lower() == name:
             return bytes(value)
     return b""
-
-
-def _client_address(scope: Scope) -> str:
-    client: Any = scope.get("client")
-    return str(client[0]) if client else "unknown"
