@@ -62,3 +62,29 @@ def test_one_client_cannot_fill_the_queue():
     assert call(guard, "/gradio_api/queue/join", "s0") == 429  # two of its own already there
     assert call(guard, "/gradio_api/queue/join", "t0", client="203.0.113.5") == 200
     assert call(guard, "/gradio_api/run/predict", "s0") == 200  # un-queued UI events are not counted
+
+
+def test_stateless_sessions_are_evicted_before_ones_that_hold_a_chat():
+    import gradio as gr
+    from gradio.state_holder import StateHolder
+
+    from blip2_app.ui.fair_share import evict_stateless_first
+
+    with gr.Blocks() as demo:
+        chat = gr.State(None)
+    holder = StateHolder()
+    holder.set_blocks(demo)
+    holder.capacity = 3
+    evict_stateless_first(holder)
+    holder["visitor"][chat._id] = ["a conversation"]
+    for i in range(50):  # an attacker's fresh session hashes, each touched once
+        holder[f"fresh{i}"][chat._id]
+    assert "visitor" in holder
+    assert len(holder.session_data) == 3
+    plain = StateHolder()
+    plain.set_blocks(demo)
+    plain.capacity = 3
+    plain["visitor"][chat._id] = ["a conversation"]
+    for i in range(50):
+        plain[f"fresh{i}"][chat._id]
+    assert "visitor" not in plain  # Gradio's own policy: the visitor's chat is gone

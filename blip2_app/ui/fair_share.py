@@ -150,3 +150,31 @@ class FairShare:
 
 def _is_event_route(path: str) -> bool:
     return path.endswith(EVENT_ROUTES[0]) or EVENT_ROUTES[1] in path
+
+
+def holds_state(session: Any) -> bool:
+    """A Gradio SessionState that holds something of the visitor's (a chat, a gallery): any
+    gr.State value other than None. Reading a State stores its default (None here) too."""
+    return any(value is not None for value in session.state_data.values())
+
+
+def evict_stateless_first(holder: Any) -> None:
+    """Makes a Gradio `StateHolder` drop sessions that hold no state before any that does, so
+    only sessions with a chat or a gallery count against --max-sessions (finding 5: 1,100
+    stateless calls with fresh session hashes evicted every visitor's chat). Gradio 6's holder
+    evicts the least recently used session whatever it holds; tests/test_fair_share checks this
+    against the installed version."""
+
+    def update(session_id: str) -> None:
+        with holder.lock:
+            sessions = holder.session_data
+            if session_id in sessions:
+                sessions.move_to_end(session_id)
+            while len(sessions) > holder.capacity:
+                victim = next((key for key, s in sessions.items() if not holds_state(s)), None)
+                if victim is None:
+                    victim = next(iter(sessions))
+                del sessions[victim]
+                holder.time_last_used.pop(victim, None)
+
+    holder.update = update
