@@ -58,9 +58,10 @@ browser:  ## Debian's chromium for the browser tests (installed when root and mi
 test: $(VENV)/.installed-dev browser  ## unit, API and browser tests on tiny offline models
 	GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest -q $(ARGS)
 
-lint: $(VENV)/.installed-dev  ## ruff (code, README examples) and hadolint (Dockerfile)
+lint: $(VENV)/.installed-dev  ## ruff (code, README examples), mypy (types, see pyproject.toml) and hadolint (Dockerfile)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint Dockerfile
 
 format: $(VENV)/.installed-dev
@@ -68,4 +69,4 @@ format: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff format .
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache test-artifacts
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache .mypy_cache test-artifacts

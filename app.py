@@ -37,13 +37,11 @@ def on_space(env: dict[str, str] | None = None) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from blip2_app.ui.zerogpu import import_spaces
-
-    import_spaces()  # on a ZeroGPU Space, before torch looks at CUDA
+    # Only torch-free modules until the loading page is up: importing torch, transformers and
+    # Gradio takes seconds, and the port should answer (503 on /healthz) during them too.
     from blip2_app.config import Settings
     from blip2_app.errors import UserFacingError
-    from blip2_app.startup import load_engine
-    from blip2_app.ui.health import LoadingServer
+    from blip2_app.ui.loading_page import LoadingServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -51,11 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserFacingError, ValueError) as error:
         print(f"blip2-studio: {error}", file=sys.stderr)
         return 1
-    from blip2_app.allocator import start_heap_trimmer
-    from blip2_app.ui import build_demo, launch_options
-
-    options = launch_options(settings, on_space=on_space())
-    host = options["server_name"] or os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
+    host = settings.server_name(on_space()) or os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
     # The port answers at once: a loading page for visitors, 503 on /healthz, until the model is in.
     loading = LoadingServer(host, settings.port, settings.model)
     try:
@@ -64,6 +58,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"blip2-studio: cannot listen on {host}:{settings.port}: {error}", file=sys.stderr)
         return 1
     try:
+        from blip2_app.ui.zerogpu import import_spaces
+
+        import_spaces()  # on a ZeroGPU Space, before torch looks at CUDA
+        from blip2_app.startup import load_engine
+        from blip2_app.ui import build_demo
+
         engine = load_engine(settings)
         demo = build_demo(settings, engine)
     except (UserFacingError, ValueError) as error:
@@ -71,6 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         loading.stop()
+    from blip2_app.allocator import start_heap_trimmer
+    from blip2_app.ui import launch_options
+
     options = launch_options(settings, on_space=on_space(), engine=engine)
     start_heap_trimmer()  # a busy server's resident memory stays flat (see allocator.py)
     try:

@@ -303,12 +303,12 @@ def measure_captioning(args, images, repeats) -> dict:
                 device=args.device,
             )
         )
-        loaded = engine.captioner
+        loaded = engine.text.loaded
         model, processor = loaded.model, loaded.processor
         dtype = loaded.component_dtype("vision")
         out["report"] = loaded.report()
     out["load_seconds"] = round(time.perf_counter() - started, 1)
-    device = model.device if naive else engine.captioner.device
+    device = model.device if naive else engine.text.loaded.device
     # CPU kernels need no warm-up and CPU calls take seconds; CUDA sets up kernels on first call.
     warm = 1 if torch.device(device).type == "cuda" else 0
     image = images[0]
@@ -354,7 +354,7 @@ def measure_captioning(args, images, repeats) -> dict:
     else:
         from blip2_app.prompts import ChatTurn
 
-        lm_inputs = engine._generate_inputs(engine.prepare([image]), [prompt])
+        lm_inputs = engine.text.generate_inputs(engine.prepare([image]), [prompt])
         lm_inputs = {k: v for k, v in lm_inputs.items() if k != "input_ids"} | (
             {"input_ids": lm_inputs["input_ids"]} if "input_ids" in lm_inputs else {}
         )
@@ -484,7 +484,7 @@ def measure_retrieval(args, images, repeats) -> dict:
             )
         )
         out["load_seconds"] = round(time.perf_counter() - started, 1)
-        out["vision_shared"] = engine.matcher.model.vision_model is engine.captioner.model.vision_model
+        out["vision_shared"] = engine.matcher.model.vision_model is engine.text.loaded.model.vision_model
         out["report_matcher"] = engine.matcher.report()
 
         def index():

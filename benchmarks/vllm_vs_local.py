@@ -2,7 +2,7 @@
 
 Same tiny checkpoint (tiny-random, BLIP-2/OPT, float32), same images, same greedy decoding with
 the output length forced (min_new_tokens = max_new_tokens), same run. Requests go to the engine
-API (`Engine.caption`, `VLLMEngine.caption`) from N threads, so what is measured is the backend,
+API (`Engine.caption`, local or vLLM backend) from N threads, so what is measured is the backend,
 not Gradio. The local engine runs its requests side by side in threads (PyTorch releases the GIL);
 the vLLM server batches them (continuous batching). Each level is warmed up first.
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -71,21 +72,28 @@ def trim_heap() -> None:
         libc.malloc_trim(0)
 
 
-def start_heap_trimmer(interval_s: float = TRIM_INTERVAL_S) -> threading.Thread | None:
-    """A daemon thread calling glibc's malloc_trim(0) every `interval_s` seconds (None off glibc)."""
+class HeapTrimmer(threading.Thread):
+    """A daemon thread calling `trim(0)` (glibc's malloc_trim) every `interval_s` seconds until
+    `stop` is set."""
+
+    def __init__(self, trim: Callable[[int], object], interval_s: float) -> None:
+        super().__init__(name="heap-trimmer", daemon=True)
+        self.trim, self.interval_s = trim, interval_s
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.interval_s):
+            self.trim(0)
+
+
+def start_heap_trimmer(interval_s: float = TRIM_INTERVAL_S) -> HeapTrimmer | None:
+    """A started `HeapTrimmer` (None off glibc)."""
     libc = _libc()
     if libc is None:
         log.info("No glibc malloc_trim here: freed heap memory stays with the process.")
         return None
     trim = libc.malloc_trim
     trim.argtypes = [ctypes.c_size_t]
-    stop = threading.Event()
-
-    def run() -> None:
-        while not stop.wait(interval_s):
-            trim(0)
-
-    thread = threading.Thread(target=run, name="heap-trimmer", daemon=True)
-    thread.stop = stop  # type: ignore[attr-defined]
+    thread = HeapTrimmer(trim, interval_s)
     thread.start()
     return thread

@@ -3,7 +3,9 @@
 `evaluate` is `blip2_app.training.evaluate` (caption, VQA and retrieval metrics on a dataset); its
 arguments are that module's own.
 
-Failures print one line (`error: ...`) on stderr and exit non-zero; tracebacks are for bugs only.
+Failures the user can fix (a missing file, a folder given for a file, a bad index or model name,
+an unreadable image) print one line, `error: ...`, on stderr and exit with status 2; anything else
+is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,14 +17,28 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import Settings, add_arguments
 from .errors import UserFacingError
 from .generation import DECODINGS
 from .images import ImageDecodeError
-from .prompts import MAX_QUERY_CHARS, clean_text
+
+if TYPE_CHECKING:  # the engine imports torch: only once a command needs it
+    from .engine import Engine, PreparedImage
 
 EXIT_USER_ERROR = 2
+# What a person can fix: UserFacingError (ImageDecodeError, ModelLoadError, IndexFormatError... are
+# kinds of it) and the file system's refusals of a path. Other OSErrors (a network error is one)
+# and every other exception are bugs or outages: they keep their traceback.
+USER_ERRORS: tuple[type[Exception], ...] = (
+    UserFacingError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    FileExistsError,
+    PermissionError,
+)
 MODEL_FLAGS = (
     "model",
     "precision",
@@ -73,9 +89,17 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("index_dir")
     search.add_argument("query")
     search.add_argument("--top-k", type=_positive_int, default=5)
+    search.add_argument(
+        "--rerank",
+        type=_positive_int,
+        metavar="K",
+        help="re-sort the best K by ITM match probability (reads the images again: needs --images)",
+    )
+    search.add_argument("--images", help="the folder that was indexed (for --rerank)")
     search.add_argument("--json", action="store_true")
 
-    commands.add_parser("models", help="list the registry's model names")
+    models = commands.add_parser("models", help="list the registry's model names")
+    add_arguments(models, os.environ, only=("models_file",))
     commands.add_parser(
         "evaluate",
         help="caption, VQA and retrieval metrics of a model on a dataset "
@@ -95,24 +119,42 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _engine(args: argparse.Namespace, retrieval: bool):
-    from .startup import load_engine
+def _engine(args: argparse.Namespace, retrieval: bool) -> Engine:
+    """The engine a command needs: the captioning model alone, or the retrieval partner of
+    --model alone (startup.retrieval_model_for: a retrieval model is its own partner)."""
+    from .registry import Registry
+    from .startup import load_engine, resolve_model, retrieval_model_for
 
     settings = Settings.from_namespace(args)
-    if retrieval:
-        from .registry import Registry
+    if not retrieval:
+        return load_engine(settings.replace(retrieval_model="none"))
+    registry = Registry.load([settings.models_file] if settings.models_file else [])
+    entry = resolve_model(registry, settings.model, "--model")
+    partner = retrieval_model_for(entry)
+    if partner is None:
+        raise UserFacingError(f"{entry.name} has no retrieval model; pass one with --model.")
+    return load_engine(settings.replace(model=partner), registry)
 
-        registry = Registry.load([settings.models_file] if settings.models_file else [])
-        entry = registry.resolve(settings.model)
-        if entry.family.generates_text:  # use the model's retrieval partner alone
-            if not entry.retrieval:
-                raise UserFacingError(f"{entry.name} has no retrieval model; pass one with --model.")
-            settings = settings.replace(model=entry.retrieval)
-        return load_engine(settings, registry)
-    return load_engine(settings.replace(retrieval_model="none"))
+
+def _image_files(paths: Sequence[str]) -> None:
+    """Refuse a missing path or a folder before the model loads (decoding errors come later)."""
+    for path in paths:
+        if Path(path).is_dir():
+            raise UserFacingError(f"{path} is a folder, not an image file.")
+        if not Path(path).exists():
+            raise UserFacingError(f"{path}: no such image file.")
+
+
+def _prepare(engine: Engine, path: str) -> PreparedImage:
+    """The decoded image; a decoding error names the file."""
+    try:
+        return engine.prepare([path])[0]
+    except ImageDecodeError as error:
+        raise ImageDecodeError(f"{path}: {error}") from error
 
 
 def _caption(args: argparse.Namespace) -> None:
+    _image_files(args.images)
     engine = _engine(args, retrieval=False)
     generation = engine.default_generation().replace(
         decoding=args.decoding,
@@ -127,7 +169,9 @@ def _caption(args: argparse.Namespace) -> None:
     )
     style = "custom" if args.prompt is not None else args.style
     for path in args.images:
-        captions = engine.caption([path], style=style, prompt=args.prompt, generation=generation)[0]
+        captions = engine.caption(
+            [_prepare(engine, path)], style=style, prompt=args.prompt, generation=generation
+        )[0]
         if args.json:
             print(json.dumps({"image": path, "captions": [c.as_dict() for c in captions]}))
         else:
@@ -136,105 +180,116 @@ def _caption(args: argparse.Namespace) -> None:
 
 
 def _ask(args: argparse.Namespace) -> None:
+    _image_files([args.image])
     engine = _engine(args, retrieval=False)
-    answer = engine.answer(args.image, args.question)
+    answer = engine.answer(_prepare(engine, args.image), args.question)
     print(json.dumps({"image": args.image, **answer.as_dict()}) if args.json else answer.text)
 
 
 def _index(args: argparse.Namespace) -> None:
-    from .retrieval import GalleryIndex
+    from .gallery import Gallery
+    from .retrieval import check_save_target
 
     folder = Path(args.folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserFacingError(f"{folder} is a file, not a folder of images.")
     if not folder.is_dir():
-        raise UserFacingError(f"{folder} is not a folder.")
+        raise UserFacingError(f"{folder}: no such folder.")
+    check_save_target(args.out)  # before the embedding work, not after it
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise UserFacingError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
-    engine = _engine(args, retrieval=True)
-    index = GalleryIndex(
-        num_queries=engine.matcher.model.config.num_query_tokens,
-        dim=engine.matcher.model.config.image_text_hidden_size,
-        embedding_model=engine.matcher.entry.name,
-    )
-    skipped = []
-    for path in paths:
-        try:
-            prepared = engine.prepare([str(path)])
-        except ImageDecodeError as error:
-            skipped.append(f"{path}: {error}")
-            continue
-        features = engine.image_features(prepared)
-        index.add(features.projections.numpy(), features.content_hashes, [str(path.relative_to(folder))])
-    index.save(args.out)
-    print(f"Indexed {len(index)} images from {folder} into {args.out}.")
-    for line in skipped:
-        print(f"skipped {line}", file=sys.stderr)
+    gallery = Gallery(_engine(args, retrieval=True))
+    with _StderrProgress() as progress:
+        report = gallery.add(
+            [str(p) for p in paths], [str(p.relative_to(folder)) for p in paths], progress=progress
+        )
+    gallery.index.save(args.out)
+    print(f"Indexed {len(gallery)} images from {folder} into {args.out}.")
+    for name, reason in report.unreadable:
+        print(f"skipped {folder / name}: {reason}", file=sys.stderr)
+    for name, _ in report.duplicates:
+        print(f"skipped {folder / name}: the same picture as an image indexed before it", file=sys.stderr)
+
+
+class _StderrProgress:
+    """`Gallery.add`'s progress as one updating line, when stderr is a terminal (silent otherwise)."""
+
+    def __init__(self) -> None:
+        self.shown = sys.stderr.isatty()
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.shown:
+            print(f"\r{stage} {done}/{total}\033[K", end="", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> _StderrProgress:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.shown:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
 
 
 def _search(args: argparse.Namespace) -> None:
+    from .gallery import FolderImages, Gallery
     from .retrieval import GalleryIndex
 
-    text = clean_text(args.query, "search text", MAX_QUERY_CHARS)  # as the Retrieval tab does
+    if args.rerank and not args.images:
+        raise UserFacingError("--rerank reads the images again: pass --images, the folder that was indexed.")
+    if args.images and not Path(args.images).is_dir():
+        raise UserFacingError(f"{args.images} (--images) is not a folder.")
     index = GalleryIndex.load(args.index_dir)
     engine = _engine(args, retrieval=True)
-    model = engine.matcher.entry.name
-    if index.embedding_model and index.embedding_model != model:
-        raise UserFacingError(
-            f"{args.index_dir} was indexed with {index.embedding_model}, and this search would embed "
-            f"the query with {model}: their embeddings do not compare. Search with "
-            f"--model {index.embedding_model}, or index the folder again with --model {model}."
-        )
-    query = engine.text_features([text])[0].numpy()
-    hits = index.search_text(query, args.top_k)
+    images = FolderImages(args.images, index, engine) if args.images else None
+    hits = Gallery(engine, index, images).search_text(args.query, args.top_k, args.rerank or 0)
     for hit in hits:
         if args.json:
-            print(
-                json.dumps(
-                    {"rank": hit.rank, "name": hit.name, "cosine": hit.cosine, "probability": hit.probability}
-                )
-            )
+            fields = {
+                "rank": hit.rank,
+                "name": hit.name,
+                "cosine": hit.cosine,
+                "probability": hit.probability,
+            }
+            if hit.itm_probability is not None:
+                fields["itm_probability"] = hit.itm_probability
+            print(json.dumps(fields))
         else:
-            print(f"{hit.rank}\t{hit.cosine:.4f}\t{hit.probability:.3f}\t{hit.name}")
+            itm = "" if hit.itm_probability is None else f"\t{hit.itm_probability:.3f}"
+            print(f"{hit.rank}\t{hit.cosine:.4f}\t{hit.probability:.3f}{itm}\t{hit.name}")
 
 
-def _models(_: argparse.Namespace) -> None:
+def _models(args: argparse.Namespace) -> None:
     from .registry import Registry
 
-    registry = Registry.load()
+    registry = Registry.load([args.models_file] if args.models_file else [])
     for name in registry.names():
         entry = registry.models[name]
         print(f"{name:32s} {entry.checkpoint:40s} {entry.description}")
 
 
-def _evaluate(argv: Sequence[str]) -> int:
-    """`python -m blip2_app evaluate ...`: blip2_app.training.evaluate's command line, with the
-    CLI's one-line errors."""
-    from .training.evaluate import main as evaluate_main
-
-    try:
-        return evaluate_main(argv)
-    except UserFacingError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USER_ERROR
+def error_line(error: BaseException) -> str:
+    """The one line a user error prints. A file system error names its path first."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"error: {error.filename}: {error.strerror}"
+    return f"error: {error}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["evaluate"]:
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        return _evaluate(argv[1:])
-    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    from .retrieval import IndexFormatError
-
-    handlers = {"caption": _caption, "ask": _ask, "index": _index, "search": _search, "models": _models}
     try:
+        if argv[:1] == ["evaluate"]:  # blip2_app.training.evaluate's own command line
+            from .training.evaluate import main as evaluate_main
+
+            return evaluate_main(argv[1:])
+        args = _parser().parse_args(argv)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        handlers = {"caption": _caption, "ask": _ask, "index": _index, "search": _search, "models": _models}
         handlers[args.command](args)
-    except (UserFacingError, IndexFormatError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except USER_ERRORS as error:
+        print(error_line(error), file=sys.stderr)
         return EXIT_USER_ERROR
     return 0

@@ -12,13 +12,14 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
+from .backends import BACKENDS
 from .errors import SettingsError
 from .precisions import PRECISIONS, PRESETS
 
 DEFAULT_MODEL = "blip2-opt-2.7b"
 PRECISION_CHOICES = ("auto", *PRESETS)
 CACHE_EXAMPLES_CHOICES = ("auto", "lazy", "off")
-BACKEND_CHOICES = ("local", "vllm")
+BACKEND_CHOICES = tuple(BACKENDS)  # --backend: the names in backends.BACKENDS
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class Settings:
     # "auto": lazy on a Hugging Face Space (SPACE_ID set), off elsewhere; resolved in from_namespace.
     cache_examples: str = "auto"
     # Where captions, answers and chat are generated: "local" (this process) or "vllm" (a vLLM
-    # server's OpenAI-compatible API at vllm_url; retrieval stays local). See vllm_backend.py.
+    # server's OpenAI-compatible API at vllm_url; retrieval stays local). See backends/vllm.py.
     backend: str = "local"
     vllm_url: str | None = None
     vllm_model: str | None = None
@@ -134,6 +135,11 @@ class Settings:
     @property
     def precision_overrides(self) -> dict[str, str | None]:
         return {"vision": self.vision_precision, "qformer": self.qformer_precision, "llm": self.llm_precision}
+
+    def server_name(self, on_space: bool = False) -> str | None:
+        """The host to bind; None leaves it to GRADIO_SERVER_NAME, which a Hugging Face Space sets
+        (a default --host must not override the platform's choice there)."""
+        return None if on_space and self.host == Settings.host else self.host
 
     @classmethod
     def from_sources(

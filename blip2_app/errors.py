@@ -14,15 +14,14 @@ class ModelLoadError(UserFacingError):
 
 
 class CheckpointUnreachableError(ModelLoadError):
-    """A checkpoint is neither on disk nor in the Hugging Face cache, and cannot be downloaded."""
+    """A checkpoint is neither on disk nor in the Hugging Face cache, and cannot be downloaded.
+
+    Raised only for the hub client's own failures (`checkpoints.hub_fetch_errors`), because
+    `--fallback-model` starts on it: a bug raised as this would start the demo model instead."""
 
 
 class InvalidRequestError(UserFacingError, ValueError):
     """A request parameter is outside what the app accepts (message says which and why)."""
-
-
-class EmptyOutputError(UserFacingError):
-    """The model produced no text; the message says so instead of returning an empty string."""
 
 
 class SettingsError(UserFacingError, ValueError):

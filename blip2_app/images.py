@@ -16,6 +16,7 @@ import os
 import re
 import stat
 import struct
+import sys
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -159,9 +160,17 @@ def load_images(sources: Iterable[Any], limits: ImageLimits = DEFAULT_LIMITS) ->
         try:
             images.append(load_image(source, limits))
         except ImageDecodeError as error:
-            error.add_note(f"while loading image number {index + 1}")
+            _add_note(error, f"while loading image number {index + 1}")
             raise
     return images
+
+
+def _add_note(error: BaseException, note: str) -> None:
+    """`BaseException.add_note`, which Python 3.10 (still supported, see pyproject.toml) lacks."""
+    if sys.version_info >= (3, 11):
+        error.add_note(note)
+    else:  # the same list (3.10 just does not print it); setattr: typeshed declares it from 3.11 on
+        setattr(error, "__notes__", [*getattr(error, "__notes__", []), note])  # noqa: B010
 
 
 def image_content_hash(image: Image.Image) -> str:
@@ -269,6 +278,7 @@ def _unidentified(data: bytes) -> str:
         return "This file is a PDF document, not an image."
     head = data[:2048]
     if b"\0" not in head:
+        text: str | None
         try:
             text = head.decode("utf-8")
         except UnicodeDecodeError as error:

@@ -12,19 +12,27 @@ import hashlib
 import json
 import logging
 import mmap
-import struct
 import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import transformers
 
 from .allocator import trim_heap
+from .checkpoints import (
+    SafetensorsHeaderError,
+    checkpoint_location,
+    component_of,
+    hub_fetch_errors,
+    read_safetensors_header,
+    unreachable_checkpoint_message,
+    weight_files,
+)
 from .errors import CheckpointUnreachableError, ModelLoadError
 from .precisions import (
     COMPONENT_MODULES,
@@ -34,7 +42,7 @@ from .precisions import (
     QUANTIZED,
     ComponentPrecisions,
 )
-from .registry import TINY_PREFIX, ModelEntry, is_local_path, require_hub, unreachable_checkpoint_message
+from .registry import ModelEntry
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +166,7 @@ class LoadedModel:
         }
 
 
-def _packed_bytes(layer: torch.nn.Module) -> int:
+def _packed_bytes(layer: torch.ao.nn.quantized.dynamic.Linear) -> int:
     weight = layer.weight()
     scales = weight.q_per_channel_scales() if weight.qscheme() == torch.per_channel_affine else torch.empty(1)
     bias = layer.bias()
@@ -170,31 +178,6 @@ def _linear_kind(module: torch.nn.Module) -> str | None:
     if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):
         return "DynamicInt8Linear"
     return type(module).__name__ if isinstance(module, torch.nn.Linear) else None
-
-
-def checkpoint_location(entry: ModelEntry) -> str:
-    """Local folder or hub id to pass to `from_pretrained`; tiny checkpoints are built on demand."""
-    if entry.checkpoint.startswith(TINY_PREFIX):
-        from .testing import ensure_tiny_checkpoint
-
-        return str(ensure_tiny_checkpoint(entry.checkpoint[len(TINY_PREFIX) :]))
-    if is_local_path(entry.checkpoint) and not Path(entry.checkpoint).expanduser().is_dir():
-        hint = " (train it: python -m blip2_app.training.train --config shapes-demo)"
-        raise ModelLoadError(
-            f"The checkpoint folder of {entry.name}, {entry.checkpoint}, does not exist"
-            + (hint if entry.name.startswith("shapes-demo") else "")
-            + "."
-        )
-    if not Path(entry.checkpoint).expanduser().is_dir() and not _in_hub_cache(entry.checkpoint):
-        require_hub(entry.checkpoint)
-    return entry.checkpoint
-
-
-def _in_hub_cache(repo_id: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(repo_id, "config.json")
-    return isinstance(found, str)
 
 
 def _quantization_config(precisions: ComponentPrecisions, model_class: type) -> Any | None:
@@ -268,8 +251,14 @@ def load_model(
                 model = _load_with_transformers(model_class, location, precisions, device)
                 if shared is not None:
                     model.vision_model = shared
-    except OSError as error:
+    except hub_fetch_errors() as error:
+        if Path(location).is_dir():  # on disk: nothing to fetch, so no fallback either
+            raise ModelLoadError(
+                f"Cannot read the checkpoint of {entry.name} in {location}: {error}"
+            ) from error
         raise CheckpointUnreachableError(unreachable_checkpoint_message(entry.checkpoint, error)) from error
+    except SafetensorsHeaderError as error:
+        raise ModelLoadError(f"The checkpoint of {entry.name} is damaged: {error}.") from error
     except torch.OutOfMemoryError as error:
         raise ModelLoadError(
             f"Not enough memory to load {entry.name} with precisions {precisions.as_dict()}: "
@@ -301,12 +290,9 @@ def _uses_bitsandbytes(precisions: ComponentPrecisions) -> bool:
     return any(p in QUANTIZED for p in precisions.as_dict().values())
 
 
-def _component_of(key: str) -> str | None:
-    top = key.split(".", 1)[0]
-    return next((c for c, names in COMPONENT_MODULES.items() if top in names), None)
-
-
-def _load_with_transformers(model_class: type, location: str, precisions: ComponentPrecisions, device) -> Any:
+def _load_with_transformers(
+    model_class: type[transformers.PreTrainedModel], location: str, precisions: ComponentPrecisions, device
+) -> Any:
     """transformers' own loader (bitsandbytes quantizes while loading), then per-component casts."""
     kwargs: dict[str, Any] = {"dtype": _load_dtype(precisions)}
     quantization = _quantization_config(precisions, model_class)
@@ -329,29 +315,17 @@ def _load_with_transformers(model_class: type, location: str, precisions: Compon
     return model
 
 
-def weight_files(location: str) -> list[Path]:
-    """The checkpoint's safetensors files (downloaded for a hub id), or [] if it has none."""
-    folder = Path(location)
-    if not folder.is_dir():
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(location, allow_patterns=["*.safetensors", "*.json"]))
-    return sorted(folder.glob("*.safetensors"))
-
-
-def _safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
-    with open(path, "rb") as handle:
-        size = struct.unpack("<Q", handle.read(8))[0]
-        return 8 + size, json.loads(handle.read(size))
-
-
 def vision_fingerprint(files: list[Path]) -> str:
     """sha256 over the vision encoder's tensors exactly as stored (names, dtypes, shapes, bytes)."""
     digest = hashlib.sha256()
     entries = []
     for path in files:
-        offset, header = _safetensors_header(path)
-        entries += [(k, v, path, offset) for k, v in header.items() if k.startswith("vision_model.")]
+        header = read_safetensors_header(path)
+        entries += [
+            (k, v, path, header.data_start)
+            for k, v in header.entries.items()
+            if k.startswith("vision_model.")
+        ]
     if not entries:
         return ""
     for key, info, path, offset in sorted(entries, key=lambda e: e[0]):
@@ -364,7 +338,8 @@ def vision_fingerprint(files: list[Path]) -> str:
 
 def _dynamic_int8(linear: torch.nn.Linear) -> torch.nn.Module:
     """int8 weights per output channel; activations are quantized per call (fbgemm on x86)."""
-    linear.qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+    # torch.ao reads `qconfig` off the module; nn.Module declares no such attribute.
+    linear.qconfig = torch.ao.quantization.per_channel_dynamic_qconfig  # type: ignore[assignment]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's "migrate to torchao" notice
         return torch.ao.nn.quantized.dynamic.Linear.from_float(linear.float())
@@ -382,6 +357,9 @@ class _Int8Embedding(torch.nn.Module):
     """An embedding table read from int8 rows with one scale each: the LM head's quantized weight,
     when the two are tied (OPT), so the table costs 1 byte per value instead of 2 (bf16) or 4."""
 
+    rows: torch.Tensor  # buffers, declared so the type checker knows them
+    scales: torch.Tensor
+
     def __init__(self, rows: torch.Tensor, scales: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("rows", rows)
@@ -398,7 +376,9 @@ TIED_HEAD_CHUNK_ROWS = 4096  # rows quantized at a time: no fp32 copy of a 50k x
 RowReader = Callable[[int, int], torch.Tensor]  # (start, end) -> those rows of a table, in fp32
 
 
-def _quantize_tied_head(language_model: torch.nn.Module, read_rows: RowReader | None = None) -> bool:
+def _quantize_tied_head(
+    language_model: transformers.PreTrainedModel, read_rows: RowReader | None = None
+) -> bool:
     """An LM head tied to the embedding table becomes dynamic-int8, quantized a block of rows at a
     time, and the table then reads the same int8 rows: the fp32 copy torch's `from_float` would
     make (515 MB on OPT-2.7B) never exists, and the table costs 1 byte per value. `read_rows`
@@ -450,7 +430,7 @@ class _Bf16Embedding(torch.nn.Embedding):
 
 
 def stream_load(
-    model_class: type,
+    model_class: type[transformers.PreTrainedModel],
     location: str,
     files: list[Path],
     precisions: ComponentPrecisions,
@@ -472,7 +452,7 @@ def stream_load(
     with no_init_weights(), no_tie_weights():
         model = model_class._from_config(config, dtype=torch.float32)
     expected = set(model.state_dict())
-    stored = {key: path for path in files for key in _safetensors_header(path)[1] if key != "__metadata__"}
+    stored = {key: path for path in files for key in read_safetensors_header(path).entries}
     skip = "vision_model." if shared_vision is not None else None
     wanted = {k for k in expected if not (skip and k.startswith(skip))}
     if set(stored) - expected:
@@ -484,7 +464,7 @@ def stream_load(
         return None
 
     def precision_of(key: str) -> str:
-        component = _component_of(key)
+        component = component_of(key)
         return getattr(precisions, component) if component else "fp32"
 
     # A Linear weight that a table is tied to (a checkpoint storing the head, not the table) stays
@@ -556,10 +536,10 @@ def stream_load(
             part = getattr(model, name, None)
             if isinstance(part, torch.nn.Module) and part is not shared_vision:
                 if component == "llm":
-                    table = part.get_input_embeddings()
-                    source = untied_tables.pop(table, None)
+                    language_model = cast(transformers.PreTrainedModel, part)
+                    source = untied_tables.pop(language_model.get_input_embeddings(), None)
                     with _row_reader(source) as read_rows:
-                        if not _quantize_tied_head(part, read_rows) and source is not None:
+                        if not _quantize_tied_head(language_model, read_rows) and source is not None:
                             raise ModelLoadError(f"{location}: the LM head is not tied to {source[1]}.")
                 _quantize_linears(part)
     if untied_tables:
@@ -668,7 +648,7 @@ def _assign(owner: torch.nn.Module, attr: str, value: torch.Tensor) -> torch.Ten
 
 
 def _replace_linear(model: torch.nn.Module, name: str, parts: dict[str, torch.Tensor]) -> None:
-    old = model.get_submodule(name)
+    old = cast(torch.nn.Linear, model.get_submodule(name))  # only Linear layers are replaced
     fresh = torch.nn.Linear(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
     fresh.weight = torch.nn.Parameter(parts["weight"].float(), requires_grad=False)
     if old.bias is not None:

@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-from .errors import CheckpointUnreachableError, ModelLoadError
+from .checkpoints import TINY_PREFIX, hub_config, is_hub_id, looks_like_path, read_json
+from .errors import ModelLoadError
 from .generation import GenerationSettings
+from .precisions import COMPONENTS
 
 BUILTIN_REGISTRY = Path(__file__).with_name("registry.json")
 # Relative checkpoint folders in registry.json (the bundled demo model) are resolved against this.
 REPO_ROOT = BUILTIN_REGISTRY.parent.parent
-TINY_PREFIX = "tiny:"
 
 
 @dataclass(frozen=True)
@@ -155,8 +153,8 @@ class Registry:
             return self.models[name_or_path]
         path = Path(name_or_path).expanduser()
         if path.is_dir():
-            return self._entry_for_checkpoint(str(path), _read_json(path / "config.json"))
-        if path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") != 1:
+            return self._entry_for_checkpoint(str(path), read_json(path / "config.json"))
+        if not is_hub_id(name_or_path):
             known = ", ".join(self.names())
             raise ModelLoadError(
                 f"Unknown model {name_or_path!r}: it is not a registry name, not a local folder and not a "
@@ -165,7 +163,7 @@ class Registry:
         for entry in self.models.values():
             if entry.checkpoint == name_or_path:
                 return entry
-        return self._entry_for_checkpoint(name_or_path, _hub_config(name_or_path))
+        return self._entry_for_checkpoint(name_or_path, hub_config(name_or_path))
 
     def _entry_for_checkpoint(self, checkpoint: str, config: Mapping[str, Any]) -> ModelEntry:
         family = self.detect_family(config)
@@ -196,13 +194,6 @@ class Registry:
         )
 
 
-def is_local_path(checkpoint: str) -> bool:
-    """A folder rather than a hub id (owner/name has exactly one slash) or a tiny model."""
-    if checkpoint.startswith(TINY_PREFIX):
-        return False
-    return Path(checkpoint).is_absolute() or checkpoint.startswith((".", "~")) or checkpoint.count("/") > 1
-
-
 def _resolve_folders(data: Any, base: Path) -> Any:
     """A registry file with its relative checkpoint folders made absolute against `base` (the
     repository root for the built-in file, the file's own folder for a user's file), so the
@@ -212,14 +203,11 @@ def _resolve_folders(data: Any, base: Path) -> Any:
     models = {}
     for name, spec in data["models"].items():
         checkpoint = spec.get("checkpoint") if isinstance(spec, dict) else None
-        if isinstance(checkpoint, str) and is_local_path(checkpoint):
+        if isinstance(checkpoint, str) and looks_like_path(checkpoint):
             path = Path(checkpoint).expanduser()
             spec = {**spec, "checkpoint": str(path if path.is_absolute() else (base / path).resolve())}
         models[name] = spec
     return {**data, "models": models}
-
-
-COMPONENTS = ("vision", "qformer", "llm")
 
 
 def _precision_by_device(value: Any) -> dict[str, str | dict[str, str]]:
@@ -257,17 +245,8 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as error:
-        raise ModelLoadError(f"{path.parent} is not a checkpoint folder: it has no config.json.") from error
-    except (OSError, json.JSONDecodeError) as error:
-        raise ModelLoadError(f"Cannot read {path}: {error}.") from error
-
-
 def _read_user_file(path: Path) -> dict[str, Any]:
-    data = _read_json(path) if path.exists() else None
+    data = read_json(path) if path.exists() else None
     if data is None:
         raise ModelLoadError(f"The models file {path} does not exist.")
     if not isinstance(data, dict) or not ({"models", "families", "decoding"} & data.keys()):
@@ -276,48 +255,3 @@ def _read_user_file(path: Path) -> dict[str, Any]:
             "or 'decoding') key, like blip2_app/registry.json."
         )
     return data
-
-
-def _hub_config(repo_id: str) -> dict[str, Any]:
-    """config.json of a hub checkpoint: the local cache first, then the network."""
-    from huggingface_hub import hf_hub_download
-
-    try:
-        try:
-            return json.loads(
-                Path(hf_hub_download(repo_id, "config.json", local_files_only=True)).read_text()
-            )
-        except OSError:
-            require_hub(repo_id)
-            return json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text())
-    except ModelLoadError:
-        raise
-    except Exception as error:  # network, auth, missing repo: all mean "cannot use this id here"
-        raise CheckpointUnreachableError(unreachable_checkpoint_message(repo_id, error)) from error
-
-
-def require_hub(repo_id: str, timeout: float = 5.0) -> None:
-    """Fail in seconds, not minutes, when the hub cannot be reached: huggingface_hub retries a
-    dead network with back-off for over two minutes before giving up."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
-        raise CheckpointUnreachableError(
-            unreachable_checkpoint_message(repo_id, OSError("HF_HUB_OFFLINE is set"))
-        )
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
-    except OSError as error:
-        raise CheckpointUnreachableError(unreachable_checkpoint_message(repo_id, error)) from error
-
-
-def unreachable_checkpoint_message(checkpoint: str, error: BaseException) -> str:
-    return (
-        f"Could not load the model {checkpoint!r}: it is not in the local Hugging Face cache and could "
-        f"not be downloaded ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
-        "If you have the checkpoint on disk, pass its folder: --model /path/to/blip2-opt-2.7b "
-        "(or set BLIP2_MODEL). To start offline, use --model shapes-demo (the bundled demo model, "
-        "trained on synthetic shapes only), --fallback-model shapes-demo (start on it whenever the "
-        "model cannot be fetched) or --model tiny-random (random weights: the app works, its words "
-        "are noise)."
-    )

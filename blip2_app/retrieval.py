@@ -22,6 +22,7 @@ benchmarks/results/retrieval_scale.md):
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -30,7 +31,7 @@ import re
 import shutil
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -38,6 +39,8 @@ from typing import Any, Literal
 
 import faiss
 import numpy as np
+
+from .errors import UserFacingError
 
 FORMAT_NAME = "blip2-studio.gallery-index"
 FORMAT_VERSION = 1
@@ -49,7 +52,7 @@ _BLOCK = 2048  # images per block when scoring many: bounds temporaries to tens 
 Method = Literal["auto", "exact", "approximate"]
 
 
-class IndexFormatError(ValueError):
+class IndexFormatError(UserFacingError, ValueError):
     """A folder that is not a loadable gallery index: corrupt, foreign, or from a newer version."""
 
 
@@ -79,14 +82,26 @@ class GalleryItem:
 class AddReport:
     added: tuple[int, ...]  # item ids of the new images, in input order
     duplicates: tuple[tuple[str, str], ...]  # (name, content_hash) skipped: hash already indexed
+    # Filled by the gallery service (gallery.py), which also reads the files:
+    unreadable: tuple[tuple[str, str], ...] = ()  # (name, why) of inputs that are not images
+    over_limit: tuple[str, ...] = ()  # names of new images left out because the gallery was full
 
     def summary(self) -> str:
         text = f"added {len(self.added)} image{'s' if len(self.added) != 1 else ''}"
         if self.duplicates:
-            names = ", ".join(name for name, _ in self.duplicates[:5])
-            more = "" if len(self.duplicates) <= 5 else f" and {len(self.duplicates) - 5} more"
-            text += f"; skipped {len(self.duplicates)} duplicate(s): {names}{more}"
+            text += f"; skipped {len(self.duplicates)} duplicate(s): {_names(n for n, _ in self.duplicates)}"
+        if self.unreadable:
+            text += f"; could not read {len(self.unreadable)}: {_names(n for n, _ in self.unreadable)}"
+        if self.over_limit:
+            text += f"; {len(self.over_limit)} not added (gallery full): {_names(self.over_limit)}"
         return text
+
+
+def _names(names: Iterable[str]) -> str:
+    """At most five names, then how many more."""
+    names = list(names)
+    more = "" if len(names) <= 5 else f" and {len(names) - 5} more"
+    return ", ".join(names[:5]) + more
 
 
 @dataclass(frozen=True)
@@ -238,7 +253,9 @@ class _ApproxIndex:
     def __init__(self, train: np.ndarray, dim: int, dims_per_code: int, shards: int) -> None:
         base = faiss.IndexPQFastScan(dim, dim // dims_per_code, 4, faiss.METRIC_INNER_PRODUCT)
         _run_faiss(base.train, [train])
-        self.code_size = base.code_size  # bytes per vector (dim / dims_per_code 4-bit codes)
+        # Bytes per vector (dim / dims_per_code 4-bit codes). faiss's type stubs leave out this
+        # attribute of the C++ index, which SWIG exposes at run time.
+        self.code_size = base.code_size  # type: ignore[attr-defined]
         self.shards = [faiss.IndexIDMap(faiss.clone_index(base)) for _ in range(shards)]
         self.removed_vectors = 0
 
@@ -324,6 +341,17 @@ class GalleryIndex:
     def contains(self, content_hash: str) -> bool:
         return content_hash in self._slot_of_hash
 
+    def missing(self, content_hashes: Sequence[str]) -> list[int]:
+        """Positions of the hashes ``add`` would keep: not indexed yet, and not repeated earlier in
+        the list. The one de-duplication rule: callers ask it before embedding, ``add`` applies it."""
+        with self._lock:
+            keep, seen = [], set()
+            for i, h in enumerate(content_hashes):
+                if h not in self._slot_of_hash and h not in seen:
+                    seen.add(h)
+                    keep.append(i)
+            return keep
+
     def items(self) -> list[GalleryItem]:
         with self._lock:
             order = np.argsort(self._slot_ids[: self._count], kind="stable")
@@ -384,13 +412,9 @@ class GalleryIndex:
         captions = list(captions) if captions is not None else [None] * n
 
         with self._lock:
-            keep, duplicates, seen = [], [], set()
-            for i, h in enumerate(content_hashes):
-                if h in self._slot_of_hash or h in seen:
-                    duplicates.append((str(names[i]), h))
-                else:
-                    seen.add(h)
-                    keep.append(i)
+            keep = self.missing(content_hashes)
+            kept = set(keep)
+            duplicates = [(str(names[i]), h) for i, h in enumerate(content_hashes) if i not in kept]
             start, m = self._count, len(keep)
             if len(self._vectors) < start + m:
                 self.reserve(max(start + m, int(len(self._vectors) * 1.5) + 16))
@@ -420,14 +444,15 @@ class GalleryIndex:
                 return False
             last = self._count - 1
             self._slot_of_id[self._slot_ids[slot]] = -1
+            columns: tuple[list[Any], ...] = (self._hashes, self._names, self._captions)
             if slot != last:  # move the last image into the hole
                 self._vectors[slot] = self._vectors[last]
                 self._slot_ids[slot] = self._slot_ids[last]
                 self._slot_of_id[self._slot_ids[slot]] = slot
-                for column in (self._hashes, self._names, self._captions):
+                for column in columns:
                     column[slot] = column[last]
                 self._slot_of_hash[self._hashes[slot]] = slot
-            for column in (self._hashes, self._names, self._captions):
+            for column in columns:
                 column.pop()
             self._count -= 1
             if self._approx is not None:
@@ -637,12 +662,9 @@ class GalleryIndex:
         the single commit point; older data folders are deleted afterwards.
         """
         folder = Path(folder)
+        check_save_target(folder)
         folder.mkdir(parents=True, exist_ok=True)
         manifest_path = folder / "manifest.json"
-        if manifest_path.exists():
-            _read_manifest(folder)  # refuses to overwrite something that is not ours
-        elif any(not p.name.startswith((".data-", ".manifest")) for p in folder.iterdir()):
-            raise IndexFormatError(f"refusing to save into {folder}: it is not empty and not a gallery index")
         with self._lock:
             n = self._count
             items = [
@@ -695,8 +717,12 @@ class GalleryIndex:
     @classmethod
     def load(cls, folder: str | os.PathLike[str], settings: IndexSettings = IndexSettings()) -> GalleryIndex:
         folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(
+                errno.ENOTDIR, "a file, not a folder, so not a gallery index", str(folder)
+            )
         if not folder.is_dir():
-            raise FileNotFoundError(f"no gallery index at {folder}: not a folder")
+            raise FileNotFoundError(errno.ENOENT, "not a folder, so not a gallery index", str(folder))
         m = _read_manifest(folder)
         data = folder / m["data"]
         try:
@@ -746,6 +772,24 @@ class GalleryIndex:
         return index
 
 
+def check_save_target(folder: str | os.PathLike[str]) -> None:
+    """Raise unless ``GalleryIndex.save`` may write into ``folder``: a gallery index, an empty
+    folder, or a path that can be created. Lets a caller refuse before hours of embedding."""
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+    if existing.exists() and not existing.is_dir():
+        what = "a file, not a folder" if existing == folder else f"inside {existing}, which is a file"
+        raise NotADirectoryError(
+            errno.ENOTDIR, f"{what}: a gallery index is saved into a folder", str(folder)
+        )
+    if existing != folder:
+        return  # save creates it
+    if (folder / "manifest.json").exists():
+        _read_manifest(folder)  # refuses to overwrite something that is not ours
+    elif any(not p.name.startswith((".data-", ".manifest")) for p in folder.iterdir()):
+        raise IndexFormatError(f"refusing to save into {folder}: it is not empty and not a gallery index")
+
+
 def _read_manifest(folder: Path) -> dict[str, Any]:
     path = folder / "manifest.json"
     if not path.is_file():
@@ -780,7 +824,7 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     return m
 
 
-# --------------------------------------------------------------------------- re-rank, batching
+# --------------------------------------------------------------------------- re-rank
 
 
 def rerank_with_itm(
@@ -802,32 +846,3 @@ def rerank_with_itm(
         scored = sorted(zip(head, probs, strict=True), key=lambda hp: -hp[1])  # stable: ties keep ITC order
         head = [replace(h, itm_probability=p) for h, p in scored]
     return [replace(h, rank=i) for i, h in enumerate(head + tail, start=1)]
-
-
-def embed_in_batches(
-    items: Sequence[Any],
-    embed_fn: Callable[[list[Any]], np.ndarray],
-    batch_size: int = 16,
-    progress: Callable[[int, int], None] | None = None,
-) -> np.ndarray:
-    """Embed ``items`` in batches, concatenating along axis 0; ``progress(done, total)`` after each.
-
-    Returns an empty float32 array of shape (0,) when there is nothing to embed.
-    """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    items = list(items)
-    total, outputs = len(items), []
-    if progress is not None:
-        progress(0, total)
-    for start in range(0, total, batch_size):
-        batch = items[start : start + batch_size]
-        out = np.asarray(embed_fn(batch))
-        if out.ndim == 0 or len(out) != len(batch):
-            raise ValueError(
-                f"embed_fn returned {0 if out.ndim == 0 else len(out)} rows for {len(batch)} items"
-            )
-        outputs.append(out)
-        if progress is not None:
-            progress(start + len(batch), total)
-    return np.concatenate(outputs) if outputs else np.empty((0,), np.float32)

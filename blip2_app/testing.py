@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -27,6 +28,7 @@ from transformers import (
     InstructBlipForConditionalGeneration,
     InstructBlipProcessor,
     LlamaTokenizer,
+    PreTrainedTokenizerBase,
     T5Tokenizer,
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -123,7 +125,9 @@ def opt_tokenizer() -> GPT2Tokenizer:
     )
     return GPT2Tokenizer(
         vocab=trained["vocab"],
-        merges=_merges(trained),
+        # GPT2Tokenizer annotates merges as list[str] but hands them unchanged to
+        # tokenizers.models.BPE, whose merges are (left, right) pairs (LlamaTokenizer says `list`).
+        merges=_merges(trained),  # type: ignore[arg-type]
         bos_token="</s>",
         eos_token="</s>",
         unk_token="</s>",
@@ -178,13 +182,87 @@ def _image_processor() -> BlipImageProcessorPil:
     )
 
 
-def _shared_vision_state(model: torch.nn.Module) -> None:
+TinyCaptioner = Blip2ForConditionalGeneration | InstructBlipForConditionalGeneration
+TinyModel = TinyCaptioner | Blip2ForImageTextRetrieval
+
+
+def _token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
+    found = tokenizer.convert_tokens_to_ids(token)
+    assert isinstance(found, int)  # one token in, one id out (a list comes only for a list)
+    return found
+
+
+def _shared_vision_state(model: TinyModel) -> None:
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(VISION_SEED)
     for _, tensor in sorted(model.vision_model.state_dict().items()):
         if tensor.dtype.is_floating_point and tensor.dim() > 1:
             tensor.copy_(torch.randn(tensor.shape) * 0.2)
     torch.random.set_rng_state(generator_state)
+
+
+def _retrieval_model(
+    qformer: dict[str, Any], tokenizer: BertTokenizer
+) -> tuple[Blip2Processor, Blip2ForImageTextRetrieval]:
+    processor = Blip2Processor(_image_processor(), tokenizer, num_query_tokens=NUM_QUERY_TOKENS)
+    config = Blip2Config(
+        vision_config=VISION,
+        qformer_config={**qformer, "use_qformer_text_input": True},
+        num_query_tokens=NUM_QUERY_TOKENS,
+        image_text_hidden_size=16,
+        image_token_index=_token_id(tokenizer, "<image>"),
+    )
+    return processor, Blip2ForImageTextRetrieval(config)
+
+
+def _captioning_model(
+    family: str, qformer: dict[str, Any], qformer_tokenizer: BertTokenizer
+) -> tuple[Blip2Processor | InstructBlipProcessor, TinyCaptioner]:
+    make_tokenizer = {"blip2-opt": opt_tokenizer, "instructblip-vicuna": llama_tokenizer}.get(
+        family, t5_tokenizer
+    )
+    tokenizer = make_tokenizer()
+    instruct = family.startswith("instructblip")
+    # The processor adds the <image> token to the tokenizer: the ids below come after it.
+    processor = (
+        InstructBlipProcessor(
+            _image_processor(), tokenizer, qformer_tokenizer, num_query_tokens=NUM_QUERY_TOKENS
+        )
+        if instruct
+        else Blip2Processor(_image_processor(), tokenizer, num_query_tokens=NUM_QUERY_TOKENS)
+    )
+    ids = {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    if family == "blip2-opt":
+        text = {"model_type": "opt", **OPT, **ids, "bos_token_id": tokenizer.bos_token_id}
+    elif family == "instructblip-vicuna":
+        text = {"model_type": "llama", **LLAMA, **ids, "bos_token_id": tokenizer.bos_token_id}
+    else:
+        text = {"model_type": "t5", **T5, **ids, "decoder_start_token_id": tokenizer.pad_token_id}
+    parts: dict[str, Any] = {
+        "vision_config": VISION,
+        "qformer_config": qformer,
+        "text_config": text,
+        "num_query_tokens": NUM_QUERY_TOKENS,
+        "image_token_index": _token_id(tokenizer, "<image>"),
+    }
+    model = (
+        InstructBlipForConditionalGeneration(InstructBlipConfig(**parts))
+        if instruct
+        else Blip2ForConditionalGeneration(Blip2Config(**parts))
+    )
+    # Random weights at std 0.02 give near-uniform logits; a larger LM head spreads them so
+    # greedy, beam and sampled outputs differ and parity tests can tell them apart.
+    with torch.no_grad():
+        for module in model.language_model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0.0, 0.15)
+        model.language_model.get_input_embeddings().weight.normal_(0.0, 0.5)
+        model.language_model.get_output_embeddings().weight.normal_(0.0, 1.0)
+    return processor, model
 
 
 def build_tiny_checkpoint(family: str, folder: str | Path, seed: int = 0) -> Path:
@@ -199,61 +277,12 @@ def build_tiny_checkpoint(family: str, folder: str | Path, seed: int = 0) -> Pat
         "vocab_size": len(qformer_tokenizer),
         "pad_token_id": qformer_tokenizer.pad_token_id,
     }
-
+    processor: Blip2Processor | InstructBlipProcessor
+    model: TinyModel
     if family == "blip2-itm":
-        tokenizer = qformer_tokenizer
-        processor = Blip2Processor(_image_processor(), tokenizer, num_query_tokens=NUM_QUERY_TOKENS)
-        config = Blip2Config(
-            vision_config=VISION,
-            qformer_config={**qformer, "use_qformer_text_input": True},
-            num_query_tokens=NUM_QUERY_TOKENS,
-            image_text_hidden_size=16,
-            image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        )
-        model = Blip2ForImageTextRetrieval(config)
+        processor, model = _retrieval_model(qformer, qformer_tokenizer)
     else:
-        tokenizer = {"blip2-opt": opt_tokenizer, "instructblip-vicuna": llama_tokenizer}.get(
-            family, t5_tokenizer
-        )()
-        if family.startswith("instructblip"):
-            processor = InstructBlipProcessor(
-                _image_processor(), tokenizer, qformer_tokenizer, num_query_tokens=NUM_QUERY_TOKENS
-            )
-        else:
-            processor = Blip2Processor(_image_processor(), tokenizer, num_query_tokens=NUM_QUERY_TOKENS)
-        image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-        ids = {
-            "vocab_size": len(tokenizer),
-            "pad_token_id": tokenizer.pad_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-        }
-        if family == "blip2-opt":
-            text = {"model_type": "opt", **OPT, **ids, "bos_token_id": tokenizer.bos_token_id}
-        elif family == "instructblip-vicuna":
-            text = {"model_type": "llama", **LLAMA, **ids, "bos_token_id": tokenizer.bos_token_id}
-        else:
-            text = {"model_type": "t5", **T5, **ids, "decoder_start_token_id": tokenizer.pad_token_id}
-        config_class, model_class = (
-            (InstructBlipConfig, InstructBlipForConditionalGeneration)
-            if family.startswith("instructblip")
-            else (Blip2Config, Blip2ForConditionalGeneration)
-        )
-        config = config_class(
-            vision_config=VISION,
-            qformer_config=qformer,
-            text_config=text,
-            num_query_tokens=NUM_QUERY_TOKENS,
-            image_token_index=image_token_id,
-        )
-        model = model_class(config)
-        # Random weights at std 0.02 give near-uniform logits; a larger LM head spreads them so
-        # greedy, beam and sampled outputs differ and parity tests can tell them apart.
-        with torch.no_grad():
-            for module in model.language_model.modules():
-                if isinstance(module, torch.nn.Linear):
-                    module.weight.normal_(0.0, 0.15)
-            model.language_model.get_input_embeddings().weight.normal_(0.0, 0.5)
-            model.language_model.get_output_embeddings().weight.normal_(0.0, 1.0)
+        processor, model = _captioning_model(family, qformer, qformer_tokenizer)
     with torch.no_grad():
         _shared_vision_state(model)
         model.query_tokens.normal_(0.0, 0.5)

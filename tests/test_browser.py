@@ -1,12 +1,16 @@
 """The page in a real browser: Playwright for Python driving Debian's chromium, headless.
 
-Uploads an image on every tab, captions it, chats twice (watching the answer stream in), indexes
-three images and searches them; screenshots of every tab (laptop and phone width) go to
-test-artifacts/screenshots/ and are copied to docs/screenshots/ for the README.
+Two apps are served. On the tiny random model (its words are noise, it starts in seconds): upload
+an image on every tab, caption it, chat twice (watching the answer stream in), index three images
+and search them, a bad file, phone width. On the bundled demo model (shapes-demo) with its own
+pictures (assets/shapes/), so the answers are real and can be checked: a caption, a chat, a search
+and the Model tab, whose screenshots are copied to docs/screenshots/ for the README and docs.
+Every screenshot also goes to test-artifacts/screenshots/.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -49,6 +53,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = {p.stem: str(p) for p in sorted((ROOT / "assets" / "examples").glob("*.*"))}
 CAT = PHOTOS["skimage_chelsea"]
 THREE = [PHOTOS["skimage_chelsea"], PHOTOS["skimage_coffee"], PHOTOS["skimage_rocket"]]
+# The demo model's own world: held-out test scenes of blip2_app.training.synthetic (assets/shapes/).
+SHAPES = {p.stem: str(p) for p in sorted((ROOT / "assets" / "shapes").glob("*.png"))}
+# A small yellow circle on the left, a small green cross in the middle, a large red triangle on the right.
+CIRCLE_CROSS_TRIANGLE = SHAPES["shapes_test_000007"]
 HOSTILE = ROOT / "tests" / "data" / "hostile"
 ARTIFACTS = ROOT / "test-artifacts" / "screenshots"
 DOCS = ROOT / "docs" / "screenshots"
@@ -74,30 +82,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def app_url():
+@contextlib.contextmanager
+def serving(model: str, pace_stream: bool = False):
+    """The app on `model` at a free port, example captions cached lazily (as on a Space)."""
     port = free_port()
-    # Example captions cached lazily, as on a Space.
     settings = Settings.from_sources(
-        ["--model", "tiny-random", "--port", str(port), "--cache-examples", "lazy"], env={}
+        ["--model", model, "--port", str(port), "--cache-examples", "lazy"], env={}
     )
     engine = load_engine(settings)
-    # The tiny model writes 30 tokens in a few milliseconds; pace the stream like a real model so
-    # the test can watch the answer grow in the page (the engine and the UI code are unchanged).
-    stream = engine.chat_stream
+    if pace_stream:
+        # The tiny model writes 30 tokens in a few milliseconds; pace the stream like a real model
+        # so the test can watch the answer grow in the page (the engine and the UI are unchanged).
+        stream = engine.chat_stream
 
-    def paced(*args, **kwargs):
-        for text in stream(*args, **kwargs):
-            time.sleep(STREAM_DELAY_S)
-            yield text
+        def paced(*args, **kwargs):
+            for text in stream(*args, **kwargs):
+                time.sleep(STREAM_DELAY_S)
+                yield text
 
-    engine.chat_stream = paced
+        engine.chat_stream = paced
     demo = build_demo(settings, engine)
     demo.launch(prevent_thread_lock=True, quiet=True, **launch_options(settings))
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:
         demo.close()
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    with serving("tiny-random", pace_stream=True) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def demo_url():
+    with serving("shapes-demo") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -124,15 +145,26 @@ def page(browser, app_url):
     context.close()
 
 
-def screenshot(page, name: str) -> None:
-    """Save to test-artifacts/screenshots and copy to docs/screenshots (for the README)."""
+@pytest.fixture
+def demo_page(browser, demo_url):
+    context, page = open_page(browser, demo_url, LAPTOP)
+    yield page
+    context.close()
+
+
+def screenshot(page, name: str, docs: bool = False) -> None:
+    """Save to test-artifacts/screenshots; with `docs`, also to docs/screenshots (README, docs/).
+
+    Only pictures of the demo model go to docs/: the tiny random model's words are noise.
+    """
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    DOCS.mkdir(parents=True, exist_ok=True)
     page.mouse.move(0, 0)  # no hover highlight in the picture
     page.wait_for_timeout(300)  # let transitions settle
     path = ARTIFACTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
-    shutil.copyfile(path, DOCS / path.name)
+    if docs:
+        DOCS.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, DOCS / path.name)
 
 
 def open_tab(page, name: str) -> None:
@@ -178,14 +210,28 @@ def toast_text(page) -> str:
     return toast.inner_text()
 
 
-# --------------------------------------------------------------------------- tabs
-def test_caption_tab(page):
-    upload(page, "#caption-image", CAT)
+def write_caption(page, image: str) -> str:
+    """Upload `image` on the Caption tab, press the button and return the caption it writes."""
+    upload(page, "#caption-image", image)
     page.locator("#caption-image img").first.wait_for()
     page.locator("#caption-button").click()
     output = page.locator("#caption-output textarea")
     sync_api.expect(output).not_to_have_value("", timeout=TIMEOUT_MS)
-    assert "\n" not in output.input_value()
+    return output.input_value()
+
+
+def check_model_tab(page, retrieval_model: str) -> None:
+    open_tab(page, "Model")
+    report = page.locator("#model-report")
+    sync_api.expect(report).to_contain_text(retrieval_model)
+    for expected in ("float32", "Vision encoder", "hit rate", "memory footprint"):
+        assert expected in report.inner_text()
+
+
+# --------------------------------------------------------------------------- tabs
+def test_caption_tab(page):
+    assert "\n" not in write_caption(page, CAT)
+    output = page.locator("#caption-output textarea")
 
     page.get_by_text("Advanced settings").click()
     set_slider(page, "#caption-count", "3")
@@ -196,7 +242,7 @@ def test_caption_tab(page):
         " return v !== first && v.split('\\n').length === 3; }",
         arg=first,
     )
-    screenshot(page, "caption")
+    screenshot(page, "tiny-caption")
 
 
 def test_caption_example_click_shows_its_cached_caption(page):
@@ -246,7 +292,7 @@ def test_chat_tab_streams_two_turns(page):
     seen = [t for t in page.evaluate("window.__answers") if t.strip()]
     assert final.strip()
     assert len(set(seen)) >= 3, f"expected the answer to arrive piece by piece, saw {len(set(seen))} states"
-    screenshot(page, "chat")
+    screenshot(page, "tiny-chat")
 
     page.locator("#chat-clear").click()
     sync_api.expect(page.locator('#chatbot [data-testid="user"]')).to_have_count(0)
@@ -267,7 +313,7 @@ def test_retrieval_tab_index_and_search(page):
     page.locator("#search-button").click()
     page.wait_for_function("() => document.querySelectorAll('#search-results img').length === 3")
     assert "cosine" in page.locator("#search-results").inner_text()
-    screenshot(page, "retrieval")
+    screenshot(page, "tiny-retrieval")
 
     page.get_by_role("tab", name="Search by image").click()
     upload(page, "#query-image", CAT)
@@ -278,21 +324,14 @@ def test_retrieval_tab_index_and_search(page):
 
 
 def test_model_tab(page):
-    open_tab(page, "Model")
-    report = page.locator("#model-report")
-    sync_api.expect(report).to_contain_text("tiny-random-itm")
-    for expected in ("float32", "Vision encoder", "hit rate", "memory footprint"):
-        assert expected in report.inner_text()
-    screenshot(page, "model")
+    check_model_tab(page, "tiny-random-itm")
+    screenshot(page, "tiny-model")
 
 
 def test_phone_width(browser, app_url):
     context, page = open_page(browser, app_url, PHONE)
     try:
-        upload(page, "#caption-image", CAT)
-        page.locator("#caption-image img").first.wait_for()
-        page.locator("#caption-button").click()
-        sync_api.expect(page.locator("#caption-output textarea")).not_to_have_value("", timeout=TIMEOUT_MS)
+        write_caption(page, CAT)
         overflow = page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 1, f"the page is {overflow}px wider than a 390px phone"
         screenshot(page, "phone-caption")
@@ -301,3 +340,57 @@ def test_phone_width(browser, app_url):
         screenshot(page, "phone-chat")
     finally:
         context.close()
+
+
+# --------------------------------------------------------------------------- the demo model (docs/)
+def test_demo_model_captions_its_own_picture(demo_page):
+    caption = write_caption(demo_page, CIRCLE_CROSS_TRIANGLE)
+    for named in ("yellow circle", "green cross", "red triangle"):
+        assert named in caption, caption
+    screenshot(demo_page, "caption", docs=True)
+
+
+def test_demo_model_chat_answers_a_follow_up(demo_page):
+    open_tab(demo_page, "Chat")
+    upload(demo_page, "#chat-image", CIRCLE_CROSS_TRIANGLE)
+    demo_page.locator("#chat-image img").first.wait_for()
+    # Greedy decoding (the chat's default samples), so the answers can be checked.
+    decoding = demo_page.locator("#tab-chat").get_by_role("button", name="Decoding")
+    decoding.click()
+    demo_page.locator("#tab-chat").get_by_label("Greedy").first.check()
+    decoding.click()
+    box = demo_page.locator("#chat-message textarea")
+    turns = [("what colour is the circle?", "yellow"), ("what shape is the red one?", "triangle")]
+    for turn, (question, _) in enumerate(turns, start=1):
+        box.fill(question)
+        box.press("Enter")
+        demo_page.locator('#chatbot [data-testid="bot"]').nth(turn - 1).wait_for()
+        wait_idle(demo_page, "#chatbot")
+    answers = [a.strip() for a in demo_page.locator('#chatbot [data-testid="bot"]').all_inner_texts()]
+    assert answers == [answer for _, answer in turns]
+    screenshot(demo_page, "chat", docs=True)
+
+
+def test_demo_model_finds_the_picture_a_text_describes(demo_page):
+    open_tab(demo_page, "Retrieval")
+    upload(demo_page, "#gallery-files", list(SHAPES.values()))
+    rows = f"() => document.querySelectorAll('#gallery-files tbody tr').length === {len(SHAPES)}"
+    demo_page.wait_for_function(rows)
+    demo_page.locator("#index-button").click()
+    status = demo_page.locator("#gallery-status textarea")
+    sync_api.expect(status).to_have_value(
+        f"Indexed {len(SHAPES)} new images; the gallery now holds {len(SHAPES)}.", timeout=TIMEOUT_MS
+    )
+    demo_page.locator("#search-query textarea").fill("a large blue circle in the middle")
+    demo_page.locator("#search-button").click()
+    demo_page.wait_for_function(
+        f"() => document.querySelectorAll('#search-results img').length === {min(len(SHAPES), 6)}"
+    )
+    results = demo_page.locator("#search-results").inner_text()
+    assert "#1 shapes_test_000006.png" in results, results  # the large blue circle in the middle
+    screenshot(demo_page, "retrieval", docs=True)
+
+
+def test_demo_model_tab(demo_page):
+    check_model_tab(demo_page, "shapes-demo-itm")
+    screenshot(demo_page, "model", docs=True)

@@ -19,8 +19,8 @@ def count_calls(module: torch.nn.Module) -> list[int]:
 @pytest.mark.parametrize("name", ["tiny-random", "tiny-random-instructblip"])
 def test_second_chat_turn_does_not_run_the_vision_encoder(images, name):
     engine = load_engine(Settings(model=name, retrieval_model="none"))
-    vision = count_calls(engine.captioner.model.vision_model)
-    qformer = count_calls(engine.captioner.model.qformer)
+    vision = count_calls(engine.text.loaded.model.vision_model)
+    qformer = count_calls(engine.text.loaded.model.qformer)
     greedy = GenerationSettings(decoding="greedy", max_new_tokens=4)
     first = engine.chat(images[0], "what is this?", generation=greedy)
     assert vision[0] == 1
@@ -29,7 +29,7 @@ def test_second_chat_turn_does_not_run_the_vision_encoder(images, name):
     )
     list(engine.chat_stream(images[0], "why?", generation=greedy))
     assert vision[0] == 1
-    if not engine.captioner.entry.family.instruction_aware:
+    if not engine.text.entry.family.instruction_aware:
         assert qformer[0] == 1  # BLIP-2: the Q-Former output is cached too
     engine.chat(images[1], "what is this?", generation=greedy)
     assert vision[0] == 2
@@ -62,7 +62,7 @@ def test_lru_bounds_entries_and_bytes():
 
 def test_disabled_cache_stores_nothing(images):
     engine = load_engine(Settings(model="tiny-random", retrieval_model="none", cache_entries=0))
-    vision = count_calls(engine.captioner.model.vision_model)
+    vision = count_calls(engine.text.loaded.model.vision_model)
     greedy = GenerationSettings(decoding="greedy", max_new_tokens=2)
     engine.answer(images[0], "what?", generation=greedy)
     engine.answer(images[0], "what?", generation=greedy)

@@ -143,3 +143,35 @@ def test_unreachable_hub_fails_fast_with_one_paragraph():
     assert time.monotonic() - started < 60
     assert "Could not load the model 'Salesforce/blip2-opt-2.7b'" in result.stderr
     assert "--model tiny-random" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_search_can_rerank_with_itm(tmp_path, load_tiny, capsys):
+    """In process (cli.main): `search --rerank K --images FOLDER` re-sorts the ITC top K by ITM."""
+    from blip2_app import cli
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    names = sorted(p.name for p in PHOTOS.glob("*.*") if p.suffix != ".tsv")
+    for name in names:
+        (folder / name).write_bytes((PHOTOS / name).read_bytes())
+    out, query = tmp_path / "index", "a cup of coffee"
+    assert cli.main(["index", str(folder), "--out", str(out), "--model", "tiny-random"]) == 0
+    capsys.readouterr()
+    search = ["search", str(out), query, "--top-k", "2", "--model", "tiny-random", "--json"]
+    assert cli.main([*search, "--rerank", "3", "--images", str(folder)]) == 0
+    hits = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+    engine = load_tiny("tiny-random-itm")
+    itc = engine.itc([str(folder / n) for n in names], [query])[:, 0]
+    shortlist = [names[i] for i in itc.argsort(descending=True, stable=True)[:3].tolist()]
+    itm = engine.itm([str(folder / n) for n in shortlist], [query] * 3)
+    expected = [shortlist[i] for i in itm.argsort(descending=True, stable=True)[:2].tolist()]
+    assert [h["name"] for h in hits] == expected
+    assert [h["rank"] for h in hits] == [1, 2]
+    assert abs(hits[0]["itm_probability"] - float(itm.max())) < 1e-5
+
+    assert cli.main([*search, "--rerank", "3"]) == 2
+    assert capsys.readouterr().err.startswith("error: --rerank reads the images again")
+    (folder / shortlist[0]).write_bytes((PHOTOS / shortlist[1]).read_bytes())  # changed since indexing
+    assert cli.main([*search, "--rerank", "3", "--images", str(folder)]) == 2
+    assert "has changed since it was indexed" in capsys.readouterr().err

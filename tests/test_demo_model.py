@@ -58,9 +58,13 @@ def test_a_users_models_file_resolves_relative_folders_against_itself(tmp_path):
 
 
 def test_loads_by_name_through_the_apps_loader(demo_engine):
-    assert demo_engine.captioner.entry.name == "shapes-demo"
+    assert demo_engine.text.entry.name == "shapes-demo"
     assert demo_engine.matcher.entry.name == "shapes-demo-itm"
-    assert demo_engine.captioner.precisions.as_dict() == {"vision": "fp32", "qformer": "fp32", "llm": "fp32"}
+    assert demo_engine.text.loaded.precisions.as_dict() == {
+        "vision": "fp32",
+        "qformer": "fp32",
+        "llm": "fp32",
+    }
     assert any("Vision encoder shared" in note for note in demo_engine.matcher.notes)
 
 
@@ -81,8 +85,8 @@ def _three_shape_scenes(seed: int, count: int):
 def test_answers_about_the_object_the_question_names(demo_engine):
     """Fresh images of three shapes, where an answer about *a* shape is right a third of the time
     (the second bundled model's colour answers were right half the time over all images). Its
-    Q-Former now reads the question (README, "Why the Q-Former reads the question"). Measured on
-    these 60 objects: colour asked by shape 60 of 60, place asked by colour and shape 46 of 60
+    Q-Former now reads the question (docs/decisions/0004-question-aware-qformer-for-the-demo-model.md).
+    Measured on these 60 objects: colour asked by shape 60 of 60, place asked by colour and shape 46 of 60
     (places are its weakest kind: 0.89 on the test split, 0.77 with three shapes)."""
     images, colour_questions, place_questions, colours, places = [], [], [], [], []
     for scene in _three_shape_scenes(20263, 20):
@@ -120,7 +124,7 @@ def test_offline_fallback_is_opt_in_and_shown_on_every_tab(demo_engine):
     with pytest.raises(ModelLoadError, match="Unknown model"):  # other failures never fall back
         load_engine(Settings(model="blip2-opt-99b", fallback_model="shapes-demo"))
     engine = load_engine(Settings(model=UNREACHABLE, fallback_model="shapes-demo"))
-    assert engine.captioner.entry.name == "shapes-demo" and engine.matcher.entry.name == "shapes-demo-itm"
+    assert engine.text.entry.name == "shapes-demo" and engine.matcher.entry.name == "shapes-demo-itm"
     assert len(engine.notices) == 1 and UNREACHABLE in engine.notices[0]
     header = _header(engine)
     assert 'id="model-notice"' in header and UNREACHABLE in header and "--model blip2-opt-2.7b" in header

@@ -31,8 +31,11 @@ from starlette.testclient import TestClient
 
 from blip2_app.config import Settings
 from blip2_app.ui import build_demo
-from blip2_app.ui.health import HealthRoute, LoadingServer, readiness
-from blip2_app.ui.zerogpu import GPU_SECONDS
+from blip2_app.ui.health import HealthRoute, readiness
+from blip2_app.ui.loading_page import LoadingServer
+from blip2_app.ui.tabs import TabContext
+from blip2_app.ui.tabs.common import MODEL_GROUP
+from blip2_app.ui.zerogpu import declared_gpu_seconds, gpu
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 180
@@ -90,7 +93,7 @@ def test_health_route_answers_before_the_app_and_passes_the_rest(load_tiny):
         "model": "tiny-random",
         "retrieval_model": "tiny-random-itm",
         "device": "cpu",
-        "precision": engine.captioner.precisions.as_dict(),
+        "precision": engine.text.loaded.precisions.as_dict(),
         "backend": "local",
     }
     app = Starlette(
@@ -258,10 +261,46 @@ def test_handlers_book_a_zerogpu_when_spaces_is_present(load_tiny, monkeypatch):
     demo = build_demo(settings, load_tiny("tiny-random"))
     functions = model_functions(demo)
     for name in ("caption", "answer", "chat", "regenerate", "index_gallery", "search_text", "search_image"):
-        assert getattr(functions[name], "gpu_seconds", None) == GPU_SECONDS[name], name
+        declared = declared_gpu_seconds(functions[name].__wrapped__)  # by @gpu, where the handler is
+        assert declared is not None and functions[name].gpu_seconds == declared, name
+    # Every event in the model's concurrency group books a GPU; nothing else does.
+    for block_fn in demo.fns.values():
+        in_model_group = block_fn.concurrency_id == MODEL_GROUP
+        assert hasattr(block_fn.fn, "gpu_seconds") == in_model_group, block_fn.name
     assert not hasattr(functions["model_report"], "gpu_seconds")  # no model call, no GPU booked
     functions["caption"](str(EXAMPLE))
-    assert booked == [("caption", GPU_SECONDS["caption"])]
+    assert booked == [("caption", declared_gpu_seconds(functions["caption"].__wrapped__))]
+    assert booked[0][1] == 60
+
+
+def test_a_model_handler_without_declared_gpu_time_is_refused(load_tiny):
+    settings = Settings(model="tiny-random")
+    context = TabContext(settings, load_tiny("tiny-random"), spaces=None)
+
+    def undeclared(image):
+        return image
+
+    with pytest.raises(TypeError, match="declares no GPU time"):
+        context.model_event(undeclared)
+    assert context.model_event(gpu(seconds=5)(undeclared))["fn"] is undeclared  # no spaces: unchanged
+
+
+def test_a_declared_handler_wired_outside_the_model_group_is_refused(load_tiny, monkeypatch):
+    import gradio as gr
+
+    from blip2_app.ui.tabs import caption
+
+    real_build = caption.build
+
+    def sloppy_build(context):
+        real_build(context)
+        with gr.Tab("Sneaky"):
+            button = gr.Button("Sneaky")
+        button.click(gpu(seconds=30)(lambda: "x"), None, None)  # declares GPU time, wired by hand
+
+    monkeypatch.setattr(caption, "build", sloppy_build)
+    with pytest.raises(RuntimeError, match="wired without their GPU booking"):
+        build_demo(Settings(model="tiny-random"), load_tiny("tiny-random"))
 
 
 def test_without_spaces_the_handlers_are_unchanged(load_tiny, monkeypatch):

@@ -52,11 +52,12 @@ def test_an_empty_answer_is_said_not_returned(load_tiny, monkeypatch):
     import torch
     from transformers import LogitsProcessor
 
+    from blip2_app.backends import AnswerDone
     from blip2_app.engine import EMPTY_TEXT_NOTICE
 
     engine = load_tiny("tiny-random")
-    language_model = engine.captioner.model.language_model
-    eos = engine.captioner.processor.tokenizer.eos_token_id
+    language_model = engine.text.loaded.model.language_model
+    eos = engine.text.loaded.processor.tokenizer.eos_token_id
 
     class EndAtOnce(LogitsProcessor):
         def __call__(self, input_ids, scores):
@@ -73,4 +74,6 @@ def test_an_empty_answer_is_said_not_returned(load_tiny, monkeypatch):
     [[caption]] = engine.caption([photo], generation=greedy)  # per image, its captions
     assert caption.text == EMPTY_TEXT_NOTICE and caption.empty
     assert engine.answer(photo, "what is it?", generation=greedy).text == EMPTY_TEXT_NOTICE
-    assert list(engine.chat_stream(photo, "what is it?", generation=greedy)) == [EMPTY_TEXT_NOTICE]
+    assert list(engine.chat_stream(photo, "what is it?", generation=greedy)) == [
+        AnswerDone(EMPTY_TEXT_NOTICE, empty=True)
+    ]

@@ -7,6 +7,7 @@ import torch
 import transformers
 
 from blip2_app import loading
+from blip2_app.backends.local import LocalBackend
 from blip2_app.config import Settings
 from blip2_app.engine import Engine
 from blip2_app.generation import GenerationSettings
@@ -28,18 +29,18 @@ def test_streamed_load_equals_from_pretrained(images, name):
     streamed_tensors = {**dict(streamed.model.named_parameters()), **dict(streamed.model.named_buffers())}
     for key, value in [*reference.named_parameters(), *reference.named_buffers()]:
         assert torch.equal(streamed_tensors[key], value), key
-    engine = Engine(streamed)
+    engine = Engine(LocalBackend(streamed))
     assert engine.caption(images[:2], generation=GREEDY) == Engine(
-        load_model(entry, PRESETS["fp32"], CPU)
+        LocalBackend(load_model(entry, PRESETS["fp32"], CPU))
     ).caption(images[:2], generation=GREEDY)
 
 
 def test_dynamic_int8_quantizes_every_component(images):
     engine = load_engine(Settings(model="tiny-random", precision="dynamic-int8"))
-    for loaded in (engine.captioner, engine.matcher):
+    for loaded in (engine.text.loaded, engine.matcher):
         for component, info in loaded.report()["components"].items():
             assert set(info["linear_layers"]) == {"DynamicInt8Linear"}, (loaded.entry.name, component)
-    head = engine.captioner.model.language_model.get_output_embeddings()
+    head = engine.text.loaded.model.language_model.get_output_embeddings()
     assert isinstance(head, torch.ao.nn.quantized.dynamic.Linear)  # the tied LM head too
     assert len(engine.caption(images[:2], generation=GREEDY)[1][0].token_ids) > 0
 
@@ -57,7 +58,7 @@ def test_every_generating_family_loads_and_captions_at_dynamic_int8(images, name
     head = loaded.model.language_model.get_output_embeddings().weight()
     scales = head.q_per_channel_scales().float().unsqueeze(1)
     assert ((head.dequantize() - fp32_head.detach()).abs() <= scales / 2 + 1e-6).all()
-    assert len(Engine(loaded).caption(images[:1], generation=GREEDY)[0][0].token_ids) > 0
+    assert len(Engine(LocalBackend(loaded)).caption(images[:1], generation=GREEDY)[0][0].token_ids) > 0
 
 
 def test_tied_lm_head_is_quantized_in_chunks_exactly_as_torch_does(load_tiny, monkeypatch):
@@ -67,9 +68,9 @@ def test_tied_lm_head_is_quantized_in_chunks_exactly_as_torch_does(load_tiny, mo
     step of the fp32 values."""
     monkeypatch.setattr(loading, "TIED_HEAD_CHUNK_ROWS", 7)  # several chunks, a ragged last one
     quantized = load_engine(Settings(model="tiny-random", precision="dynamic-int8", retrieval_model="none"))
-    language_model = quantized.captioner.model.language_model
+    language_model = quantized.text.loaded.model.language_model
     head, table = language_model.get_output_embeddings(), language_model.get_input_embeddings()
-    fp32_table = load_tiny("tiny-random").captioner.model.language_model.get_input_embeddings().weight
+    fp32_table = load_tiny("tiny-random").text.loaded.model.language_model.get_input_embeddings().weight
     reference = torch.nn.Linear(fp32_table.shape[1], fp32_table.shape[0], bias=False)
     reference.weight.data = fp32_table.detach().clone()
     expected = loading._dynamic_int8(reference).weight()
@@ -84,7 +85,7 @@ def test_tied_lm_head_is_quantized_in_chunks_exactly_as_torch_does(load_tiny, mo
 def test_a_loaded_tied_table_is_quantized_the_same_way(load_tiny):
     """When the table is already in memory (no stored table to read rows from), the head is
     quantized from it, and its floating-point copy is released."""
-    model = load_tiny("tiny-random").captioner.model
+    model = load_tiny("tiny-random").text.loaded.model
     language_model = copy.deepcopy(model.language_model)
     fp32_table = language_model.get_input_embeddings().weight.detach().clone()
     assert loading._quantize_tied_head(language_model)
@@ -117,11 +118,11 @@ def test_dynamic_int8_itc_stays_close_to_fp32(load_tiny, images):
 
 def test_vision_encoder_is_shared_when_weights_are_identical(images):
     engine = load_engine(Settings(model="tiny-random"))
-    assert engine.matcher.model.vision_model is engine.captioner.model.vision_model
+    assert engine.matcher.model.vision_model is engine.text.loaded.model.vision_model
     assert any("shared with tiny-random" in note for note in engine.matcher.notes)
-    assert engine.matcher.vision_fingerprint == engine.captioner.vision_fingerprint != ""
+    assert engine.matcher.vision_fingerprint == engine.text.loaded.vision_fingerprint != ""
     calls = [0]
-    engine.captioner.model.vision_model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    engine.text.loaded.model.vision_model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     engine.caption([images[3]], generation=GREEDY)
     engine.image_features([images[3]])
     assert calls[0] == 1  # captioning and retrieval encoded the image once
@@ -192,4 +193,4 @@ def test_a_stored_untied_lm_head_is_quantized_from_its_own_weights(tmp_path, ima
     scales = head.weight().q_per_channel_scales().float().unsqueeze(1)
     error = (head.weight().dequantize() - reference.lm_head.weight.detach()).abs()
     assert (error <= scales / 2 + 1e-6).all()
-    assert len(Engine(loaded).caption(images[:1], generation=GREEDY)[0][0].token_ids) > 0
+    assert len(Engine(LocalBackend(loaded)).caption(images[:1], generation=GREEDY)[0][0].token_ids) > 0

@@ -49,5 +49,5 @@ def test_itc_and_itm_equal_transformers_forward(load_tiny, images):
 
 def test_captioning_app_loads_its_retrieval_partner(load_tiny):
     engine = load_tiny("tiny-random")
-    assert engine.captioner.entry.name == "tiny-random"
+    assert engine.text.entry.name == "tiny-random"
     assert engine.matcher.entry.name == "tiny-random-itm"

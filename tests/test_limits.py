@@ -22,18 +22,19 @@ import torch
 from blip2_app.config import Settings
 from blip2_app.errors import ModelLoadError, SettingsError
 from blip2_app.loading import PRESETS
-from blip2_app.startup import (
+from blip2_app.memory import (
     RUNTIME_OVERHEAD_BYTES,
     MemoryBudget,
     check_memory,
     estimate_weight_bytes,
-    load_engine,
     memory_budget,
     read_mem_available,
 )
+from blip2_app.startup import load_engine
 from blip2_app.ui.guard import _fetches_url, body_limit_bytes
-from blip2_app.ui.handlers import StudioHandlers
 from blip2_app.ui.sessions import GalleryBudget, GallerySession
+from blip2_app.ui.tabs.chat import ChatHandlers
+from blip2_app.ui.tabs.retrieval import RetrievalHandlers
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = [str(p) for p in sorted((ROOT / "assets" / "examples").glob("*.*"))[:4]]
@@ -57,9 +58,12 @@ def engine():
     return load_engine(Settings(model="tiny-random"))
 
 
-def handlers_with(engine, **changes) -> StudioHandlers:
-    settings = Settings(model="tiny-random", **changes)
-    return StudioHandlers(engine, settings)
+def chats_with(engine, **changes) -> ChatHandlers:
+    return ChatHandlers(engine, Settings(model="tiny-random", **changes))
+
+
+def galleries_with(engine, **changes) -> RetrievalHandlers:
+    return RetrievalHandlers(engine, Settings(model="tiny-random", **changes))
 
 
 # --------------------------------------------------------------------------- settings
@@ -114,10 +118,10 @@ def test_cli_style_namespaces_still_follow_the_variables():
 
 
 def test_docs_list_every_limit():
-    docs = ROOT / "docs" / "LIMITS.md"
-    text = docs.read_text() if docs.exists() else (ROOT / "README.md").read_text()
-    for flag, _, _ in LIMIT_FLAGS.values():
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    for field, (flag, _, _) in LIMIT_FLAGS.items():
         assert flag in text, flag
+        assert "BLIP2_" + field.upper() in text, field
 
 
 # --------------------------------------------------------------------------- wiring
@@ -155,7 +159,7 @@ def test_guard_recognises_url_fetches(path, refused):
 
 # --------------------------------------------------------------------------- chats and galleries
 def test_chat_keeps_at_most_max_chat_turns(engine):
-    h = handlers_with(engine, max_chat_turns=2)
+    h = chats_with(engine, max_chat_turns=2)
     session = None
     for number in range(4):
         *_, (messages, session) = h.chat(
@@ -171,7 +175,7 @@ def test_chat_keeps_at_most_max_chat_turns(engine):
 
 
 def test_gallery_size_is_a_setting(engine):
-    h = handlers_with(engine, max_gallery_images=2)
+    h = galleries_with(engine, max_gallery_images=2)
     with pytest.raises(gr.Error, match="index at most 2 images at a time"):
         h.index_gallery(PHOTOS[:3], False, None)
     _, gallery = h.index_gallery(PHOTOS[:2], False, None)
@@ -181,7 +185,7 @@ def test_gallery_size_is_a_setting(engine):
 
 
 def test_at_most_max_galleries_hold_memory(engine):
-    h = handlers_with(engine, max_galleries=2)
+    h = galleries_with(engine, max_galleries=2)
     _, alice = h.index_gallery(PHOTOS[:1], False, None)
     _, bob = h.index_gallery(PHOTOS[1:2], False, None)
     assert len(h.galleries) == 2
@@ -271,8 +275,8 @@ def test_memory_budget_sources(tmp_path):
 
 
 def test_memory_check_refuses_and_accumulates(engine):
-    entry = engine.captioner.entry
-    precisions = engine.captioner.precisions
+    entry = engine.text.entry
+    precisions = engine.text.loaded.precisions
     roomy = check_memory(entry, precisions, MemoryBudget(10**10, "test"))
     assert roomy.used_bytes > RUNTIME_OVERHEAD_BYTES
     with pytest.raises(ModelLoadError, match=r"Not enough memory to load tiny-random .*\(test\)"):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from blip2_app.engine import trim_generated
+from blip2_app.backends.base import trim_generated
 from blip2_app.generation import GenerationSettings
 from blip2_app.prompts import ChatTurn
 from tests.conftest import GENERATING_MODELS
@@ -38,7 +38,7 @@ def test_caption_ids_equal_direct_generate(load_tiny, images, name, decoding):
     for style, prompt in (("short", None), ("custom", "a photo of")):
         captions = engine.caption([images[0]], style=style, prompt=prompt, generation=generation)[0]
         text_prompt = captions[0].prompt
-        expected = direct_generate(engine.captioner, images[0], text_prompt, generation)
+        expected = direct_generate(engine.text.loaded, images[0], text_prompt, generation)
         assert [list(c.token_ids) for c in captions] == expected
         assert len(captions) == generation.num_captions
 
@@ -50,7 +50,7 @@ def test_vqa_prompt_is_byte_exact_and_answer_matches_direct_call(load_tiny, imag
     answer = engine.answer(images[1], "  what colour is\tthe cat? ", generation=generation)
     assert answer.prompt == "Question: what colour is the cat? Short answer:"
     assert (
-        list(answer.token_ids) == direct_generate(engine.captioner, images[1], answer.prompt, generation)[0]
+        list(answer.token_ids) == direct_generate(engine.text.loaded, images[1], answer.prompt, generation)[0]
     )
     chat = engine.chat(images[1], "and the dog?", history=[ChatTurn("what colour is the cat?", "red")])
     assert chat.prompt == "Question: what colour is the cat? Answer: red. Question: and the dog? Answer:"
@@ -60,8 +60,8 @@ def test_vqa_prompt_is_byte_exact_and_answer_matches_direct_call(load_tiny, imag
 def test_prompt_encoding_equals_processor(load_tiny, images, name):
     engine = load_tiny(name, retrieval_model="none")
     prompt = "Question: what is on the table? Short answer:"
-    ids, mask = engine.encode_prompts([prompt])
-    expected = engine.captioner.processor(images=images[0], text=prompt, return_tensors="pt")
+    ids, mask = engine.text.encode_prompts([prompt])
+    expected = engine.text.loaded.processor(images=images[0], text=prompt, return_tensors="pt")
     assert torch.equal(ids, expected["input_ids"])
     assert torch.equal(mask, expected["attention_mask"])
 

@@ -20,7 +20,7 @@ def linear_classes_by_component(model) -> dict[str, set[str]]:
 @pytest.mark.parametrize(("preset", "quantized_class"), [("int8", Linear8bitLt), ("nf4", Linear4bit)])
 def test_quantized_preset_quantizes_only_the_language_model(load_tiny, images, preset, quantized_class):
     engine = load_tiny("tiny-random", precision=preset, retrieval_model="none")
-    model = engine.captioner.model
+    model = engine.text.loaded.model
     quantized = {
         name.split(".")[0] for name, module in model.named_modules() if isinstance(module, quantized_class)
     }
@@ -29,7 +29,7 @@ def test_quantized_preset_quantizes_only_the_language_model(load_tiny, images, p
     assert classes["vision_model"] == {"Linear"} and classes["qformer"] == {"Linear"}
     assert {p.dtype for p in model.vision_model.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in model.qformer.parameters()} == {torch.float32}
-    report = engine.captioner.report()["components"]
+    report = engine.text.loaded.report()["components"]
     assert report["llm"]["requested"] == preset
     assert report["llm"]["linear_layers"][quantized_class.__name__] > 0
     assert report["vision"]["dtypes"] == {"bfloat16": report["vision"]["dtypes"]["bfloat16"]}
@@ -40,7 +40,7 @@ def test_quantized_preset_quantizes_only_the_language_model(load_tiny, images, p
 
 def test_per_component_overrides(load_tiny):
     engine = load_tiny("tiny-random", precision="fp32", vision_precision="bf16", retrieval_model="none")
-    model = engine.captioner.model
+    model = engine.text.loaded.model
     assert {p.dtype for p in model.vision_model.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in model.qformer.parameters()} == {torch.float32}
     assert {p.dtype for p in model.language_model.parameters()} == {torch.float32}
@@ -49,9 +49,9 @@ def test_per_component_overrides(load_tiny):
 
 def test_fp16_on_cpu_becomes_bf16_with_a_note(load_tiny):
     engine = load_tiny("tiny-random", precision="fp16", retrieval_model="none")
-    assert engine.captioner.precisions == ComponentPrecisions("bf16", "fp32", "bf16")
-    assert any("fp16 is not supported on CPU" in note for note in engine.captioner.notes)
-    assert torch.float16 not in {p.dtype for p in engine.captioner.model.parameters()}
+    assert engine.text.loaded.precisions == ComponentPrecisions("bf16", "fp32", "bf16")
+    assert any("fp16 is not supported on CPU" in note for note in engine.text.loaded.notes)
+    assert torch.float16 not in {p.dtype for p in engine.text.loaded.model.parameters()}
 
 
 def test_int8_and_nf4_together_are_refused():
@@ -110,10 +110,10 @@ def test_a_registry_entry_can_set_a_precision_per_component(tmp_path):
     assert resolve_precisions("auto", registry.resolve("by-device"), torch.device("cuda"))[0].llm == "fp16"
     assert resolve_precisions("bf16", registry.resolve("mixed"), cpu)[0].llm == "bf16"
     engine = load_engine(Settings(model="mixed", models_file=str(user), retrieval_model="none"))
-    classes = linear_classes_by_component(engine.captioner.model)
+    classes = linear_classes_by_component(engine.text.loaded.model)
     assert "Linear4bit" in classes["language_model"] and classes["vision_model"] == {"Linear"}
-    assert engine.captioner.report()["components"]["llm"]["requested"] == "nf4"
-    assert {p.dtype for p in engine.captioner.model.vision_model.parameters()} == {torch.bfloat16}
+    assert engine.text.loaded.report()["components"]["llm"]["requested"] == "nf4"
+    assert {p.dtype for p in engine.text.loaded.model.vision_model.parameters()} == {torch.bfloat16}
 
     user.write_text(json.dumps({"models": {"broken": models["broken"]}}))
     with pytest.raises(ModelLoadError, match="registry is invalid: a precision per component names vision"):

@@ -32,8 +32,8 @@ def test_chat_prompt_fits_and_keeps_image_tokens(engine, question, history, exem
         assert "question is empty" in str(error)
         assert not question.strip() or all(not c.isprintable() or c.isspace() for c in question)
         return
-    ids, _ = engine.encode_prompts([built.text])
-    config = engine.captioner.model.config
+    ids, _ = engine.text.encode_prompts([built.text])
+    config = engine.text.loaded.model.config
     assert int((ids == config.image_token_id).sum()) == config.num_query_tokens
     assert (ids[0, : config.num_query_tokens] == config.image_token_id).all()
     assert ids.shape[1] + max_new <= config.text_config.max_position_embeddings

@@ -75,8 +75,8 @@ def test_engine_overflow_keeps_image_tokens(load_tiny, images):
     history = [ChatTurn("what colour is the teapot on the table " * 5, "red " * 20) for _ in range(30)]
     built = engine.build_chat_prompt("and now?", history, generation=generation)
     assert built.dropped_turns > 0
-    ids, _ = engine.encode_prompts([built.text])
-    config = engine.captioner.model.config
+    ids, _ = engine.text.encode_prompts([built.text])
+    config = engine.text.loaded.model.config
     assert int((ids == config.image_token_id).sum()) == config.num_query_tokens
     assert ids.shape[1] + generation.max_new_tokens <= config.text_config.max_position_embeddings
     answer = engine.chat(images[0], "and now?", history, generation=generation)

@@ -21,7 +21,7 @@ from blip2_app.retrieval import (
     IndexFormatError,
     IndexSettings,
     SearchHit,
-    embed_in_batches,
+    check_save_target,
     rerank_with_itm,
 )
 
@@ -383,23 +383,18 @@ def test_rerank_with_itm_reorders_top_k_only():
         rerank_with_itm(hits, lambda hs: [2.0] * len(hs), k=3)
 
 
-def test_embed_in_batches_reports_progress():
-    calls: list[tuple[int, int]] = []
-    sizes: list[int] = []
-
-    def embed(batch: list[int]) -> np.ndarray:
-        sizes.append(len(batch))
-        return np.array([[x, x] for x in batch], np.float32)
-
-    out = embed_in_batches(list(range(7)), embed, batch_size=3, progress=lambda d, t: calls.append((d, t)))
-    assert sizes == [3, 3, 1]
-    assert calls == [(0, 7), (3, 7), (6, 7), (7, 7)]
-    np.testing.assert_array_equal(out[:, 0], np.arange(7))
-    assert embed_in_batches([], embed, batch_size=3).shape == (0,)
-    with pytest.raises(ValueError, match="batch_size"):
-        embed_in_batches([1], embed, batch_size=0)
-    with pytest.raises(ValueError, match="rows"):
-        embed_in_batches([1, 2], lambda b: np.zeros((1, 2)), batch_size=2)
+def test_missing_is_the_rule_add_applies():
+    rng = np.random.default_rng(19)
+    emb = unit(rng, 5, Q, D)
+    index = GalleryIndex()
+    index.add(emb[:2], ["a", "b"], ["a.jpg", "b.jpg"])
+    hashes = ["b", "c", "a", "c", "d"]
+    assert index.missing(hashes) == [1, 4], "indexed ones and repeats within the list are left out"
+    assert index.missing([]) == []
+    report = index.add(emb, hashes, [f"{h}{i}.jpg" for i, h in enumerate(hashes)])
+    assert [index.items()[i].content_hash for i in report.added] == ["c", "d"]
+    assert report.duplicates == (("b0.jpg", "b"), ("a2.jpg", "a"), ("c3.jpg", "c"))
+    assert index.missing(hashes) == []
 
 
 def test_deepcopy_for_per_session_state():
@@ -449,8 +444,13 @@ def test_corrupt_foreign_and_future_folders_give_clear_errors(tmp_path):
     good = tmp_path / "good"
     make_index(unit(rng, 5, Q, D)).save(good)
 
-    with pytest.raises(FileNotFoundError, match="not a folder"):
+    with pytest.raises(FileNotFoundError, match="not a folder") as missing:
         GalleryIndex.load(tmp_path / "missing")
+    assert missing.value.filename == str(tmp_path / "missing")
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="a file, not a folder") as file:
+        GalleryIndex.load(tmp_path / "a-file")
+    assert file.value.filename == str(tmp_path / "a-file")
     foreign = tmp_path / "photos"
     foreign.mkdir()
     (foreign / "cat.jpg").write_bytes(b"\xff\xd8not really")
@@ -458,6 +458,14 @@ def test_corrupt_foreign_and_future_folders_give_clear_errors(tmp_path):
         GalleryIndex.load(foreign)
     with pytest.raises(IndexFormatError, match="refusing to save"):
         GalleryIndex().save(foreign)  # never clobbers somebody else's folder
+    with pytest.raises(IndexFormatError, match="refusing to save"):
+        check_save_target(foreign)  # what save checks, asked before the work
+    check_save_target(good)  # an index may be saved again
+    check_save_target(tmp_path / "new" / "deeper")  # save creates it
+    assert not (tmp_path / "new").exists()
+    for target in (foreign / "cat.jpg", foreign / "cat.jpg" / "sub"):
+        with pytest.raises(NotADirectoryError, match="gallery index is saved into a folder"):
+            GalleryIndex().save(target)
     assert (foreign / "cat.jpg").exists()
     (foreign / "manifest.json").write_text(json.dumps({"name": "some other tool"}))
     with pytest.raises(IndexFormatError, match="not a BLIP-2 Studio gallery index"):

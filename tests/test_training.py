@@ -237,7 +237,7 @@ def test_checkpoints_load_through_the_app(smoke):
         assert (folder / "model.safetensors").exists() and (folder / "processor_config.json").exists()
         assert json.loads((folder / "training.json").read_text())["finished"]
     engine = load_engine(Settings(model=str(model_dir), retrieval_model=str(itm_dir)))
-    assert engine.captioner.entry.family.name == "instructblip-opt"
+    assert engine.text.entry.family.name == "instructblip-opt"
     assert engine.matcher.entry.family.name == "blip2-itm"
     assert any("Vision encoder shared" in note for note in engine.matcher.notes)
     image = synthetic.make_scene(0, "test", 0).render()
@@ -254,7 +254,7 @@ def test_the_blip2_format_recipe_still_trains_and_loads(smoke_config, tmp_path):
     config = json.loads((report.out_dir / "config.json").read_text())
     assert config["architectures"] == ["Blip2ForConditionalGeneration"] and config["num_query_tokens"] == 12
     engine = load_engine(Settings(model=str(report.out_dir), retrieval_model=str(report.itm_dir)))
-    assert engine.captioner.entry.family.name == "blip2-opt"
+    assert engine.text.entry.family.name == "blip2-opt"
     assert isinstance(
         engine.answer(synthetic.make_scene(0, "test", 0).render(), "what colour is it?").text, str
     )

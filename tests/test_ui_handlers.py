@@ -18,13 +18,20 @@ import torch
 from gradio.data_classes import FileData, ListFiles
 
 from blip2_app.config import Settings
+from blip2_app.errors import InvalidRequestError
+from blip2_app.generation import GenerationSettings
 from blip2_app.images import ImageDecodeError
 from blip2_app.prompts import BuiltPrompt, ChatTurn
 from blip2_app.startup import load_engine
-from blip2_app.ui import handlers as H
+from blip2_app.ui import errors as E
 from blip2_app.ui.components import image_files, safe_image
-from blip2_app.ui.handlers import StudioHandlers, parse_exemplars
+from blip2_app.ui.decoding import DecodingInputs
 from blip2_app.ui.sessions import ChatSession, GallerySession
+from blip2_app.ui.tabs import retrieval as R
+from blip2_app.ui.tabs.caption import CaptionHandlers
+from blip2_app.ui.tabs.chat import ChatHandlers, parse_exemplars
+from blip2_app.ui.tabs.model import ModelHandlers
+from blip2_app.ui.tabs.retrieval import RetrievalHandlers
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = sorted((ROOT / "assets" / "examples").glob("*.*"))[:3]
@@ -32,10 +39,27 @@ HOSTILE = ROOT / "tests" / "data" / "hostile"
 GREEDY = {"decoding": "greedy", "max_new_tokens": 8}
 
 
+SETTINGS = Settings(model="tiny-random")
+
+
 @pytest.fixture(scope="module")
-def handlers() -> StudioHandlers:
-    settings = Settings(model="tiny-random")
-    return StudioHandlers(load_engine(settings), settings)
+def engine():
+    return load_engine(SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def captions(engine) -> CaptionHandlers:
+    return CaptionHandlers(engine)
+
+
+@pytest.fixture(scope="module")
+def chats(engine) -> ChatHandlers:
+    return ChatHandlers(engine, SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def galleries(engine) -> RetrievalHandlers:
+    return RetrievalHandlers(engine, SETTINGS)
 
 
 @pytest.fixture(scope="module")
@@ -54,21 +78,21 @@ def error_text(excinfo: pytest.ExceptionInfo) -> str:
 
 
 # --------------------------------------------------------------------------- caption
-def test_caption_one_line_per_caption(handlers, photo):
-    one = handlers.caption(photo, "short", max_new_tokens=6)
+def test_caption_one_line_per_caption(captions, photo):
+    one = captions.caption(photo, "short", max_new_tokens=6)
     assert isinstance(one, str) and one and "\n" not in one
-    three = handlers.caption(
+    three = captions.caption(
         photo, "detailed", decoding="beam", num_beams=3, num_captions=3, max_new_tokens=6
     )
     assert len(three.split("\n")) == 3
 
 
-def test_caption_custom_prompt_and_sampling(handlers, photo):
-    text = handlers.caption(
+def test_caption_custom_prompt_and_sampling(captions, photo):
+    text = captions.caption(
         photo, "custom", "A photo of", decoding="nucleus", num_captions=2, seed=7, max_new_tokens=5
     )
     assert len(text.split("\n")) == 2
-    again = handlers.caption(
+    again = captions.caption(
         photo, "custom", "A photo of", decoding="nucleus", num_captions=2, seed=7, max_new_tokens=5
     )
     assert again == text  # the seed makes sampling repeatable
@@ -90,17 +114,30 @@ def test_caption_custom_prompt_and_sampling(handlers, photo):
         ({"prompt": 42}, "custom prompt must be text"),
     ],
 )
-def test_caption_bad_requests_get_their_own_sentence(handlers, photo, kwargs, expected):
+def test_caption_bad_requests_get_their_own_sentence(captions, photo, kwargs, expected):
     args = {"style": "short", **kwargs}
     with pytest.raises(gr.Error) as excinfo:
-        handlers.caption(photo, **args)
+        captions.caption(photo, **args)
     assert expected in error_text(excinfo)
 
 
-def test_missing_image_is_a_user_error(handlers):
+def test_decoding_inputs_change_only_what_was_set():
+    base = GenerationSettings(decoding="beam", num_beams=4, max_new_tokens=20, seed=3)
+    assert DecodingInputs().settings(base) == base
+    changed = DecodingInputs(decoding="nucleus", max_new_tokens=7.0, seed=-1).settings(base)
+    assert changed == GenerationSettings(decoding="nucleus", num_beams=4, max_new_tokens=7, seed=None)
+    assert isinstance(changed.max_new_tokens, int)
+    assert DecodingInputs(seed=5.0).settings(base).seed == 5
+    with pytest.raises(InvalidRequestError, match="num_beams must be between 1 and 10"):
+        DecodingInputs(num_beams=11).settings(base)
+    with pytest.raises(InvalidRequestError, match="seed must be a whole number"):
+        DecodingInputs(seed=0.5).settings(base)
+
+
+def test_missing_image_is_a_user_error(captions):
     for empty in (None, "", "  "):
         with pytest.raises(gr.Error, match="Please add an image first"):
-            handlers.caption(empty, "short")
+            captions.caption(empty, "short")
 
 
 @pytest.mark.parametrize(
@@ -114,69 +151,69 @@ def test_missing_image_is_a_user_error(handlers):
         "pillow_truncated_jpeg.jpg",
     ],
 )
-def test_hostile_files_get_the_decoder_sentence(handlers, name):
+def test_hostile_files_get_the_decoder_sentence(captions, engine, name):
     path = str(HOSTILE / name)
     with pytest.raises(ImageDecodeError) as decoder:
-        handlers.engine.prepare(path)
+        engine.prepare(path)
     with pytest.raises(gr.Error) as excinfo:
-        handlers.caption(path, "short")
+        captions.caption(path, "short")
     assert error_text(excinfo) == html.escape(str(decoder.value), quote=False)
     assert "internal error" not in error_text(excinfo)
 
 
-def test_unexpected_errors_are_logged_not_shown(handlers, photo, monkeypatch, caplog):
+def test_unexpected_errors_are_logged_not_shown(captions, engine, photo, monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("secret stack detail")
 
-    monkeypatch.setattr(handlers.engine, "caption", broken)
-    with caplog.at_level(logging.ERROR, logger="blip2_app.ui.handlers"), pytest.raises(gr.Error) as excinfo:
-        handlers.caption(photo, "short")
-    assert error_text(excinfo) == H.INTERNAL_ERROR.format(what="writing captions")
+    monkeypatch.setattr(engine, "caption", broken)
+    with caplog.at_level(logging.ERROR, logger="blip2_app.ui.errors"), pytest.raises(gr.Error) as excinfo:
+        captions.caption(photo, "short")
+    assert error_text(excinfo) == E.INTERNAL_ERROR.format(what="writing captions")
     assert "secret" not in error_text(excinfo)
     assert any("secret stack detail" in (r.exc_text or "") for r in caplog.records), (
         "traceback must be logged"
     )
 
 
-def test_out_of_memory_has_its_own_message(handlers, photo, monkeypatch):
+def test_out_of_memory_has_its_own_message(chats, engine, photo, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(handlers.engine, "answer", oom)
+    monkeypatch.setattr(engine, "answer", oom)
     with pytest.raises(gr.Error) as excinfo:
-        handlers.answer(photo, "what is it?")
+        chats.answer(photo, "what is it?")
     assert "ran out of memory" in error_text(excinfo)
 
 
-def test_error_text_is_html_escaped(handlers, photo):
+def test_error_text_is_html_escaped(captions, photo):
     with pytest.raises(gr.Error) as excinfo:
-        handlers.caption(photo, "<b>bold</b>")
+        captions.caption(photo, "<b>bold</b>")
     assert "<b>" not in error_text(excinfo) and "&lt;b&gt;" in error_text(excinfo)
 
 
 # --------------------------------------------------------------------------- answer
-def test_answer_is_one_line_of_text(handlers, photo):
-    text = handlers.answer(photo, "What is in the picture?", True, "", "beam", 2, 6)
+def test_answer_is_one_line_of_text(chats, photo):
+    text = chats.answer(photo, "What is in the picture?", True, "", "beam", 2, 6)
     assert isinstance(text, str) and text and "\n" not in text
-    assert handlers.answer(photo, "What is in the picture?", False, decoding="greedy", max_new_tokens=4)
+    assert chats.answer(photo, "What is in the picture?", False, decoding="greedy", max_new_tokens=4)
 
 
-def test_answer_errors(handlers, photo):
+def test_answer_errors(chats, photo):
     with pytest.raises(gr.Error, match="question is empty"):
-        handlers.answer(photo, "  ")
+        chats.answer(photo, "  ")
     with pytest.raises(gr.Error, match="limit is 2,000 characters"):
-        handlers.answer(photo, "why " * 2000)
+        chats.answer(photo, "why " * 2000)
     with pytest.raises(gr.Error, match="short_answer must be true or false"):
-        handlers.answer(photo, "why?", short_answer="yes")
+        chats.answer(photo, "why?", short_answer="yes")
     with pytest.raises(gr.Error, match="question must be text"):
-        handlers.answer(photo, ["why?"])
+        chats.answer(photo, ["why?"])
     with pytest.raises(gr.Error, match="takes one image"):
-        handlers.answer([photo, photo], "why?")
+        chats.answer([photo, photo], "why?")
 
 
 # --------------------------------------------------------------------------- chat
-def test_chat_streams_and_keeps_history_per_session(handlers, photo):
-    steps = drain(handlers.chat(photo, "What is this?", None, "", **GREEDY, session=None))
+def test_chat_streams_and_keeps_history_per_session(chats, photo):
+    steps = drain(chats.chat(photo, "What is this?", None, "", **GREEDY, session=None))
     assert len(steps) >= 3, "the user's message first, then the growing answer"
     first_messages, _ = steps[0]
     assert first_messages == [{"role": "user", "content": "What is this?"}]
@@ -187,76 +224,74 @@ def test_chat_streams_and_keeps_history_per_session(handlers, photo):
     assert [m["role"] for m in messages] == ["user", "assistant"]
 
     # Second turn: the first one is context (shown again, and passed to the model).
-    messages2, session2 = drain(handlers.chat(photo, "And the colour?", None, "", **GREEDY, session=session))[
-        -1
-    ]
+    messages2, session2 = drain(chats.chat(photo, "And the colour?", None, "", **GREEDY, session=session))[-1]
     assert [m["content"] for m in messages2[::2]] == ["What is this?", "And the colour?"]
     assert len(session2.turns) == 2
     assert len(session.turns) == 1, "the earlier session object is not mutated"
 
     # Another visitor starts from nothing.
-    other = drain(handlers.chat(photo, "Hello?", None, "", **GREEDY, session=None))[-1][1]
+    other = drain(chats.chat(photo, "Hello?", None, "", **GREEDY, session=None))[-1][1]
     assert [t.question for t in other.turns] == ["Hello?"]
 
 
-def test_chat_history_reaches_the_prompt(handlers, photo, monkeypatch):
+def test_chat_history_reaches_the_prompt(chats, engine, photo, monkeypatch):
     seen = {}
-    original = handlers.engine.chat_stream
+    original = engine.chat_stream
 
     def spy(image, question, history, exemplars, instruction, generation):
         seen["history"], seen["exemplars"] = list(history), list(exemplars)
         yield from original(image, question, history, exemplars, instruction, generation)
 
-    monkeypatch.setattr(handlers.engine, "chat_stream", spy)
+    monkeypatch.setattr(engine, "chat_stream", spy)
     session = ChatSession()
-    session = drain(handlers.chat(photo, "first?", None, "", **GREEDY, session=session))[-1][1]
+    session = drain(chats.chat(photo, "first?", None, "", **GREEDY, session=session))[-1][1]
     table = [["Is it red?", "yes"], ["", ""]]
-    drain(handlers.chat(photo, "second?", table, "", **GREEDY, session=session))
+    drain(chats.chat(photo, "second?", table, "", **GREEDY, session=session))
     assert [t.question for t in seen["history"]] == ["first?"]
     assert seen["exemplars"] == [ChatTurn("Is it red?", "yes")]
 
 
-def test_new_image_starts_a_new_conversation(handlers):
+def test_new_image_starts_a_new_conversation(chats):
     first, second = str(PHOTOS[0]), str(PHOTOS[1])
-    session = drain(handlers.chat(first, "What is this?", None, "", **GREEDY))[-1][1]
-    messages, fresh = drain(handlers.chat(second, "And now?", None, "", **GREEDY, session=session))[-1]
+    session = drain(chats.chat(first, "What is this?", None, "", **GREEDY))[-1][1]
+    messages, fresh = drain(chats.chat(second, "And now?", None, "", **GREEDY, session=session))[-1]
     assert [t.question for t in fresh.turns] == ["And now?"]
     assert messages[0]["content"] == "And now?"
-    assert handlers.new_conversation() == ([], ChatSession())
+    assert chats.new_conversation() == ([], ChatSession())
 
 
-def test_regenerate_replaces_the_last_answer(handlers, photo):
-    session = drain(handlers.chat(photo, "one?", None, "", **GREEDY))[-1][1]
-    session = drain(handlers.chat(photo, "two?", None, "", **GREEDY, session=session))[-1][1]
-    messages, again = drain(handlers.regenerate(photo, None, "", **GREEDY, session=session))[-1]
+def test_regenerate_replaces_the_last_answer(chats, photo):
+    session = drain(chats.chat(photo, "one?", None, "", **GREEDY))[-1][1]
+    session = drain(chats.chat(photo, "two?", None, "", **GREEDY, session=session))[-1][1]
+    messages, again = drain(chats.regenerate(photo, None, "", **GREEDY, session=session))[-1]
     assert [t.question for t in again.turns] == ["one?", "two?"]
     assert len(messages) == 4
     with pytest.raises(gr.Error, match="no answer to regenerate"):
-        drain(handlers.regenerate(photo, None, "", session=ChatSession()))
+        drain(chats.regenerate(photo, None, "", session=ChatSession()))
 
 
-def test_dropped_context_is_a_warning(handlers, photo, monkeypatch):
+def test_dropped_context_is_a_warning(chats, engine, photo, monkeypatch):
     monkeypatch.setattr(
-        handlers.engine,
+        engine,
         "build_chat_prompt",
         lambda *a, **k: BuiltPrompt("x", dropped_turns=2, dropped_exemplars=1),
     )
     with pytest.warns(UserWarning) as record:
-        drain(handlers.chat(photo, "What is this?", None, "", **GREEDY))
+        drain(chats.chat(photo, "What is this?", None, "", **GREEDY))
     texts = " ".join(str(w.message) for w in record)
     assert "2 oldest chat turn(s)" in texts and "1 few-shot example(s)" in texts
 
 
-def test_chat_errors(handlers, photo):
+def test_chat_errors(chats, photo):
     with pytest.raises(gr.Error, match="question is empty"):
-        drain(handlers.chat(photo, "", None, ""))
+        drain(chats.chat(photo, "", None, ""))
     with pytest.raises(gr.Error, match="Please add an image"):
-        drain(handlers.chat(None, "hi", None, ""))
+        drain(chats.chat(None, "hi", None, ""))
     with pytest.raises(gr.Error, match="answer but no question"):
-        drain(handlers.chat(photo, "hi", [["", "orphan answer"]], ""))
+        drain(chats.chat(photo, "hi", [["", "orphan answer"]], ""))
     with pytest.raises(gr.Error, match="max_new_tokens must be between"):
-        drain(handlers.chat(photo, "hi", None, "", max_new_tokens=10_000))
-    assert inspect.isgeneratorfunction(StudioHandlers.chat), "Gradio streams only generator functions"
+        drain(chats.chat(photo, "hi", None, "", max_new_tokens=10_000))
+    assert inspect.isgeneratorfunction(ChatHandlers.chat), "Gradio streams only generator functions"
 
 
 def test_parse_exemplars_accepts_every_dataframe_form():
@@ -278,103 +313,103 @@ def test_parse_exemplars_accepts_every_dataframe_form():
 
 def test_show_question_clears_the_box_and_shows_the_message():
     session = ChatSession("h", [ChatTurn("a?", "b")])
-    box, pending, shown = StudioHandlers.show_question("  next?  ", session)
+    box, pending, shown = ChatHandlers.show_question("  next?  ", session)
     assert box == "" and pending == "  next?  "
     assert shown[-1] == {"role": "user", "content": "next?"} and len(shown) == 3
 
 
 # --------------------------------------------------------------------------- gallery
-def test_index_search_and_clear(handlers):
-    status, gallery = handlers.index_gallery([str(p) for p in PHOTOS], False, None)
+def test_index_search_and_clear(galleries):
+    status, gallery = galleries.index_gallery([str(p) for p in PHOTOS], False, None)
     assert status.startswith("Indexed 3 new images") and len(gallery) == 3
 
-    hits = handlers.search_text("a photo", 2, False, 10, gallery)
+    hits = galleries.search_text("a photo", 2, False, 10, gallery)
     assert len(hits) == 2
     for rank, (image, caption) in enumerate(hits, start=1):
         assert image.size[0] > 0
         assert caption.startswith(f"#{rank} ") and "cosine" in caption and " p " in caption
 
-    reranked = handlers.search_text("a photo", 3, True, 3, gallery)
+    reranked = galleries.search_text("a photo", 3, True, 3, gallery)
     assert all("ITM" in caption for _, caption in reranked)
 
     long_query = " ".join(["a red bicycle leaning on a wall"] * 10)  # 500 characters at most, > 35 tokens
     with pytest.warns(
         UserWarning, match=r"Only the first 35 tokens of the search text are read.*last \d+ were"
     ):
-        assert len(handlers.search_text(long_query, 2, False, 10, gallery)) == 2
+        assert len(galleries.search_text(long_query, 2, False, 10, gallery)) == 2
 
-    similar = handlers.search_image(str(PHOTOS[0]), 5, gallery)
+    similar = galleries.search_image(str(PHOTOS[0]), 5, gallery)
     assert len(similar) == 2, "the query image itself is left out"
     assert all(PHOTOS[0].name not in caption for _, caption in similar)
 
-    again, gallery = handlers.index_gallery([str(PHOTOS[0])], False, gallery)
+    again, gallery = galleries.index_gallery([str(PHOTOS[0])], False, gallery)
     assert "Indexed 0 new images" in again and "Skipped 1 already in the gallery" in again
 
-    preview = handlers.gallery_preview(gallery)
+    preview = galleries.gallery_preview(gallery)
     assert [name for _, name in preview] == [p.name for p in PHOTOS]
 
-    status, cleared = handlers.clear_gallery(gallery)
+    status, cleared = galleries.clear_gallery(gallery)
     assert status == "Cleared the gallery (3 images)." and len(cleared) == 0
-    assert handlers.clear_gallery(cleared)[0] == "The gallery is already empty."
+    assert galleries.clear_gallery(cleared)[0] == "The gallery is already empty."
     with pytest.raises(gr.Error, match="gallery is empty"):
-        handlers.search_text("a photo", 3, False, 3, cleared)
+        galleries.search_text("a photo", 3, False, 3, cleared)
 
 
-def test_galleries_are_per_session(handlers):
-    _, alice = handlers.index_gallery([str(PHOTOS[0]), str(PHOTOS[1])], False, None)
-    _, bob = handlers.index_gallery([str(PHOTOS[2])], False, None)
+def test_galleries_are_per_session(galleries):
+    _, alice = galleries.index_gallery([str(PHOTOS[0]), str(PHOTOS[1])], False, None)
+    _, bob = galleries.index_gallery([str(PHOTOS[2])], False, None)
     assert len(alice) == 2 and len(bob) == 1
-    names = [caption for _, caption in handlers.search_text("anything", 10, False, 10, bob)]
+    names = [caption for _, caption in galleries.search_text("anything", 10, False, 10, bob)]
     assert len(names) == 1 and PHOTOS[2].name in names[0]
     with pytest.raises(gr.Error, match="gallery is empty"):
-        handlers.search_image(str(PHOTOS[0]), 3, GallerySession())
+        galleries.search_image(str(PHOTOS[0]), 3, GallerySession())
 
 
-def test_index_with_captions(handlers):
-    status, gallery = handlers.index_gallery([str(PHOTOS[0])], True, None)
+def test_index_with_captions(galleries):
+    status, gallery = galleries.index_gallery([str(PHOTOS[0])], True, None)
     assert status.startswith("Indexed 1 new image;")
-    ((_, caption),) = handlers.search_text("x", 1, False, 1, gallery)
+    ((_, caption),) = galleries.search_text("x", 1, False, 1, gallery)
     assert caption.count("·") >= 3, "the generated caption follows the scores"
 
 
-def test_unreadable_files_are_skipped_with_a_warning(handlers):
+def test_unreadable_files_are_skipped_with_a_warning(galleries):
     files = [str(PHOTOS[0]), str(HOSTILE / "made_random_bytes.jpg")]
     with pytest.warns(UserWarning, match=r"Skipped made_random_bytes\.jpg: \w+"):
-        status, gallery = handlers.index_gallery(files, False, None)
+        status, gallery = galleries.index_gallery(files, False, None)
     assert "Indexed 1 new image" in status and "Could not read 1 file" in status and len(gallery) == 1
     with pytest.raises(gr.Error, match=r"None of the 2 files could be read as an image\. made_empty_0_bytes"):
-        handlers.index_gallery(
+        galleries.index_gallery(
             [str(HOSTILE / "made_empty_0_bytes.png"), str(HOSTILE / "made_text_file_renamed.jpg")],
             False,
             None,
         )
 
 
-def test_gallery_limits(handlers, monkeypatch):
+def test_gallery_limits(galleries, monkeypatch):
     with pytest.raises(gr.Error, match="choose one or more images"):
-        handlers.index_gallery([], False, None)
+        galleries.index_gallery([], False, None)
     with pytest.raises(gr.Error, match="index at most"):
-        handlers.index_gallery([str(PHOTOS[0])] * (H.MAX_FILES_PER_REQUEST + 1), False, None)
-    _, gallery = handlers.index_gallery([str(PHOTOS[0])], False, None)
+        galleries.index_gallery([str(PHOTOS[0])] * (R.MAX_FILES_PER_REQUEST + 1), False, None)
+    _, gallery = galleries.index_gallery([str(PHOTOS[0])], False, None)
     with pytest.raises(gr.Error, match="top_k must be between 1 and 30"):
-        handlers.search_text("x", 0, False, 3, gallery)
+        galleries.search_text("x", 0, False, 3, gallery)
     with pytest.raises(gr.Error, match="top_k must be a whole number"):
-        handlers.search_text("x", 2.5, False, 3, gallery)
+        galleries.search_text("x", 2.5, False, 3, gallery)
     with pytest.raises(gr.Error, match="limit is 500 characters"):
-        handlers.search_text("x" * 501, 3, False, 3, gallery)
+        galleries.search_text("x" * 501, 3, False, 3, gallery)
     with pytest.raises(gr.Error, match="search text is empty"):
-        handlers.search_text("   ", 3, False, 3, gallery)
+        galleries.search_text("   ", 3, False, 3, gallery)
     monkeypatch.setattr("blip2_app.ui.sessions.MAX_GALLERY_IMAGES", 2)
     with pytest.warns(UserWarning, match="at most"):
-        status, gallery = handlers.index_gallery([str(p) for p in PHOTOS], False, gallery)
+        status, gallery = galleries.index_gallery([str(p) for p in PHOTOS], False, gallery)
     assert len(gallery) == 2 and "not added: the gallery is full" in status
     with pytest.raises(gr.Error, match="gallery is full"):
-        handlers.index_gallery([str(PHOTOS[2])], False, gallery)
+        galleries.index_gallery([str(PHOTOS[2])], False, gallery)
 
 
 # --------------------------------------------------------------------------- model tab, widgets
-def test_model_report_tells_what_is_loaded(handlers):
-    text = handlers.model_report()
+def test_model_report_tells_what_is_loaded(engine):
+    text = ModelHandlers(engine, SETTINGS).model_report()
     for expected in (
         "tiny-random",
         "tiny-random-itm",
@@ -400,25 +435,25 @@ def test_safe_widgets_do_not_decode_uploads():
     assert image.get_block_name() == "image" and files.get_block_name() == "file"
 
 
-def test_chat_shows_tag_like_text_literally(handlers, photo):
-    messages = drain(handlers.chat(photo, "is <s>this</s> a cat?", None, "", **GREEDY))[-1][0]
+def test_chat_shows_tag_like_text_literally(chats, photo):
+    messages = drain(chats.chat(photo, "is <s>this</s> a cat?", None, "", **GREEDY))[-1][0]
     assert messages[0]["content"] == "is &lt;s>this&lt;/s> a cat?"
     assert "<" not in "".join(m["content"] for m in messages).replace("&lt;", "")
 
 
-def test_seed_minus_one_means_random(handlers, photo):
-    assert handlers.caption(photo, "short", decoding="nucleus", seed=-1, max_new_tokens=4)
+def test_seed_minus_one_means_random(captions, photo):
+    assert captions.caption(photo, "short", decoding="nucleus", seed=-1, max_new_tokens=4)
 
 
 # --------------------------------------------------------------------------- wiring, launch
 PUBLIC = {"caption", "answer", "chat", "index_gallery", "search_text", "search_image", "clear_gallery"}
 
 
-def test_demo_wiring_follows_the_contract(handlers):
+def test_demo_wiring_follows_the_contract(engine):
     from blip2_app.ui import build_demo
 
     settings = Settings(model="tiny-random", concurrency=2, max_queue=5)
-    demo = build_demo(settings, handlers.engine)
+    demo = build_demo(settings, engine)
     fns = list(demo.fns.values())
     public = {fn.api_name: fn for fn in fns if fn.api_visibility == "public"}
     assert set(public) == PUBLIC
@@ -474,12 +509,12 @@ def test_other_families_caption_chat_and_instruction(model, photo):
 
     settings = Settings(model=model)
     engine = load_engine(settings)
-    other = StudioHandlers(engine, settings)
-    assert other.caption(photo, "detailed", max_new_tokens=4)
-    instruction = "Answer in one word." if engine.captioner.entry.family.instruction_aware else ""
+    other = ChatHandlers(engine, settings)
+    assert CaptionHandlers(engine).caption(photo, "detailed", max_new_tokens=4)
+    instruction = "Answer in one word." if engine.text.entry.family.instruction_aware else ""
     assert other.answer(photo, "What is it?", True, instruction, max_new_tokens=4)
     messages, session = drain(other.chat(photo, "What is it?", None, instruction, **GREEDY))[-1]
     assert len(session.turns) == 1 and messages[-1]["role"] == "assistant"
     demo = build_demo(settings, engine)
     boxes = [b for b in demo.blocks.values() if getattr(b, "label", None) == "Instruction (InstructBLIP)"]
-    assert len(boxes) == 1 and boxes[0].visible == engine.captioner.entry.family.instruction_aware
+    assert len(boxes) == 1 and boxes[0].visible == engine.text.entry.family.instruction_aware

@@ -22,26 +22,28 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blip2_app.config import Settings
-from blip2_app.errors import ModelLoadError, SettingsError
-from blip2_app.generation import GenerationSettings
-from blip2_app.prompts import ChatTurn, caption_prompt, vqa_prompt
-from blip2_app.registry import Registry
-from blip2_app.ui.handlers import StudioHandlers
-from blip2_app.ui.health import readiness
-from blip2_app.ui.report import model_report_markdown
-from blip2_app.vllm_backend import (
+from blip2_app.backends import AnswerDone, AnswerSoFar
+from blip2_app.backends.vllm import (
     BackendRequestError,
     BackendResponseError,
     BackendTimeoutError,
     BackendUnavailableError,
     UnsupportedDecodingError,
-    VLLMEngine,
     VLLMOptions,
     check_supported,
     connect,
     sampling_params,
 )
+from blip2_app.config import Settings
+from blip2_app.engine import Engine
+from blip2_app.errors import ModelLoadError, SettingsError
+from blip2_app.generation import GenerationSettings
+from blip2_app.prompts import ChatTurn, caption_prompt, vqa_prompt
+from blip2_app.registry import Registry
+from blip2_app.ui.health import readiness
+from blip2_app.ui.report import model_report_markdown
+from blip2_app.ui.tabs.caption import CaptionHandlers
+from blip2_app.ui.tabs.chat import ChatHandlers
 
 URL = "http://vllm.test:8000/v1"
 MODEL = "tiny-blip2"
@@ -99,9 +101,8 @@ def local(load_tiny):
     return load_tiny("tiny-random", retrieval_model="none")
 
 
-def remote(entry, script: Script, **options) -> VLLMEngine:
-    captioner = connect(entry, VLLMOptions(URL, **options), transport=httpx.MockTransport(script))
-    return VLLMEngine(captioner)
+def remote(entry, script: Script, **options) -> Engine:
+    return Engine(connect(entry, VLLMOptions(URL, **options), transport=httpx.MockTransport(script)))
 
 
 @pytest.fixture
@@ -162,13 +163,13 @@ def test_defaults_become_what_the_server_can_run(entry):
     assert entry.decoding.decoding == "beam"  # the registry's default, for the local engine
     assert engine.default_generation().decoding == "greedy"
     assert engine.default_generation().no_repeat_ngram_size == 0
-    assert engine.captioner.entry.answer_decoding.decoding == "greedy"
+    assert engine.text.entry.answer_decoding.decoding == "greedy"
     assert set(engine.unsupported_knobs()) == {"beam", "num_beams", "length_penalty", "no_repeat_ngram_size"}
 
 
 # --------------------------------------------------------------------------- what is sent
 def test_caption_sends_the_local_prompt_and_the_exact_pixels(entry, local, photo):
-    script = Script(lambda request: completion([[local.captioner.processor.tokenizer.eos_token_id]]))
+    script = Script(lambda request: completion([[local.text.loaded.processor.tokenizer.eos_token_id]]))
     engine = remote(entry, script)
     engine.caption(photo, "detailed", generation=engine.default_generation())
     engine.answer(photo, "what is it?")
@@ -185,7 +186,7 @@ def test_caption_sends_the_local_prompt_and_the_exact_pixels(entry, local, photo
 
 
 def words(local, *texts: str) -> list[list[int]]:
-    tokenizer = local.captioner.processor.tokenizer
+    tokenizer = local.text.loaded.processor.tokenizer
     return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
 
 
@@ -195,14 +196,14 @@ def test_chat_prompt_is_the_local_engines(entry, local, photo):
     history = [ChatTurn("what is it?", "a cat")]
     generation = engine.default_generation().replace(decoding="nucleus", max_new_tokens=10)
     shown = list(engine.chat_stream(photo, "what colour?", history, generation=generation))
-    assert shown == ["a", "a cat"]
+    assert shown == [AnswerSoFar("a"), AnswerSoFar("a cat"), AnswerDone("a cat")]
     expected = local.build_chat_prompt("what colour?", history, generation=generation).text
     body = script.bodies()[0]
     assert body["messages"][0]["content"][1]["text"] == expected and body["stream"] is True
 
 
 def test_token_ids_are_decoded_like_the_local_engine(entry, local, photo):
-    tokenizer = local.captioner.processor.tokenizer
+    tokenizer = local.text.loaded.processor.tokenizer
     ids = [*tokenizer(" a red cat on a table").input_ids[1:], tokenizer.eos_token_id]
     engine = remote(entry, Script(lambda request: completion([ids, ids[:2]])))
     captions = engine.caption(
@@ -236,7 +237,7 @@ def test_app_refuses_to_start_when_the_server_is_down(capsys):
 
 
 def test_connection_failures_are_retried_then_reported(entry, photo, monkeypatch):
-    monkeypatch.setattr("blip2_app.vllm_backend.BACKOFF_S", 0.0)
+    monkeypatch.setattr("blip2_app.backends.vllm.BACKOFF_S", 0.0)
     calls = []
 
     def flaky(request):
@@ -257,7 +258,7 @@ def test_connection_failures_are_retried_then_reported(entry, photo, monkeypatch
 
 
 def test_server_busy_503_is_retried(entry, photo, monkeypatch):
-    monkeypatch.setattr("blip2_app.vllm_backend.BACKOFF_S", 0.0)
+    monkeypatch.setattr("blip2_app.backends.vllm.BACKOFF_S", 0.0)
     answers = iter([httpx.Response(503), completion([[12, 2]])])
     engine = remote(entry, Script(lambda request: next(answers)), retries=2)
     assert engine.caption(photo)[0][0].token_ids == (12, 2)
@@ -301,18 +302,52 @@ def test_stream_cut_mid_answer(entry, local, photo):
     engine = remote(entry, Script(lambda request: sse(*words(local, "a", " cat"), done=False)))
     generation = GenerationSettings(decoding="nucleus", no_repeat_ngram_size=0)
     stream = engine.chat_stream(photo, "what is it?", generation=generation)
-    assert next(stream) == "a"
+    assert next(stream) == AnswerSoFar("a")
     with pytest.raises(BackendUnavailableError, match="closed the stream before the answer was complete"):
         list(stream)
 
 
+class EndlessEvents(httpx.SyncByteStream):
+    """A server stream of one token per event that never ends by itself; records what was read."""
+
+    def __init__(self, ids: list[int]):
+        self.ids, self.sent, self.closed = ids, 0, False
+
+    def __iter__(self):
+        while True:
+            self.sent += 1
+            event = {"choices": [{"index": 0, "delta": {"content": "?"}, "token_ids": self.ids}]}
+            yield f"data: {json.dumps(event)}\n\n".encode()
+
+    def close(self):
+        self.closed = True
+
+
+def test_closing_the_chat_stream_closes_the_server_response(entry, local, photo):
+    events = EndlessEvents(words(local, "a")[0])
+
+    def reply(request):
+        return httpx.Response(200, stream=events, headers={"content-type": "text/event-stream"})
+
+    engine = remote(entry, Script(reply))
+    generation = GenerationSettings(decoding="nucleus", no_repeat_ngram_size=0, max_new_tokens=400)
+    stream = engine.chat_stream(photo, "what is it?", generation=generation)
+    assert next(stream) == AnswerSoFar("a")
+    stream.close()
+    assert events.closed and events.sent == 1
+
+
 def test_stream_shows_a_character_once_its_bytes_are_complete(entry, local, photo):
-    tokenizer = local.captioner.processor.tokenizer
+    tokenizer = local.text.loaded.processor.tokenizer
     byte_tokens = tokenizer.convert_tokens_to_ids(list("Ã©"))  # "é" as two byte-level tokens
     assert tokenizer.decode(byte_tokens) == "é"
     engine = remote(entry, Script(lambda request: sse(*words(local, "a"), byte_tokens[:1], byte_tokens[1:])))
     generation = GenerationSettings(decoding="nucleus", no_repeat_ngram_size=0)
-    assert list(engine.chat_stream(photo, "what is it?", generation=generation)) == ["a", "aé"]
+    assert list(engine.chat_stream(photo, "what is it?", generation=generation)) == [
+        AnswerSoFar("a"),
+        AnswerSoFar("aé"),
+        AnswerDone("aé"),
+    ]
 
 
 def test_handlers_turn_backend_failures_into_specific_gradio_errors(entry, photo, tmp_path):
@@ -322,14 +357,14 @@ def test_handlers_turn_backend_failures_into_specific_gradio_errors(entry, photo
     path = tmp_path / "photo.png"
     photo.save(path)
     settings = Settings(model="tiny-random", backend="vllm", vllm_url=URL, retrieval_model="none")
-    handlers = StudioHandlers(remote(entry, Script()), settings)
+    captions = CaptionHandlers(remote(entry, Script()))
     with pytest.raises(gr.Error, match="Beam search is not available with the vLLM backend"):
-        handlers.caption(str(path), decoding="beam")
+        captions.caption(str(path), decoding="beam")
     with pytest.raises(gr.Error, match="no_repeat_ngram_size=2 is not supported"):
-        handlers.caption(str(path), decoding="greedy", no_repeat_ngram_size=2)
-    handlers = StudioHandlers(remote(entry, Script(down), retries=0), settings)
+        captions.caption(str(path), decoding="greedy", no_repeat_ngram_size=2)
+    chats = ChatHandlers(remote(entry, Script(down), retries=0), settings)
     with pytest.raises(gr.Error, match="cannot be reached"):
-        list(handlers.chat(str(path), "what is it?"))
+        list(chats.chat(str(path), "what is it?"))
 
 
 def test_model_tab_shows_server_health(entry):
@@ -343,7 +378,7 @@ def test_model_tab_shows_server_health(entry):
     def down(request):
         raise httpx.ConnectError("Connection refused", request=request)
 
-    engine.client._http = httpx.Client(transport=httpx.MockTransport(down))
+    engine.text.client._http = httpx.Client(transport=httpx.MockTransport(down))
     text = model_report_markdown(engine.info(), engine, settings)
     assert "❌" in text and "cannot be reached" in text
 

@@ -27,12 +27,13 @@ from gradio_client.exceptions import AppError
 from running_app import running_app
 from vllm_server import SERVED_NAME, VLLM_PYTHON, SlowProxy, vllm_server
 
+from blip2_app.backends import AnswerDone
+from blip2_app.backends.vllm import png_data_url, sampling_params
 from blip2_app.config import Settings
 from blip2_app.generation import GenerationSettings
 from blip2_app.prompts import ChatTurn, caption_prompt
 from blip2_app.startup import load_engine
 from blip2_app.testing import ensure_tiny_checkpoint
-from blip2_app.vllm_backend import png_data_url, sampling_params
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = [str(p) for p in sorted((ROOT / "assets" / "examples").glob("*.*"))[:3]]
@@ -81,22 +82,22 @@ def greedy(engine, **changes) -> GenerationSettings:
 
 
 def test_server_is_the_tiny_checkpoint(remote, server):
-    status = remote.client.status()
+    status = remote.text.client.status()
     assert status.healthy and status.model == SERVED_NAME
-    assert not [n for n in remote.captioner.notes if "does not look like" in n], remote.captioner.notes
+    assert not [n for n in remote.text.notes if "does not look like" in n], remote.text.notes
 
 
 def test_server_tokenizes_the_prompt_as_the_local_engine(local, remote):
     """Image tokens first, then BOS and the very prompt text: the same ids on both sides."""
     image = local.prepare(PHOTOS[0])[0]
     for prompt in (
-        caption_prompt(local.captioner.entry.templates, "detailed"),
+        caption_prompt(local.text.entry.templates, "detailed"),
         "Question: what is it? Answer:",
     ):
-        sent = remote.client.complete(
+        sent = remote.text.client.complete(
             prompt, png_data_url(image.image), sampling_params(greedy(local, max_new_tokens=2))
         )
-        assert sent.prompt_token_ids == local.encode_prompts([prompt])[0][0].tolist()
+        assert sent.prompt_token_ids == local.text.encode_prompts([prompt])[0][0].tolist()
 
 
 @pytest.mark.parametrize("style", ["short", "detailed"])
@@ -130,10 +131,10 @@ def test_streamed_chat_matches_the_local_answer(local, remote):
     history = [ChatTurn("what is it?", "a cat")]
     expected = local.chat(PHOTOS[0], "what colour is it?", history, generation=generation).text
     pieces = list(remote.chat_stream(PHOTOS[0], "what colour is it?", history, generation=generation))
-    assert pieces and pieces[-1] == expected
+    assert pieces and pieces[-1] == AnswerDone(expected)
     prompt = local.build_chat_prompt("what colour is it?", history, generation=generation).text
     image = png_data_url(local.prepare(PHOTOS[0])[0].image)
-    chunks = list(remote.client.stream(prompt, image, sampling_params(generation)))
+    chunks = list(remote.text.client.stream(prompt, image, sampling_params(generation)))
     assert len(chunks) >= 8, "tokens arrive one event at a time"
     assert [i for chunk in chunks for i in chunk][:16] == list(
         local.chat(PHOTOS[0], "what colour is it?", history, generation=generation).token_ids[:16]

@@ -178,7 +178,7 @@ def evaluate(
         "split": split,
         "limit": limit,
     }
-    if engine.captioner is not None:
+    if engine.text is not None:
         result["decoding"] = {k: v for k, v in vars(engine.default_generation()).items() if k != "seed"}
         if captioned:
             result["captioning"] = evaluate_captions(engine, captioned, progress)

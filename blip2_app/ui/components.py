@@ -28,7 +28,6 @@ is switched off while they are defined.
 from __future__ import annotations
 
 import contextlib
-import html
 import math
 import os
 import tempfile
@@ -46,15 +45,13 @@ from gradio.utils import NamedString, get_upload_folder, is_in_or_equal
 from gradio_client.utils import is_http_url_like
 from PIL import Image
 
+from .errors import user_error
+
 NOT_UPLOADED = (
     "This file was not uploaded to this server: send the image itself "
     "(in gradio_client, handle_file(path)), not a path on the server."
 )
 NO_URLS = "Image URLs are not fetched by this server: download the image and upload the file instead."
-
-
-def _error(text: str) -> gr.Error:
-    return gr.Error(html.escape(text, quote=False), print_exception=False)
 
 
 def _short(value: Any) -> str:
@@ -72,12 +69,12 @@ def _number(value: float) -> str:
 def _uploaded_path(path: str) -> str:
     """`path` if it is a file Gradio received (or the app is not running, e.g. in unit tests)."""
     if is_http_url_like(path):
-        raise _error(NO_URLS)
+        raise user_error(NO_URLS)
     blocks = LocalContext.blocks.get(None)
     if blocks is None or not getattr(blocks, "has_launched", False):
         return path  # not serving (unit tests, scripts): the same exemption as Gradio's own check
     if "\0" in path or not is_in_or_equal(os.path.realpath(path), os.path.realpath(get_upload_folder())):
-        raise _error(NOT_UPLOADED)
+        raise user_error(NOT_UPLOADED)
     return path
 
 
@@ -108,13 +105,13 @@ with _no_pyi_stubs():
             if payload.url and payload.url.startswith("data:"):
                 return payload.url
             if payload.url:
-                raise _error(NO_URLS)
+                raise user_error(NO_URLS)
             return None
 
         async def async_move_resource_to_block_cache(self, url_or_file_path: Any) -> str | None:
             # Gradio moves input files into its cache before preprocess, downloading http(s) paths.
             if isinstance(url_or_file_path, str) and is_http_url_like(url_or_file_path):
-                raise _error(NO_URLS)
+                raise user_error(NO_URLS)
             return await super().async_move_resource_to_block_cache(url_or_file_path)
 
     class ImageFiles(gr.File):
@@ -122,12 +119,12 @@ with _no_pyi_stubs():
 
         is_template = True  # shown by Gradio's own File widget
 
-        def _process_single_file(self, f: FileData) -> Any:
-            return NamedString(_uploaded_path(str(f.path)))
+        def _process_single_file(self, file_data: FileData) -> Any:
+            return NamedString(_uploaded_path(str(file_data.path)))
 
         async def async_move_resource_to_block_cache(self, url_or_file_path: Any) -> str | None:
             if isinstance(url_or_file_path, str) and is_http_url_like(url_or_file_path):
-                raise _error(NO_URLS)
+                raise user_error(NO_URLS)
             return await super().async_move_resource_to_block_cache(url_or_file_path)
 
     class ResultGallery(gr.Gallery):
@@ -187,16 +184,18 @@ def named_number(component: gr.Slider | gr.Number, name: str) -> gr.Slider | gr.
         if payload is None:
             return None
         if isinstance(payload, bool) or not isinstance(payload, (int, float)):
-            raise _error(f"{name} must be a number; got {_short(payload)}.")
+            raise user_error(f"{name} must be a number; got {_short(payload)}.")
         if not math.isfinite(payload):
-            raise _error(f"{name} must be a finite number; got {payload}.")
+            raise user_error(f"{name} must be a finite number; got {payload}.")
         if (low is not None and payload < low) or (high is not None and payload > high):
             if low is not None and high is not None:
-                raise _error(
+                raise user_error(
                     f"{name} must be between {_number(low)} and {_number(high)}; got {_number(payload)}."
                 )
-            bound = f"at least {_number(low)}" if low is not None else f"at most {_number(high)}"
-            raise _error(f"{name} must be {bound}; got {_number(payload)}.")
+            if low is not None:
+                raise user_error(f"{name} must be at least {_number(low)}; got {_number(payload)}.")
+            if high is not None:
+                raise user_error(f"{name} must be at most {_number(high)}; got {_number(payload)}.")
         return original(payload)
 
     component.preprocess = types.MethodType(preprocess, component)  # type: ignore[method-assign]
@@ -210,8 +209,8 @@ def named_choice(component: gr.Radio, name: str) -> gr.Radio:
     def preprocess(self: Any, payload: Any) -> Any:
         values = [value for _, value in self.choices]
         if payload is not None and payload not in values:
-            listed = ", ".join(str(v) for v in values)
-            raise _error(f"{name} must be one of {listed}; got {_short(payload)}.")
+            listed = ", ".join(str(value) for value in values)
+            raise user_error(f"{name} must be one of {listed}; got {_short(payload)}.")
         return original(payload)
 
     component.preprocess = types.MethodType(preprocess, component)  # type: ignore[method-assign]

@@ -1,45 +1,35 @@
 """Readiness: `GET /healthz` says 503 while the model loads and 200 once the app serves.
 
-Loading a real checkpoint takes minutes (download once, then reading 15 GB). Meanwhile
-`LoadingServer` holds the app's port: a visitor sees a page naming what is loading and for how
-long (it refreshes itself until the app replaces it), and a container orchestrator, the Docker
-HEALTHCHECK or a load balancer polling /healthz gets 503. When the model is in, the loading server
-closes and Gradio takes the same port; `HealthRoute` then answers /healthz with 200 and what is
-loaded.
+While the model loads, `loading_page.LoadingServer` holds the app's port and answers /healthz with
+503. When the model is in, the loading server closes and Gradio takes the same port; `HealthRoute`
+then answers /healthz with 200 and what is loaded.
 """
 
 from __future__ import annotations
 
-import collections
-import html
 import json
-import logging
-import threading
-import time
 from collections.abc import Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 from .guard import ASGIApp, Receive, Scope, Send
 
-if TYPE_CHECKING:  # the loading page must come up before torch and Gradio are imported
+if TYPE_CHECKING:  # type names only: a real import would pull torch in through the engine
     from ..engine import Engine
 
 HEALTH_PATH = "/healthz"
-REFRESH_SECONDS = 5
 
 
 def readiness(engine: Engine) -> dict[str, Any]:
     """What /healthz reports once the app serves."""
-    loaded = engine.captioner or engine.matcher
-    precisions = getattr(loaded, "precisions", None)  # None for a vLLM server's model
+    text, matcher = engine.text, engine.matcher
+    weights = text.loaded if text is not None else matcher  # None: text generated elsewhere
     return {
         "status": "ready",
-        "model": engine.captioner.entry.name if engine.captioner else None,
-        "retrieval_model": engine.matcher.entry.name if engine.matcher else None,
-        "device": str(loaded.device) if loaded is not None else None,
-        "precision": precisions.as_dict() if precisions is not None else None,
-        "backend": "vllm" if engine.unsupported_knobs() else "local",
+        "model": text.entry.name if text is not None else None,
+        "retrieval_model": matcher.entry.name if matcher is not None else None,
+        "device": text.device if text is not None else str(matcher.device) if matcher is not None else None,
+        "precision": weights.precisions.as_dict() if weights is not None else None,
+        "backend": text.name if text is not None else "local",  # retrieval only: all in this process
     }
 
 
@@ -57,92 +47,3 @@ class HealthRoute:
         headers = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else self.body})
-
-
-class _RecentLog(logging.Handler):
-    """The last few start-up log lines, shown on the loading page."""
-
-    def __init__(self, size: int = 6) -> None:
-        super().__init__(logging.INFO)
-        self.lines: collections.deque[str] = collections.deque(maxlen=size)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
-class LoadingServer:
-    """A stand-in on the app's port while the model loads (stdlib only: Gradio is not up yet)."""
-
-    def __init__(self, host: str, port: int, model: str) -> None:
-        self.host, self.port, self.model = host, port, model
-        self.started = time.monotonic()
-        self.recent = _RecentLog()
-        self._server: ThreadingHTTPServer | None = None
-
-    def start(self) -> None:
-        """Listen in a background thread; OSError if the port cannot be had (Gradio could not either)."""
-        self._server = ThreadingHTTPServer((self.host, self.port), self._handler())
-        self._server.daemon_threads = True
-        logging.getLogger("blip2_app").addHandler(self.recent)
-        threading.Thread(target=self._server.serve_forever, name="loading-page", daemon=True).start()
-
-    def stop(self) -> None:
-        logging.getLogger("blip2_app").removeHandler(self.recent)
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()  # frees the port for Gradio
-            self._server = None
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "status": "loading",
-            "model": self.model,
-            "elapsed_seconds": round(time.monotonic() - self.started),
-            "log": list(self.recent.lines),
-        }
-
-    def page(self) -> str:
-        status = self.status()
-        lines = "".join(f"<li>{html.escape(line)}</li>" for line in status["log"]) or "<li>Starting…</li>"
-        return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="{REFRESH_SECONDS}">
-<meta name="viewport" content="width=device-width, initial-scale=1"><title>BLIP-2 Studio is loading</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:40rem;margin:4rem auto;padding:0 1rem;color:#1e1b4b}}
-.spin{{display:inline-block;width:1em;height:1em;border:.2em solid #c7d2fe;border-top-color:#4f46e5;
-border-radius:50%;animation:s 1s linear infinite;vertical-align:middle}}@keyframes s{{to{{transform:rotate(1turn)}}}}
-li{{color:#475569;font-size:.9rem}}</style></head>
-<body id="loading-page"><h1><span class="spin"></span> BLIP-2 Studio is loading</h1>
-<p>Loading <b>{html.escape(self.model)}</b> for {status["elapsed_seconds"]} s so far. A real checkpoint
-takes a few minutes the first time (it is downloaded once, then read from the cache). This page
-refreshes itself and becomes the app when the model is in.</p><ul>{lines}</ul></body></html>"""
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                path = self.path.split("?", 1)[0]
-                if path == "/":
-                    # 200: a Space shows this page to visitors instead of an error while loading.
-                    self._answer(200, "text/html; charset=utf-8", server.page().encode())
-                else:
-                    self._answer(503, "application/json", json.dumps(server.status()).encode())
-
-            def do_HEAD(self) -> None:
-                self.do_GET()
-
-            def _answer(self, code: int, kind: str, body: bytes) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Cache-Control", "no-store")
-                if code == 503:
-                    self.send_header("Retry-After", str(REFRESH_SECONDS))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass  # polling every few seconds would flood the server log
-
-        return Handler

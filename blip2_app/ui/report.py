@@ -111,18 +111,19 @@ def _server_section(report: dict[str, Any], description: str) -> list[str]:
 
 def model_report_markdown(info: EngineInfo, engine: Engine, settings: Settings) -> str:
     lines: list[str] = []
-    captioner = engine.captioner
-    if info.captioner is not None and info.captioner.get("backend") == "vllm":
-        lines += _server_section(info.captioner, captioner.entry.description if captioner else "")
+    text = engine.text
+    description = text.entry.description if text is not None else ""
+    if info.text is not None and info.text["backend"] != "local":
+        lines += _server_section(info.text, description)
     else:
         lines += _model_section(
             "Captioning and chat",
-            info.captioner,
-            captioner.entry.description if captioner else "",
+            info.text,
+            description,
             [
-                f"| instruction-aware (InstructBLIP) | {'yes' if captioner.entry.family.instruction_aware else 'no'} |"
+                f"| instruction-aware (InstructBLIP) | {'yes' if text.entry.family.instruction_aware else 'no'} |"
             ]
-            if captioner
+            if text is not None
             else [],
         )
     matcher = engine.matcher

@@ -16,12 +16,11 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-import numpy as np
 from PIL import Image
 
 from ..engine import PreparedImage
 from ..prompts import ChatTurn
-from ..retrieval import GalleryIndex, IndexSettings
+from ..retrieval import GalleryIndex
 
 # A session's gallery keeps a JPEG copy per image (for the result thumbnails and for ITM
 # re-ranking) plus 32 x 256 float32 projections: about 60 KB per image at the default size.
@@ -78,13 +77,6 @@ class GallerySession:
     def room(self) -> int:
         return MAX_GALLERY_IMAGES - len(self)
 
-    def ensure_index(self, projections: np.ndarray, settings: IndexSettings | None = None) -> GalleryIndex:
-        """The index, created on first use with the retrieval model's (num_queries, dim)."""
-        if self.index is None:
-            _, num_queries, dim = projections.shape
-            self.index = GalleryIndex(settings or IndexSettings(), dim=int(dim), num_queries=int(num_queries))
-        return self.index
-
     def keep_image(self, prepared: PreparedImage) -> None:
         """Store a downscaled copy: shown in results and fed to ITM when the feature cache missed it."""
         if prepared.content_hash in self.images:
@@ -137,7 +129,7 @@ class GalleryBudget:
         self.evictions = 0
 
     def _prune(self) -> None:
-        for key in [k for k, ref in self._order.items() if ref() is None]:
+        for key in [key for key, ref in self._order.items() if ref() is None]:
             del self._order[key]
 
     def __len__(self) -> int:
@@ -181,7 +173,7 @@ class GalleryBudget:
     def _evict_over_limit(self, keep: int) -> None:
         self._prune()
         while len(self._order) > self.limit:
-            victim_key = next((k for k in self._order if k != keep and not self._busy.get(k)), None)
+            victim_key = next((key for key in self._order if key != keep and not self._busy.get(key)), None)
             if victim_key is None:  # the others are in use right now: try again next time
                 return
             victim = self._order.pop(victim_key)()

@@ -6,14 +6,20 @@ import gradio as gr
 
 
 def studio_theme() -> gr.themes.Base:
-    system_sans = [
+    system_sans: list[gr.themes.Font | str] = [
         gr.themes.Font("ui-sans-serif"),
         gr.themes.Font("system-ui"),
         "Segoe UI",
         "Roboto",
         "sans-serif",
     ]
-    system_mono = [gr.themes.Font("ui-monospace"), "SFMono-Regular", "Menlo", "Consolas", "monospace"]
+    system_mono: list[gr.themes.Font | str] = [
+        gr.themes.Font("ui-monospace"),
+        "SFMono-Regular",
+        "Menlo",
+        "Consolas",
+        "monospace",
+    ]
     return gr.themes.Soft(
         primary_hue="indigo",
         secondary_hue="sky",

@@ -1,0 +1,74 @@
+"""What every tab's `build` receives, and the two kinds of events it wires.
+
+Model events (they run the model) share one concurrency group, whose size is `--concurrency`, and
+book the GPU time their handler declares (`@gpu`, ui/zerogpu.py): both come from
+`TabContext.model_event`. Every other event is UI plumbing: private, and off the queue
+(`UI_ONLY`) when it does not touch the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, TypeVar
+
+import gradio as gr
+
+from ...config import Settings
+from ...engine import Engine
+from ..engine_view import LoadedModels
+from ..zerogpu import booked, declared_gpu_seconds
+
+MODEL_GROUP = "model"
+IMAGE_SOURCES = ["upload", "clipboard", "webcam"]
+UI_ONLY: dict[str, Any] = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class TabContext:
+    """The app's settings and engine, and what the tabs share (example photos, GPU booking)."""
+
+    settings: Settings
+    engine: Engine
+    spaces: ModuleType | None  # the `spaces` package on a Hugging Face Space, else None
+    examples: list[str] = field(default_factory=list)  # paths of the bundled example photos
+
+    @property
+    def models(self) -> LoadedModels:
+        return LoadedModels.of(self.engine)
+
+    @property
+    def unsupported(self) -> dict[str, str]:
+        """Decoding knobs the backend cannot honour, each with its reason (e.g. beams with vLLM)."""
+        return self.engine.unsupported_knobs()
+
+    @property
+    def state_ttl(self) -> float:
+        """Seconds a chat or gallery is kept unused."""
+        return self.settings.session_ttl_minutes * 60
+
+    def on_gpu(self, handler: F) -> F:
+        """`handler` booking the GPU time it declared (see ui/zerogpu.py)."""
+        return booked(handler, self.spaces)
+
+    def model_event(self, handler: Callable[..., Any]) -> dict[str, Any]:
+        """Keyword arguments of an event that runs `handler` on the model."""
+        return {
+            "fn": self.on_gpu(handler),
+            "concurrency_limit": self.settings.concurrency,
+            "concurrency_id": MODEL_GROUP,
+        }
+
+
+def unbooked_handlers(demo: gr.Blocks) -> list[str]:
+    """Handlers that declare GPU time but were wired without `TabContext.model_event`."""
+    return [
+        getattr(block_fn.fn, "__qualname__", "?")
+        for block_fn in demo.fns.values()
+        if block_fn.fn is not None
+        and block_fn.concurrency_id != MODEL_GROUP
+        and declared_gpu_seconds(block_fn.fn) is not None
+    ]
