@@ -88,3 +88,32 @@ def test_stateless_sessions_are_evicted_before_ones_that_hold_a_chat():
     for i in range(50):
         plain[f"fresh{i}"][chat._id]
     assert "visitor" not in plain  # Gradio's own policy: the visitor's chat is gone
+
+
+def test_one_client_cannot_empty_everyone_elses_galleries():
+    # 33 one-image galleries from one address evicted another visitor's gallery (finding 5).
+    from blip2_app.ui.sessions import GalleryBudget, GallerySession
+
+    class Held(GallerySession):
+        def __len__(self) -> int:
+            return 0 if self.evicted else 1
+
+    budget = GalleryBudget(limit=4, per_owner=2)
+    visitor = Held(owner="203.0.113.5")
+    with budget.use(visitor):
+        pass
+    attacker = [Held(owner="198.51.100.1") for _ in range(33)]
+    for gallery in attacker:
+        with budget.use(gallery):
+            pass
+    assert not visitor.evicted
+    assert sum(not g.evicted for g in attacker) == 2  # its own share, the newest two
+    assert not attacker[-1].evicted and not attacker[-2].evicted
+    plain = GalleryBudget(limit=4)
+    other = Held(owner="203.0.113.5")
+    with plain.use(other):
+        pass
+    for gallery in [Held(owner="198.51.100.1") for _ in range(33)]:
+        with plain.use(gallery):
+            pass
+    assert other.evicted  # without a per-client share the visitor's gallery goes

@@ -103,9 +103,10 @@ def _event_client(event: Any) -> str | None:
 
 
 class FairShare:
-    """`Middleware(FairShare, limits=..., pending=...)`, placed after RequestGuard (which hands on
-    the body in one piece). `pending(client) -> int` counts that client's queued and running
-    requests (`pending_by_client(demo._queue)`, looked up lazily: the queue exists after launch)."""
+    """`Middleware(FairShare, limits=...)`, placed after RequestGuard (which hands on the body in
+    one piece). On its first request it attaches to the Gradio app it guards (`scope["app"]`):
+    `pending` counts a client's requests in that app's queue, and the app's session store is
+    told to evict sessions without state first (`evict_stateless_first`). Tests pass `pending`."""
 
     def __init__(
         self, app: ASGIApp, limits: FairShareLimits, pending: Callable[[str], int] | None = None
@@ -113,16 +114,25 @@ class FairShare:
         self.app = app
         self.limits = limits
         self.pending = pending
+        self.attached = pending is not None
         self.sessions = SessionLedger(limits)
 
+    def _attach(self, gradio_app: Any) -> None:
+        self.attached = True
+        if gradio_app is None or not hasattr(gradio_app, "get_blocks"):
+            return
+        self.pending = pending_by_client(gradio_app.get_blocks()._queue)
+        evict_stateless_first(gradio_app.state_holder)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not self.attached:
+            self._attach(scope.get("app"))
         path = str(scope.get("path", ""))
         if scope["type"] != "http" or scope.get("method") != "POST" or not _is_event_route(path):
             await self.app(scope, receive, send)
             return
         first = await receive()
-        client = client_address(scope)
-        refusal = self._refusal(client, path, first.get("body", b""))
+        refusal = self._refusal(client_address(scope), path, first.get("body", b""))
         if refusal is not None:
             await reply(send, 429, refusal)
             return

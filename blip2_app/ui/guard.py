@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -153,9 +154,43 @@ def _is_deep_link(path: str) -> bool:
 
 
 def client_address(scope: Scope) -> str:
-    """The client's IP address as the server sees it (a trusted proxy's X-Forwarded-For applied)."""
+    """The client's address for per-client limits (see `trusted_address`)."""
     client: Any = scope.get("client")
-    return str(client[0]) if client else "unknown"
+    peer = str(client[0]) if client else "unknown"
+    return trusted_address(peer, header(scope, b"x-forwarded-for").decode("latin-1"))
+
+
+def request_address(request: Any) -> str:
+    """`client_address` for a handler's `gr.Request` (a Starlette request underneath)."""
+    client = getattr(request, "client", None)
+    headers = getattr(request, "headers", None) or {}
+    return trusted_address(str(getattr(client, "host", None) or "unknown"), headers.get("x-forwarded-for"))
+
+
+def trusted_address(peer: str, forwarded_for: str | None) -> str:
+    """Behind a reverse proxy (the peer is a loopback or private address and sent
+    X-Forwarded-For) the address the proxy saw; from a public peer the header is ignored, since
+    anyone can write it."""
+    if forwarded_for and _is_private(peer):
+        first = forwarded_for.split(",")[0].strip()
+        if first:
+            return first
+    return peer
+
+
+def _is_private(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return ip.is_loopback or ip.is_private
+
+
+def header(scope: Scope, name: bytes) -> bytes:
+    for key, value in scope.get("headers") or []:
+        if key.lower() == name:
+            return bytes(value)
+    return b""
 
 
 def _content_length(scope: Scope) -> int | None:

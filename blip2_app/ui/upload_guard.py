@@ -29,7 +29,7 @@ from pathlib import Path
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from .guard import ASGIApp, Message, Receive, Scope, Send, client_address, reply
+from .guard import ASGIApp, Message, Receive, Scope, Send, client_address, header, reply
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ class UploadGuard:
             await self.app(scope, receive, send)
             return
         client = client_address(scope)
-        _, options = parse_options_header(_header(scope, b"content-type"))
+        _, options = parse_options_header(header(scope, b"content-type"))
         boundary = options.get(b"boundary")
         if not boundary:
             await reply(send, 400, "Uploads must be multipart/form-data with a boundary.")
@@ -271,10 +271,3 @@ def remove_orphans(folder: Path) -> int:
     if removed:
         log.info("Deleted %d partial upload file(s) left by interrupted requests.", removed)
     return removed
-
-
-def _header(scope: Scope, name: bytes) -> bytes:
-    for key, value in scope.get("headers") or []:
-        if key.lower() == name:
-            return bytes(value)
-    return b""
