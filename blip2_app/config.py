@@ -48,6 +48,12 @@ class Settings:
     max_galleries: int = 32
     max_chat_turns: int = 50
     max_sessions: int = 1000
+    # What one client (IP address) may take of the shared limits: see docs/threat-model.md.
+    max_upload_request_mb: int = 512
+    upload_mb_per_client_hour: int = 2048
+    max_pending_per_client: int = 8
+    max_new_sessions_per_client: int = 120
+    max_galleries_per_client: int = 4
     session_ttl_minutes: float = 360.0
     upload_ttl_minutes: float = 360.0
     available_memory_mb: int | None = None  # None: MemAvailable (or free GPU memory); 0: no check
@@ -86,6 +92,11 @@ class Settings:
             "max_galleries",
             "max_chat_turns",
             "max_sessions",
+            "max_upload_request_mb",
+            "upload_mb_per_client_hour",
+            "max_pending_per_client",
+            "max_new_sessions_per_client",
+            "max_galleries_per_client",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -222,6 +233,13 @@ def add_arguments(
         "recently used one is emptied when a new one needs room",
         "max_chat_turns": "chat turns kept per session (older ones are forgotten)",
         "max_sessions": "sessions whose state (chat, gallery) the server keeps; the oldest is dropped",
+        "max_upload_request_mb": "largest upload request (all its files together), in MB",
+        "upload_mb_per_client_hour": "upload MB one client (IP address) may send in an hour",
+        "max_pending_per_client": "model requests one client may have waiting or running at once",
+        "max_new_sessions_per_client": "new sessions (browser tabs, API clients) one client may open "
+        "in 10 minutes",
+        "max_galleries_per_client": "galleries one client keeps in memory; its own oldest is emptied "
+        "first when it indexes another",
         "session_ttl_minutes": "a session's chat and gallery are dropped after this long unused",
         "upload_ttl_minutes": "uploaded files are deleted from the server after this long",
         "available_memory_mb": "memory the model may use, for the check before loading "

@@ -50,6 +50,11 @@ LIMIT_FLAGS = {
     "session_ttl_minutes": ("--session-ttl-minutes", "2.5", 2.5),
     "upload_ttl_minutes": ("--upload-ttl-minutes", "30", 30.0),
     "available_memory_mb": ("--available-memory-mb", "4096", 4096),
+    "max_upload_request_mb": ("--max-upload-request-mb", "64", 64),
+    "upload_mb_per_client_hour": ("--upload-mb-per-client-hour", "100", 100),
+    "max_pending_per_client": ("--max-pending-per-client", "3", 3),
+    "max_new_sessions_per_client": ("--max-new-sessions-per-client", "40", 40),
+    "max_galleries_per_client": ("--max-galleries-per-client", "2", 2),
 }
 
 
@@ -135,8 +140,14 @@ def test_demo_and_launch_use_the_settings(engine):
     assert ttls == {120}, "chat and gallery state expire after --session-ttl-minutes"
     options = launch_options(settings)
     assert options["state_session_capacity"] == 12
-    (middleware,) = options["app_kwargs"]["middleware"]
-    assert middleware.kwargs["max_body_bytes"] == body_limit_bytes(settings.max_upload_mb)
+    bodies, uploads, fair = options["app_kwargs"]["middleware"]
+    assert bodies.kwargs["max_body_bytes"] == body_limit_bytes(settings.max_upload_mb)
+    assert uploads.kwargs["limits"].max_file_bytes == settings.max_upload_mb * 2**20
+    assert uploads.kwargs["limits"].max_files == 200
+    assert uploads.kwargs["limits"].max_request_bytes == settings.max_upload_request_mb * 2**20
+    assert uploads.kwargs["limits"].client_bytes_per_window == settings.upload_mb_per_client_hour * 2**20
+    assert fair.kwargs["limits"].max_pending == settings.max_pending_per_client
+    assert fair.kwargs["limits"].max_new_sessions == settings.max_new_sessions_per_client
     assert build_demo(Settings(model="tiny-random"), engine).delete_cache == (3600, 6 * 3600)
 
 

@@ -21,12 +21,17 @@ from starlette.middleware import Middleware
 from ..config import Settings
 from ..engine import Engine
 from .engine_view import LoadedModels
+from .fair_share import FairShare, FairShareLimits
 from .guard import RequestGuard, body_limit_bytes
 from .health import HealthRoute, readiness
+from .sessions import MAX_GALLERY_IMAGES
 from .tabs import TABS, TabContext
 from .tabs.common import unbooked_handlers
 from .theme import CSS, studio_theme
+from .upload_guard import UploadGuard, UploadLimits
 from .zerogpu import import_spaces
+
+MB = 1024 * 1024
 
 TITLE = "BLIP-2 Studio"
 DESCRIPTION = (
@@ -60,7 +65,7 @@ def launch_options(
 
     With `engine`, GET /healthz answers 200 and what is loaded (see ui/health.py).
     """
-    middleware = [Middleware(RequestGuard, max_body_bytes=body_limit_bytes(settings.max_upload_mb))]
+    middleware = request_guards(settings)
     if engine is not None:
         middleware.insert(0, Middleware(HealthRoute, payload=readiness(engine)))
     return {
@@ -79,9 +84,29 @@ def launch_options(
         "footer_links": ["api", "gradio"],
         # Sessions whose gr.State (chat, gallery) is kept; the least recently used is dropped.
         "state_session_capacity": settings.max_sessions,
-        # No file=<URL> proxying; JSON bodies bounded (multipart uploads: max_file_size above).
+        # No URL proxying, bounded bodies and uploads, a fair share per client: request_guards.
         "app_kwargs": {"middleware": middleware},
     }
+
+
+def request_guards(settings: Settings) -> list[Middleware]:
+    """The ASGI middleware in front of Gradio, outermost first (docs/threat-model.md): no URL
+    fetching and bounded JSON bodies (guard.py), uploads checked as they stream (upload_guard.py),
+    then each client's share of the queue and of the session slots (fair_share.py)."""
+    upload_limits = UploadLimits(
+        max_file_bytes=settings.max_upload_mb * MB,
+        max_files=settings.max_gallery_images or MAX_GALLERY_IMAGES,
+        max_request_bytes=settings.max_upload_request_mb * MB,
+        client_bytes_per_window=settings.upload_mb_per_client_hour * MB,
+    )
+    fair = FairShareLimits(
+        max_pending=settings.max_pending_per_client, max_new_sessions=settings.max_new_sessions_per_client
+    )
+    return [
+        Middleware(RequestGuard, max_body_bytes=body_limit_bytes(settings.max_upload_mb)),
+        Middleware(UploadGuard, limits=upload_limits),
+        Middleware(FairShare, limits=fair),
+    ]
 
 
 def _header(engine: Engine) -> str:

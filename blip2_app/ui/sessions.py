@@ -69,6 +69,7 @@ class GallerySession:
     images: dict[str, bytes] = field(default_factory=dict)  # content hash -> JPEG bytes
     side: int = 256  # long side of the stored copies (at least the retrieval model's input size)
     evicted: bool = False  # emptied by GalleryBudget to make room for another session's gallery
+    owner: str = ""  # the client address that indexed it (GalleryBudget's per-client share)
 
     def __len__(self) -> int:
         return len(self.index) if self.index is not None else 0
@@ -119,10 +120,13 @@ class GalleryBudget:
     session Gradio drops frees its gallery as before. Thread-safe: requests run in worker threads.
     """
 
-    def __init__(self, limit: int):
-        if limit < 1:
-            raise ValueError(f"GalleryBudget limit must be at least 1; got {limit}.")
+    def __init__(self, limit: int, per_owner: int | None = None):
+        if limit < 1 or (per_owner is not None and per_owner < 1):
+            raise ValueError(f"GalleryBudget limits must be at least 1; got {limit}, {per_owner}.")
         self.limit = limit
+        # One client's share: past it, that client's own least recently used gallery goes first,
+        # so 33 one-image galleries from one address cannot empty everyone else's (finding 5).
+        self.per_owner = per_owner
         self._lock = threading.Lock()
         self._order: OrderedDict[int, weakref.ref[GallerySession]] = OrderedDict()  # oldest first
         self._busy: Counter[int] = Counter()
@@ -172,11 +176,34 @@ class GalleryBudget:
 
     def _evict_over_limit(self, keep: int) -> None:
         self._prune()
-        while len(self._order) > self.limit:
-            victim_key = next((key for key in self._order if key != keep and not self._busy.get(key)), None)
-            if victim_key is None:  # the others are in use right now: try again next time
-                return
-            victim = self._order.pop(victim_key)()
-            if victim is not None:
-                victim.evict()
-                self.evictions += 1
+        kept = self._order[keep]() if keep in self._order else None
+        if kept is not None and kept.owner and self.per_owner is not None:
+            while self._evict_one(keep, owner=kept.owner):
+                pass
+        while len(self._order) > self.limit and self._evict_one(keep):
+            pass
+
+    def _evict_one(self, keep: int, owner: str | None = None) -> bool:
+        """Empty the least recently used gallery that no request is using (of `owner`, if given,
+        and only while that owner holds more than its share); False when there is none."""
+        candidates = [
+            key
+            for key, ref in self._order.items()
+            if key != keep and not self._busy.get(key) and (owner is None or _owner(ref) == owner)
+        ]
+        if owner is not None:
+            held = sum(1 for ref in self._order.values() if _owner(ref) == owner)
+            if self.per_owner is None or held <= self.per_owner:
+                return False
+        if not candidates:  # the others are in use right now: try again next time
+            return False
+        victim = self._order.pop(candidates[0])()
+        if victim is not None:
+            victim.evict()
+            self.evictions += 1
+        return True
+
+
+def _owner(ref: weakref.ref[GallerySession]) -> str | None:
+    session = ref()
+    return session.owner if session is not None else None

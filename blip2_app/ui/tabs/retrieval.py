@@ -27,6 +27,7 @@ from .. import sessions
 from ..components import ResultGallery, image_files, named_number, safe_image
 from ..engine_view import LoadedModels
 from ..errors import escaped, guarded, user_error
+from ..guard import request_address
 from ..sessions import MAX_GALLERY_IMAGES, GalleryBudget, GallerySession
 from ..validation import flag, one_image, whole_number
 from ..zerogpu import gpu
@@ -92,7 +93,7 @@ class RetrievalHandlers:
         matcher = LoadedModels.of(engine).matcher
         self.thumbnail_side = max(256, int(matcher.image_size if matcher is not None else 224))
         # The one piece of state shared by sessions: which galleries hold memory (weak references).
-        self.galleries = GalleryBudget(settings.max_galleries)
+        self.galleries = GalleryBudget(settings.max_galleries, settings.max_galleries_per_client)
 
     @property
     def gallery_limit(self) -> int:
@@ -114,6 +115,7 @@ class RetrievalHandlers:
         caption_images: bool = False,
         session: GallerySession | None = None,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio's documented idiom)
+        request: gr.Request | None = None,  # filled in by Gradio: who indexes (per-client share)
     ) -> tuple[str, GallerySession]:
         """Adds images to this session's gallery; returns a status sentence."""
         if isinstance(session, GallerySession) and session.evicted:
@@ -122,6 +124,8 @@ class RetrievalHandlers:
         session = session if isinstance(session, GallerySession) else GallerySession(side=self.thumbnail_side)
         describe = flag(caption_images, "caption_images")
         paths = self._file_list(files)
+        if request is not None and not session.owner:
+            session.owner = request_address(request)
         with self.galleries.use(session):  # from here on, no other request can empty this gallery
             session.evicted = False  # emptied while this request waited: it starts afresh
             limit = self.gallery_limit
