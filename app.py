@@ -13,7 +13,10 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from blip2_app.config import Settings
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
 
@@ -41,7 +44,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Gradio takes seconds, and the port should answer (503 on /healthz) during them too.
     from blip2_app.config import Settings
     from blip2_app.errors import UserFacingError
-    from blip2_app.ui.loading_page import LoadingServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -49,6 +51,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserFacingError, ValueError) as error:
         print(f"blip2-studio: {error}", file=sys.stderr)
         return 1
+    # Uploads live in a folder of this process's own, removed when it stops (SIGTERM included)
+    # and, after a crash, by the next start (see ui/upload_folder.py).
+    from blip2_app.ui.upload_folder import claim_upload_folder, release_upload_folder, stop_on_sigterm
+
+    uploads = claim_upload_folder()
+    stop_on_sigterm()
+    try:
+        return _serve(settings)
+    finally:
+        release_upload_folder(uploads)
+
+
+def _serve(settings: Settings) -> int:
+    """Loading page, then the model, then the app; returns the exit status."""
+    from blip2_app.errors import UserFacingError
+    from blip2_app.ui.loading_page import LoadingServer
+
     host = settings.server_name(on_space()) or os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
     # The port answers at once: a loading page for visitors, 503 on /healthz, until the model is in.
     loading = LoadingServer(host, settings.port, settings.model)
