@@ -21,6 +21,7 @@ MAX_QUESTION_CHARS = 2000
 MAX_QUERY_CHARS = 500  # retrieval text; the Q-Former reads at most 35 tokens of it anyway
 MAX_INSTRUCTION_CHARS = 2000
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
@@ -42,7 +43,12 @@ class BuiltPrompt:
 
 def clean_text(text: str | None, what: str, max_chars: int, required: bool = True) -> str:
     """Normalise user text: no control characters, single spaces, a documented length limit."""
-    text = unicodedata.normalize("NFC", text or "")
+    text = text or ""
+    if _SURROGATE.search(text):  # JSON can carry them; no tokenizer (or UTF-8) takes them
+        raise InvalidRequestError(
+            f"The {what} contains a character that is not valid Unicode (a lone surrogate); please retype it."
+        )
+    text = unicodedata.normalize("NFC", text)
     text = _CONTROL.sub(" ", text)
     text = re.sub(r"\s+", " ", text).strip()
     if required and not text:

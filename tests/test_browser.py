@@ -224,7 +224,7 @@ def check_model_tab(page, retrieval_model: str) -> None:
     open_tab(page, "Model")
     report = page.locator("#model-report")
     sync_api.expect(report).to_contain_text(retrieval_model)
-    for expected in ("float32", "Vision encoder", "hit rate", "memory footprint"):
+    for expected in ("float32", "Vision encoder", "holds at most", "memory footprint"):
         assert expected in report.inner_text()
 
 

@@ -417,9 +417,18 @@ def test_model_report_tells_what_is_loaded(engine):
         "float32",
         "Vision encoder",
         "Language model",
-        "hit rate",
+        "holds at most",
     ):
         assert expected in text
+
+
+def test_model_report_does_not_tell_whether_an_image_was_seen(engine, images):
+    # The cache's live counters are shared by all visitors: re-sending someone's image and
+    # watching hits go up would show it was processed recently (threat model, finding 10).
+    before = ModelHandlers(engine, SETTINGS).model_report()
+    engine.image_features([images[0]])
+    engine.image_features([images[0]])
+    assert ModelHandlers(engine, SETTINGS).model_report() == before
 
 
 def test_safe_widgets_do_not_decode_uploads():

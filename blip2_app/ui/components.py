@@ -187,6 +187,9 @@ def named_number(component: gr.Slider | gr.Number, name: str) -> gr.Slider | gr.
             raise user_error(f"{name} must be a number; got {_short(payload)}.")
         if not math.isfinite(payload):
             raise user_error(f"{name} must be a finite number; got {payload}.")
+        if getattr(self, "precision", None) == 0 and payload != int(payload):
+            # gr.Number(precision=0) would round 1.5 to 2 without a word.
+            raise user_error(f"{name} must be a whole number; got {_number(payload)}.")
         if (low is not None and payload < low) or (high is not None and payload > high):
             if low is not None and high is not None:
                 raise user_error(

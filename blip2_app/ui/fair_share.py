@@ -22,10 +22,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .guard import ASGIApp, Message, Receive, Scope, Send, client_address, reply
+from .guard import ASGIApp, Message, Receive, Scope, Send, client_address, reply, request_address
 
 EVENT_ROUTES = ("/gradio_api/queue/join", "/gradio_api/run/")
 _SESSION_HASH = re.compile(rb'"session_hash"\s*:\s*"([^"\\]{1,128})"')
+_FN_INDEX = re.compile(rb'"fn_index"\s*:\s*(-?\d{1,12})\b')
+UNKNOWN_EVENT = (
+    "This app has no event number {index}; gradio_client finds endpoints by name (api_name), "
+    "and the API page lists them."
+)
 TOO_MANY_PENDING = (
     "You already have {count} requests waiting or running on this server; please wait for them to "
     "finish before sending more."
@@ -98,8 +103,7 @@ def pending_by_client(queue: Any) -> Callable[[str], int]:
 
 def _event_client(event: Any) -> str | None:
     request = getattr(event, "request", None)
-    address = getattr(request, "client", None)
-    return getattr(address, "host", None)
+    return request_address(request) if request is not None else None
 
 
 class FairShare:
@@ -114,6 +118,7 @@ class FairShare:
         self.app = app
         self.limits = limits
         self.pending = pending
+        self.events: Any = None  # the Gradio app's event functions by fn_index, once attached
         self.attached = pending is not None
         self.sessions = SessionLedger(limits)
 
@@ -121,7 +126,9 @@ class FairShare:
         self.attached = True
         if gradio_app is None or not hasattr(gradio_app, "get_blocks"):
             return
-        self.pending = pending_by_client(gradio_app.get_blocks()._queue)
+        blocks = gradio_app.get_blocks()
+        self.pending = pending_by_client(blocks._queue)
+        self.events = blocks.fns
         evict_stateless_first(gradio_app.state_holder)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -134,7 +141,7 @@ class FairShare:
         first = await receive()
         refusal = self._refusal(client_address(scope), path, first.get("body", b""))
         if refusal is not None:
-            await reply(send, 429, refusal)
+            await reply(send, *refusal)
             return
         replayed = False
 
@@ -147,14 +154,19 @@ class FairShare:
 
         await self.app(scope, replay, send)
 
-    def _refusal(self, client: str, path: str, body: bytes) -> str | None:
+    def _refusal(self, client: str, path: str, body: bytes) -> tuple[int, str] | None:
+        """(status, sentence) to refuse an event request with, or None to let it through."""
+        index = _FN_INDEX.search(body)
+        if index is not None and self.events is not None and int(index.group(1)) not in self.events:
+            # Gradio answers an unknown fn_index with a bare 500.
+            return 422, UNKNOWN_EVENT.format(index=int(index.group(1)))
         match = _SESSION_HASH.search(body)
         if match is not None and not self.sessions.admit(client, match.group(1).decode("ascii", "replace")):
-            return TOO_MANY_SESSIONS.format(minutes=self.limits.window_s / 60)
+            return 429, TOO_MANY_SESSIONS.format(minutes=self.limits.window_s / 60)
         if path.endswith("/queue/join") and self.pending is not None:
             count = self.pending(client)
             if count >= self.limits.max_pending:
-                return TOO_MANY_PENDING.format(count=count)
+                return 429, TOO_MANY_PENDING.format(count=count)
         return None
 
 

@@ -20,6 +20,7 @@ from starlette.middleware import Middleware
 
 from ..config import Settings
 from ..engine import Engine
+from .blocks import StudioBlocks
 from .engine_view import LoadedModels
 from .fair_share import FairShare, FairShareLimits
 from .guard import RequestGuard, body_limit_bytes
@@ -143,7 +144,7 @@ def build_demo(settings: Settings, engine: Engine) -> gr.Blocks:
     """The whole app for `engine`; `settings` sets the queue and the limits. Nothing is global."""
     context = TabContext(settings, engine, spaces=import_spaces(), examples=example_images())
     models = context.models
-    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=delete_cache(settings)) as demo:
+    with StudioBlocks(title=TITLE, analytics_enabled=False, delete_cache=delete_cache(settings)) as demo:
         gr.HTML(_header(engine), js_on_load=None)
         if models.captioner is None:
             gr.Markdown("**No captioning model is loaded**: only the Retrieval tab works in this app.")

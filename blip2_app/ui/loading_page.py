@@ -10,10 +10,8 @@ transformers and Gradio (tests/test_startup_imports.py checks it).
 
 from __future__ import annotations
 
-import collections
 import html
 import json
-import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,62 +20,48 @@ from typing import Any
 REFRESH_SECONDS = 5
 
 
-class _RecentLog(logging.Handler):
-    """The last few start-up log lines, shown on the loading page."""
-
-    def __init__(self, size: int = 6) -> None:
-        super().__init__(logging.INFO)
-        self.lines: collections.deque[str] = collections.deque(maxlen=size)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
 class LoadingServer:
     """A stand-in on the app's port while the model loads (stdlib only: Gradio is not up yet)."""
 
     def __init__(self, host: str, port: int, model: str) -> None:
         self.host, self.port, self.model = host, port, model
         self.started = time.monotonic()
-        self.recent = _RecentLog()
         self._server: ThreadingHTTPServer | None = None
 
     def start(self) -> None:
         """Listen in a background thread; OSError if the port cannot be had (Gradio could not either)."""
         self._server = ThreadingHTTPServer((self.host, self.port), self._handler())
         self._server.daemon_threads = True
-        logging.getLogger("blip2_app").addHandler(self.recent)
         threading.Thread(target=self._server.serve_forever, name="loading-page", daemon=True).start()
 
     def stop(self) -> None:
-        logging.getLogger("blip2_app").removeHandler(self.recent)
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()  # frees the port for Gradio
             self._server = None
 
     def status(self) -> dict[str, Any]:
+        # No log lines: they name cache paths and free memory, which visitors need not see
+        # (threat model, finding 10); the server log keeps them for the operator.
         return {
             "status": "loading",
             "model": self.model,
             "elapsed_seconds": round(time.monotonic() - self.started),
-            "log": list(self.recent.lines),
         }
 
     def page(self) -> str:
         status = self.status()
-        lines = "".join(f"<li>{html.escape(line)}</li>" for line in status["log"]) or "<li>Starting…</li>"
         return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="{REFRESH_SECONDS}">
 <meta name="viewport" content="width=device-width, initial-scale=1"><title>BLIP-2 Studio is loading</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:40rem;margin:4rem auto;padding:0 1rem;color:#1e1b4b}}
 .spin{{display:inline-block;width:1em;height:1em;border:.2em solid #c7d2fe;border-top-color:#4f46e5;
 border-radius:50%;animation:s 1s linear infinite;vertical-align:middle}}@keyframes s{{to{{transform:rotate(1turn)}}}}
-li{{color:#475569;font-size:.9rem}}</style></head>
+</style></head>
 <body id="loading-page"><h1><span class="spin"></span> BLIP-2 Studio is loading</h1>
 <p>Loading <b>{html.escape(self.model)}</b> for {status["elapsed_seconds"]} s so far. A real checkpoint
 takes a few minutes the first time (it is downloaded once, then read from the cache). This page
-refreshes itself and becomes the app when the model is in.</p><ul>{lines}</ul></body></html>"""
+refreshes itself and becomes the app when the model is in.</p></body></html>"""
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         server = self

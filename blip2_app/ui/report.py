@@ -131,18 +131,16 @@ def model_report_markdown(info: EngineInfo, engine: Engine, settings: Settings) 
         "Retrieval (ITC / ITM)", info.matcher, matcher.entry.description if matcher else "", []
     )
     cache = info.cache or {}
-    lookups = cache.get("hits", 0) + cache.get("misses", 0)
-    hit_rate = f"{100 * cache.get('hits', 0) / lookups:.0f}%" if lookups else "-"
+    # Only the configured size: live counts (entries, hits) are shared by all visitors, so they
+    # would tell whether someone's image was processed recently (threat model, finding 10).
     lines += [
         "### Vision-feature cache",
         "",
         "Image features are computed once per image (keyed by its content) and reused by every prompt.",
         "",
-        "| entries | size | hits | misses | hit rate | evictions |",
-        "|---:|---:|---:|---:|---:|---:|",
-        f"| {cache.get('entries', 0)} / {cache.get('max_entries', 0)} "
-        f"| {human_bytes(cache.get('bytes', 0))} / {human_bytes(cache.get('max_bytes', 0))} "
-        f"| {cache.get('hits', 0)} | {cache.get('misses', 0)} | {hit_rate} | {cache.get('evictions', 0)} |",
+        "| holds at most | size at most |",
+        "|---:|---:|",
+        f"| {cache.get('max_entries', 0)} images | {human_bytes(cache.get('max_bytes', 0))} |",
         "",
         "### Server limits",
         "",

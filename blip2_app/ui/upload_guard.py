@@ -161,6 +161,8 @@ class _PartChecker:
 
     def _headers_finished(self) -> None:
         _, options = parse_options_header(self.disposition)
+        if options.get(b"filename", b"x") == b"":
+            raise UploadRefused("Each uploaded file needs a file name.", 400)
         if options.get(b"name") != FILES_FIELD.encode() or b"filename" not in options:
             raise UploadRefused(
                 "Uploads take files only, in the form field 'files' (as gradio_client and the page send them).",

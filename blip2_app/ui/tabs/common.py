@@ -23,6 +23,15 @@ from ..zerogpu import booked, declared_gpu_seconds
 MODEL_GROUP = "model"
 IMAGE_SOURCES = ["upload", "clipboard", "webcam"]
 UI_ONLY: dict[str, Any] = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
+# Private events that cost real CPU without the model (re-encoding 200 thumbnails: 0.6-0.8 s) wait
+# their turn in the queue, one at a time, and count against a client's share of it: six callers
+# at once slowed everyone down tenfold when they ran outside it (threat model, finding 6).
+UI_QUEUED: dict[str, Any] = {
+    "api_visibility": "private",
+    "show_progress": "hidden",
+    "concurrency_id": "ui-work",
+    "concurrency_limit": 1,
+}
 
 F = TypeVar("F", bound=Callable[..., Any])
 

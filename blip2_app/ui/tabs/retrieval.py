@@ -31,7 +31,7 @@ from ..guard import request_address
 from ..sessions import MAX_GALLERY_IMAGES, GalleryBudget, GallerySession
 from ..validation import flag, one_image, whole_number
 from ..zerogpu import gpu
-from .common import IMAGE_SOURCES, UI_ONLY, TabContext
+from .common import IMAGE_SOURCES, UI_ONLY, UI_QUEUED, TabContext
 
 MAX_TOP_K = 30
 MAX_FILES_PER_REQUEST = MAX_GALLERY_IMAGES  # default; the limit is the gallery's size (--max-gallery-images)
@@ -284,7 +284,7 @@ def build(context: TabContext) -> None:
         api_name="index_gallery",
         api_description="Adds images to this session's gallery; returns a status sentence.",
         **context.model_event(handlers.index_gallery),
-    ).then(handlers.gallery_preview, state, gallery.preview, **UI_ONLY)
+    ).then(handlers.gallery_preview, state, gallery.preview, **UI_QUEUED)
     gallery.clear.click(
         handlers.clear_gallery,
         inputs=[state],
