@@ -188,6 +188,20 @@ def test_a_table_sent_as_null_gets_a_sentence(api):
     assert not results[-1].get("success") and "is not one that input takes" in error, results[-1]
 
 
+def test_a_huge_few_shot_table_is_refused_before_it_is_parsed(app, api):
+    # 23 MB of table cost 15 s and +870 MB before its 64-row refusal (finding 8b).
+    client = Client(api, "198.51.100.43")
+    data = values(
+        api, "chat", image={"path": SMALL}, message="What is it?", decoding="greedy", max_new_tokens=4
+    )
+    # 3 MB here (this app's body limit is 3.7 MB); tests/test_studio_blocks.py shows the check runs
+    # before Gradio parses the value at all.
+    data[2] = {"headers": ["question", "answer"], "data": [["q" * 120, "a" * 120] for _ in range(11_000)]}
+    assert client.join("chat", data).status_code == 200
+    results = [m for m in api.events(client.session) if m.get("msg") == "process_completed"]
+    assert "The few-shot table has 11000 rows" in (results[-1].get("output") or {}).get("error", "")
+
+
 def test_an_unknown_event_number_gets_a_sentence_not_a_500(app):
     response = httpx.post(
         app.url + "gradio_api/queue/join",

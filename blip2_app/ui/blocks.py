@@ -4,8 +4,9 @@ Gradio turns every exception that is not a `gr.Error` into `{"error": null}` (wi
 `show_error=False`, as it must be here), and its own input checks raise plain exceptions: a request
 with too few values, a table sent as `null`, a forged file payload all got no sentence, and the
 traceback quoted the whole payload into the log (a 60 MB data URL in 1.4 s; threat model,
-finding 9). These three hooks of Gradio 6's Blocks turn them into `gr.Error`s that name the
-endpoint and the input, and log one short line instead.
+finding 9). Three hooks of Gradio 6's Blocks turn them into `gr.Error`s that name the
+endpoint and the input, and log one short line instead; a fourth runs a component's own check
+on its raw value before Gradio parses it (`check_raw_value`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,17 @@ def _label(block: Any, index: int) -> str:
     return f"'{label}' (value {index + 1})" if label else f"value {index + 1}"
 
 
+RAW_CHECK = "studio_raw_check"  # attribute of a component: a check of its raw JSON value
+
+
+def check_raw_value(component: Any, check: Any) -> Any:
+    """Have `check(raw_value)` run on the component's value as sent, before Gradio parses it (and
+    before pydantic builds its model of it): a 23 MB table cost 15 s and +870 MB to parse before
+    the row limit could refuse it (threat model, finding 8b). `check` raises gr.Error."""
+    setattr(component, RAW_CHECK, check)
+    return component
+
+
 class StudioBlocks(gr.Blocks):
     def validate_inputs(self, block_fn: Any, inputs: list[Any]) -> None:
         needed = len(block_fn.inputs)
@@ -59,6 +71,10 @@ class StudioBlocks(gr.Blocks):
     async def preprocess_data(
         self, block_fn: Any, inputs: list[Any], state: Any, explicit_call: bool = False
     ) -> Any:
+        for block, value in zip(block_fn.inputs, inputs, strict=False):
+            check = getattr(block, RAW_CHECK, None)
+            if check is not None:
+                check(value)
         try:
             return await super().preprocess_data(block_fn, inputs, state, explicit_call)
         except gr.Error:

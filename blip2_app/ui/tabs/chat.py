@@ -20,6 +20,7 @@ from ...engine import Engine
 from ...errors import InvalidRequestError
 from ...generation import GenerationSettings
 from ...prompts import MAX_QUESTION_CHARS, ChatTurn, clean_text, context_notes
+from ..blocks import check_raw_value
 from ..components import safe_image
 from ..decoding import DecodingInputs, decoding_choice, slider
 from ..engine_view import EMPTY_ANSWER, LoadedModels
@@ -35,6 +36,24 @@ MAX_EXEMPLAR_ROWS = 64  # rows accepted from the Dataframe (empty ones are skipp
 MAX_CHAT_TURNS = 50  # default of --max-chat-turns; the prompt builder drops old ones that do not fit
 
 Messages = list[dict[str, str]]
+
+
+def table_size_check(raw: Any) -> None:
+    """The few-shot table's size, on the value as sent ({"headers", "data"} or rows)."""
+    rows = raw.get("data") if isinstance(raw, dict) else raw
+    if not isinstance(rows, list):
+        return  # the parser below says what is wrong with it
+    if len(rows) > MAX_EXEMPLAR_ROWS:
+        raise user_error(f"The few-shot table has {len(rows)} rows; at most {MAX_EXEMPLAR_ROWS} are read.")
+    for number, row in enumerate(rows, start=1):
+        cells = row if isinstance(row, list) else [row]
+        if len(cells) > 2 or any(
+            isinstance(cell, str) and len(cell) > 2 * MAX_QUESTION_CHARS for cell in cells
+        ):
+            raise user_error(
+                f"Few-shot example {number} must be a question and an answer of at most "
+                f"{MAX_QUESTION_CHARS:,} characters each."
+            )
 
 
 def parse_exemplars(value: Any) -> list[ChatTurn]:
@@ -291,15 +310,18 @@ def _prompt_column(context: TabContext, defaults: GenerationSettings) -> PromptW
             max_length=MAX_QUESTION_CHARS,
             visible=bool(captioner and captioner.family.instruction_aware),
         )
-        exemplars = gr.Dataframe(
-            value=[["", ""], ["", ""]],
-            headers=["question", "answer"],
-            datatype=["str", "str"],
-            type="array",
-            column_count=2,
-            interactive=True,
-            label=f"Question / answer pairs placed before the conversation (up to {MAX_EXEMPLARS})",
-            wrap=True,
+        exemplars = check_raw_value(
+            gr.Dataframe(
+                value=[["", ""], ["", ""]],
+                headers=["question", "answer"],
+                datatype=["str", "str"],
+                type="array",
+                column_count=2,
+                interactive=True,
+                label=f"Question / answer pairs placed before the conversation (up to {MAX_EXEMPLARS})",
+                wrap=True,
+            ),
+            table_size_check,
         )
     unsupported = context.unsupported
     with gr.Accordion("Decoding", open=False):
