@@ -118,11 +118,16 @@ class QueueAPI:
         self.url = url
         config = httpx.get(url + "config", timeout=10).json()
         self.fn_index = {d["api_name"]: i for i, d in enumerate(config["dependencies"]) if d.get("api_name")}
+        # Inputs the API page does not list (session state) are sent as null, as gradio_client does.
+        self.input_count = {
+            d["api_name"]: len(d["inputs"]) for d in config["dependencies"] if d.get("api_name")
+        }
         self.info = httpx.get(url + "gradio_api/info", timeout=10).json()["named_endpoints"]
 
     def payload(self, api_name: str, data: Sequence[Any], session_hash: str | None = None) -> dict[str, Any]:
         params = self.info["/" + api_name]["parameters"]
         full = [*data, *(p.get("parameter_default") for p in params[len(data) :])]
+        full += [None] * (self.input_count[api_name] - len(full))
         return {
             "data": full,
             "fn_index": self.fn_index[api_name],

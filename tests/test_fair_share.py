@@ -81,6 +81,9 @@ def test_stateless_sessions_are_evicted_before_ones_that_hold_a_chat():
         holder[f"fresh{i}"][chat._id]
     assert "visitor" in holder
     assert len(holder.session_data) == 3
+    for i in range(5):  # every other session holds a chat: the newest one is still kept
+        holder[f"chat{i}"][chat._id] = ["another conversation"]
+    assert "chat4" in holder and len(holder.session_data) == 3
     plain = StateHolder()
     plain.set_blocks(demo)
     plain.capacity = 3

@@ -472,8 +472,15 @@ def test_demo_wiring_follows_the_contract(engine):
             assert (fn.concurrency_id, fn.concurrency_limit) == ("model", 2), name
     private = [fn for fn in fns if fn.api_visibility != "public"]
     assert all(fn.api_visibility == "private" for fn in private)
-    # UI-only helpers skip the queue; the only private model event is "Regenerate".
-    assert {fn.api_name for fn in private if fn.queue} == {"regenerate"}
+    # UI-only helpers skip the queue; the only private model event is "Regenerate", and the one
+    # private event that costs CPU without the model (the gallery's thumbnails) waits its turn.
+    queued = {fn.api_name: fn for fn in private if fn.queue}
+    assert set(queued) == {"regenerate", "gallery_preview"}
+    assert (queued["regenerate"].concurrency_id, queued["regenerate"].concurrency_limit) == ("model", 2)
+    assert (queued["gallery_preview"].concurrency_id, queued["gallery_preview"].concurrency_limit) == (
+        "ui-work",
+        1,
+    )
     assert demo._queue.max_size == 5 and demo.api_open is False
     assert demo.delete_cache is not None
 

@@ -193,9 +193,8 @@ def evict_stateless_first(holder: Any) -> None:
             if session_id in sessions:
                 sessions.move_to_end(session_id)
             while len(sessions) > holder.capacity:
-                victim = next((key for key, s in sessions.items() if not holds_state(s)), None)
-                if victim is None:
-                    victim = next(iter(sessions))
+                others = [key for key in sessions if key != session_id]  # the one in use stays
+                victim = next((key for key in others if not holds_state(sessions[key])), others[0])
                 del sessions[victim]
                 holder.time_last_used.pop(victim, None)
 
