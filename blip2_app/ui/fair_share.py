@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .guard import ASGIApp, Message, Receive, Scope, Send, client_address, reply, request_address
+from .guard import ASGIApp, Receive, Scope, Send, client_address, replaying, reply, request_address
 
 EVENT_ROUTES = ("/gradio_api/queue/join", "/gradio_api/run/")
 _SESSION_HASH = re.compile(rb'"session_hash"\s*:\s*"([^"\\]{1,128})"')
@@ -143,16 +143,7 @@ class FairShare:
         if refusal is not None:
             await reply(send, *refusal)
             return
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return first
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(first, receive), send)
 
     def _refusal(self, client: str, path: str, body: bytes) -> tuple[int, str] | None:
         """(status, sentence) to refuse an event request with, or None to let it through."""

@@ -108,16 +108,8 @@ class RequestGuard:
             if refusal[0]:
                 await reply(send, *refusal)
             return
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        whole = {"type": "http.request", "body": bytes(body), "more_body": False}
+        await self.app(scope, replaying(whole, receive), send)
 
     async def _read(self, receive: Receive, body: bytearray) -> tuple[int, str] | None:
         """Reads the whole body into `body`; returns (status, sentence) to refuse it, (0, "") when
@@ -151,6 +143,20 @@ class RequestGuard:
 def _is_deep_link(path: str) -> bool:
     """Gradio's deep-link route publishes a session's outputs by its hash (finding 6)."""
     return "/deep_link" in path.lower()
+
+
+def replaying(first: Message, receive: Receive) -> Receive:
+    """A `receive` that hands on `first` (a body already read here) and then the real stream."""
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return first
+        return await receive()
+
+    return replay
 
 
 def client_address(scope: Scope) -> str:
