@@ -3,7 +3,8 @@
 Starts the app itself on a free port of 127.0.0.1 (loopback only), then each client (one session)
 loops over a weighted mix of every public endpoint until the time or the request budget runs out:
 /caption, /answer, /chat (streamed), /index_gallery, /search_text, /search_image, /clear_gallery,
-plus a few hostile uploads that must be refused with their specific sentence. Each client's chat
+plus a few hostile uploads that must be refused with their specific sentence. Each client sends
+its own X-Forwarded-For address, so the app's per-client limits see eight visitors. Each client's chat
 questions carry its number, so a question from another session in a chat counts as an error. A
 sampler reads the server's resident memory from /proc/PID/status every half second.
 
@@ -114,7 +115,9 @@ def client_loop(number: int, url: str, shared: Shared, seed: int) -> None:
     from gradio_client import Client, handle_file
 
     rng = random.Random(seed * 1000 + number)
-    client = Client(url, verbose=False)
+    # Each client is its own visitor: the app trusts X-Forwarded-For from a loopback peer (as from
+    # a reverse proxy), so per-client limits see eight visitors, not one address.
+    client = Client(url, verbose=False, headers={"X-Forwarded-For": f"198.51.100.{number + 1}"})
     gallery_size = 0
     endpoints, weights = zip(*MIX.items(), strict=True)
 
