@@ -9,7 +9,7 @@ they fit the context, decoding answers, the image-feature cache, and retrieval (
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
