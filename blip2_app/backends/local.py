@@ -144,7 +144,11 @@ class LocalBackend(CheckpointText):
         kwargs = generation.generate_kwargs() | {"output_scores": True, "return_dict_in_generate": True}
         with torch.inference_mode():
             output = self.loaded.model.language_model.generate(**inputs, **kwargs)
-        new = output.sequences[:, inputs["input_ids"].shape[1] :] if "input_ids" in inputs else output.sequences[:, 1:]
+        new = (
+            output.sequences[:, inputs["input_ids"].shape[1] :]
+            if "input_ids" in inputs
+            else output.sequences[:, 1:]
+        )
         scores = output.sequences_scores.float().tolist()
         return [(self.trim(row), float(score)) for row, score in zip(new.tolist(), scores, strict=True)]
 
