@@ -14,9 +14,9 @@ import re
 import threading
 import weakref
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
 
@@ -30,6 +30,21 @@ from ..retrieval import GalleryIndex
 MAX_GALLERY_IMAGES = 200
 THUMBNAIL_QUALITY = 90
 PLACEHOLDER_GREY = (128, 128, 128)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Gradio's MCP server (--mcp) lists an endpoint as a tool unless its function carries another
+# `_mcp_type` (gradio/mcp.py, list_tools). It calls every tool with the State's default value,
+# never a kept one: a chat or a gallery cannot live across tool calls, so such endpoints are not
+# offered to agents (docs/deploy.md, "MCP").
+NOT_AN_MCP_TOOL = "session"
+
+
+def session_bound(fn: F) -> F:
+    """Marks an event handler whose meaning needs the session's state: not an MCP tool."""
+    fn._mcp_type = NOT_AN_MCP_TOOL  # type: ignore[attr-defined]  # read by gradio/mcp.py
+    return fn
 
 
 @dataclass

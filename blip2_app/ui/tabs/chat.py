@@ -29,7 +29,7 @@ from ..decoding import DecodingInputs, decoding_choice, slider
 from ..downloads import write_download
 from ..engine_view import EMPTY_ANSWER, LoadedModels
 from ..errors import escaped, guarded, user_error
-from ..sessions import ChatSession, turn_messages
+from ..sessions import ChatSession, session_bound, turn_messages
 from ..sessions import message as chat_message
 from ..validation import flag, one_image, one_line, optional_text, whole_number
 from ..zerogpu import gpu
@@ -239,6 +239,7 @@ class ChatHandlers:
         knobs = DecodingInputs(decoding=decoding, num_beams=num_beams, max_new_tokens=max_new_tokens)
         return self.ask(image, question, short_answer, instruction, knobs)
 
+    @session_bound
     @gpu(seconds=90)
     @guarded("answering in the chat")
     def chat(
@@ -279,6 +280,7 @@ class ChatHandlers:
         knobs = _chat_knobs(decoding, max_new_tokens, temperature, top_p, repetition_penalty)
         yield from self.converse(image, session.turns[-1].question, exemplars, instruction, earlier, knobs)
 
+    @session_bound
     @gpu(seconds=90)
     @guarded("answering the edited question")
     def edit_last(
@@ -300,6 +302,7 @@ class ChatHandlers:
         knobs = _chat_knobs(decoding, max_new_tokens, temperature, top_p, repetition_penalty)
         yield from self.converse(image, message, exemplars, instruction, session.undone(), knobs)
 
+    @session_bound
     @guarded("undoing the last turn")
     def undo(self, session: ChatSession | None = None) -> tuple[Messages, ChatSession]:
         """Removes the last question and its answer: the next answer is written without them."""
@@ -308,6 +311,7 @@ class ChatHandlers:
         earlier = session.undone()
         return earlier.messages(), earlier
 
+    @session_bound
     @guarded("exporting the chat")
     def export(self, fmt: str = "markdown", session: ChatSession | None = None) -> str:
         """The conversation as a file to download: "markdown" (.md) or "json" (.json)."""

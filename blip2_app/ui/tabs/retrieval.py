@@ -41,7 +41,7 @@ from ..downloads import download_path, write_download
 from ..engine_view import LoadedModels
 from ..errors import escaped, guarded, user_error
 from ..guard import request_address
-from ..sessions import MAX_GALLERY_IMAGES, GalleryBudget, GallerySession
+from ..sessions import MAX_GALLERY_IMAGES, GalleryBudget, GallerySession, session_bound
 from ..validation import flag, one_image, whole_number
 from ..zerogpu import gpu
 from .common import IMAGE_SOURCES, UI_ONLY, UI_QUEUED, TabContext
@@ -138,6 +138,7 @@ class RetrievalHandlers:
             f"most {self.settings.max_galleries} in memory). Please index your images again."
         )
 
+    @session_bound
     @gpu(seconds=180)  # indexing a full gallery is the long one
     @guarded("indexing the gallery")
     def index_gallery(
@@ -268,6 +269,7 @@ class RetrievalHandlers:
     # Public endpoints; their parameters are the API's. The session's minimum score (`view`, set by
     # /set_min_score) hides weak results; the last search (`SearchReport`) is kept for the note
     # under the results, "more like this" on a selected result and the JSON download.
+    @session_bound
     @gpu(seconds=60)
     @guarded("searching the gallery")
     def text_search(
@@ -293,6 +295,7 @@ class RetrievalHandlers:
         hits, gallery = self._text_hits(query, top_k, rerank, rerank_k, session)
         return self._shown(hits, gallery, view, {"text": query})
 
+    @session_bound
     @gpu(seconds=60)
     @guarded("searching the gallery")
     def image_search(
@@ -316,6 +319,7 @@ class RetrievalHandlers:
             hits, gallery, view, {"image": display_name(image) if isinstance(image, str) else "image"}
         )
 
+    @session_bound
     @gpu(seconds=30)
     @guarded("searching the gallery")
     def more_like_this(
@@ -338,6 +342,7 @@ class RetrievalHandlers:
             hits = Gallery(self.engine, gallery.index).more_like(chosen.content_hash, count)
             return self._shown(hits, gallery, view, {"more_like": chosen.name, "sha256": chosen.content_hash})
 
+    @session_bound
     @gpu(seconds=60)
     @guarded("searching the gallery")
     def caption_search(
@@ -362,6 +367,7 @@ class RetrievalHandlers:
         hits, gallery = self._text_hits(chosen.caption, top_k, False, 1, gallery)
         return self._shown(hits, gallery, view, {"text": chosen.caption, "caption_of": chosen.name})
 
+    @session_bound
     @gpu(seconds=60)
     @guarded("searching the gallery")
     def combined_search(
@@ -398,6 +404,7 @@ class RetrievalHandlers:
         return self._shown(hits, gallery, view, described)
 
     @staticmethod
+    @session_bound
     def set_min_score(min_score: float = 0.0, score: str = "cosine") -> tuple[str, SearchView]:
         """Set this session's minimum score: later searches hide results below it.
 
@@ -454,6 +461,7 @@ class RetrievalHandlers:
             f"minimum {report.view.kind} {report.view.minimum:.2f} hidden."
         )
 
+    @session_bound
     @guarded("downloading the results")
     def results_json(self, report: SearchReport | None = None) -> str:
         """The last search's results as a JSON file: rank, name, sha256, scores, stored caption."""
@@ -469,6 +477,7 @@ class RetrievalHandlers:
     def download_ttl(self) -> float:
         return self.settings.upload_ttl_minutes * 60
 
+    @session_bound
     @guarded("downloading the gallery")
     def download_gallery(self, session: GallerySession | None = None) -> str:
         """This session's gallery as one archive (index, embeddings, small image copies) to load later.
@@ -483,6 +492,7 @@ class RetrievalHandlers:
             write_archive(gallery.index, dict(gallery.images), path)
         return str(path)
 
+    @session_bound
     @gpu(seconds=30)
     @guarded("loading the gallery")
     def load_gallery(
@@ -514,6 +524,7 @@ class RetrievalHandlers:
             status += f" {missing} came without a picture (shown grey; no ITM re-rank for them)."
         return status, fresh
 
+    @session_bound
     @guarded("clearing the gallery")
     def clear_gallery(self, session: GallerySession | None = None) -> tuple[str, GallerySession]:
         count = len(session) if isinstance(session, GallerySession) else 0
