@@ -223,7 +223,7 @@ class Gallery:
         if len(self.index) == 0:
             return []
         embedded = [t for t in texts if t]
-        features = self.engine.text_features(embedded).numpy() if embedded else []
+        features = self.engine.text_features(embedded).numpy() if embedded else np.empty((0, 0))
         by_text = dict(zip(embedded, features, strict=True))
         total = np.zeros(len(self.index))
         exclude = None

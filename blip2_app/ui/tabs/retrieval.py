@@ -489,6 +489,7 @@ class RetrievalHandlers:
         with self.galleries.use(gallery):
             self._require_gallery(gallery)
             path = download_path("gallery.zip", self.download_ttl)
+            assert gallery.index is not None  # _require_gallery: not empty
             write_archive(gallery.index, dict(gallery.images), path)
         return str(path)
 
@@ -577,7 +578,7 @@ class SearchWidgets:
     combined_negative: gr.Textbox
     combined_top_k: gr.Slider | gr.Number
     search_combined: gr.Button
-    min_score: gr.Slider
+    min_score: gr.Slider | gr.Number
     score_kind: gr.Radio
     min_status: gr.Textbox
     results: ResultGallery
@@ -617,7 +618,7 @@ def build(context: TabContext) -> None:
         concurrency_limit=None,  # no model work: never waits behind model requests
     ).then(lambda: ([], []), None, [gallery.preview, search.results], **UI_ONLY)
     _keep_events(context, handlers, gallery, state)
-    shown = {"outputs": [search.results, last]}
+    shown: dict[str, Any] = {"outputs": [search.results, last]}
     searches = [
         gr.on(
             [search.search.click, search.query.submit],
@@ -667,7 +668,7 @@ def build(context: TabContext) -> None:
         event.then(handlers.results_note, last, search.note, **UI_ONLY)
     search.results.select(handlers.selected, last, search.selected, **UI_ONLY)
     gr.on(
-        [search.min_score.release, search.score_kind.change],
+        [search.min_score.change, search.score_kind.change],
         handlers.set_min_score,
         inputs=[search.min_score, search.score_kind],
         outputs=[search.min_status, view],
