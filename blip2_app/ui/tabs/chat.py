@@ -333,8 +333,17 @@ class ChatHandlers:
     @gpu(seconds=60)
     @guarded("answering the question")
     def answer_topk(self, image: Any, question: str, k: float = 3) -> list[dict[str, Any]]:
-        """Beam search's k best answers to one question (no history), best first, each with a
-        score in (0, 1]: the geometric mean of its token probabilities."""
+        """Beam search's k best answers to one question about an image (no history), best first.
+
+        Args:
+            image: the image the question is about.
+            question: the question, e.g. "what colour is the car?".
+            k: how many answers to return (1-10).
+
+        Returns:
+            A list of {"answer": text, "score": number in (0, 1]}, best first; the score is the
+            geometric mean of the answer's token probabilities.
+        """
         prepared = one_image(self.engine, image)
         if question is not None and not isinstance(question, str):
             raise InvalidRequestError("The question must be text.")
