@@ -356,7 +356,7 @@ ARCHIVE_NAME = re.compile(
     r"|data-[0-9a-f]{32}/|images/)$"
 )
 ARCHIVE_FIXED_BYTES = 1024 * 1024  # manifest and items.json beside the per-image allowances
-ARCHIVE_IMAGE_BYTES = 2 * 1024 * 1024  # one stored image copy (256 px JPEGs are about 20 KB)
+ARCHIVE_IMAGE_BYTES = 256 * 1024  # one stored image copy (the app writes 256-364 px JPEGs: 10-60 KB)
 MAX_INFLATE_RATIO = 200  # a member may inflate at most this many times its compressed size
 
 

@@ -244,8 +244,6 @@ class RetrievalHandlers:
                 gr.Warning("The gallery holds only this image: add other images to compare it with.")
             return hits, gallery
 
-    @gpu(seconds=60)
-    @guarded("searching the gallery")
     def search_text(
         self,
         query: str,
@@ -254,16 +252,12 @@ class RetrievalHandlers:
         rerank_k: float = 10,
         session: GallerySession | None = None,
     ) -> Results:
-        """Best matches for a text, as (image, "#rank name · cosine · p · ITM") pairs."""
-        hits, gallery = self._text_hits(query, top_k, rerank, rerank_k, session)
-        return self._results(hits, gallery)
+        """/search_text's results alone, as (image, "#rank name · cosine · p · ITM") pairs."""
+        return self.text_search(query, top_k, rerank, rerank_k, session)[0]
 
-    @gpu(seconds=60)
-    @guarded("searching the gallery")
     def search_image(self, image: Any, top_k: float = 5, session: GallerySession | None = None) -> Results:
-        """Gallery images most like the given one (the query image itself is left out)."""
-        hits, gallery = self._image_hits(image, top_k, session)
-        return self._results(hits, gallery)
+        """/search_image's results alone (the query image itself is left out)."""
+        return self.image_search(image, top_k, session)[0]
 
     # ----------------------------------------------------------------- the search events
     # Public endpoints; their parameters are the API's. The session's minimum score (`view`, set by
