@@ -459,3 +459,26 @@ def test_without_mcp_nothing_answers_on_the_mcp_route():
             assert httpx.get(url + path).status_code == 404, path
         body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
         assert httpx.post(url + "gradio_api/mcp/", json=body).status_code in (404, 405)
+
+
+def test_answer_topk_on_the_vllm_backend_is_refused_with_a_sentence_before_any_request():
+    from blip2_app.backends.vllm import UnsupportedDecodingError, VLLMOptions, connect
+    from blip2_app.engine import Engine
+    from blip2_app.registry import Registry
+
+    sent: list[httpx.Request] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        if request.url.path.endswith("/models"):  # connect() asks which model is served
+            return httpx.Response(200, json={"data": [{"id": "tiny-random", "max_model_len": 512}]})
+        return httpx.Response(500)
+
+    entry = Registry.load([]).resolve("tiny-random")
+    engine = Engine(
+        connect(entry, VLLMOptions("http://vllm.test:8000/v1"), transport=httpx.MockTransport(record))
+    )
+    before = len(sent)
+    with pytest.raises(UnsupportedDecodingError, match="Scored top-k answers come from beam search"):
+        engine.answer_topk(PHOTO, "what is it?", 2)
+    assert len(sent) == before
