@@ -38,6 +38,9 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 7860
     share: bool = False
+    # Opt-in: serve the public endpoints as MCP tools (Gradio's mcp_server) for agents. Off by
+    # default: an agent is one more client, and the model's tools then answer without a browser.
+    mcp: bool = False
     concurrency: int = 1
     max_queue: int = 16
     cache_entries: int = 256
@@ -222,6 +225,8 @@ def add_arguments(
         "host": "address to bind (127.0.0.1 keeps the app private to this machine)",
         "port": "port to listen on",
         "share": "create a public gradio.live link (off unless asked)",
+        "mcp": "also serve caption, answer and gallery search as MCP tools for agents, at "
+        "/gradio_api/mcp/ (off unless asked; every limit still holds)",
         "concurrency": "model requests run at the same time",
         "max_queue": "requests waiting at most; more get 'queue full'",
         "cache_entries": "vision-feature cache size in images (0 = off)",

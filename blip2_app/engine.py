@@ -9,6 +9,7 @@ they fit the context, decoding answers, the image-feature cache, and retrieval (
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Generator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -66,6 +67,17 @@ class Generated:
             "empty": self.empty,
             "notes": list(self.notes),
         }
+
+
+@dataclass(frozen=True)
+class ScoredAnswer:
+    """One of beam search's k best answers (`Engine.answer_topk`); `score` is in (0, 1]."""
+
+    answer: str
+    score: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"answer": self.answer, "score": self.score}
 
 
 @dataclass
@@ -288,6 +300,37 @@ class Engine:
         prompt = vqa_prompt(self._templates(), question, short=short, instruction=instruction)
         ids = self.generate_ids([image], [prompt], generation.replace(num_captions=1))
         return self._decode(ids[0][0], prompt, clean=True)
+
+    def answer_topk(
+        self,
+        image: ImageInput,
+        question: str,
+        k: int = 3,
+        generation: GenerationSettings | None = None,
+        short: bool = True,
+        instruction: str = "",
+    ) -> list[ScoredAnswer]:
+        """Beam search's `k` best answers (k <= num_beams), best first, each with a score in (0, 1]:
+        exp of transformers' `sequences_scores`, the answer's summed token log-probabilities over
+        its length ** length_penalty; at length_penalty 1 (the VQA default) that is the geometric
+        mean of its token probabilities. Answers that read the same once cleaned are given once,
+        at their best score, so fewer than `k` may come back."""
+        generation = (generation or self._require_text().entry.answer_decoding).replace(decoding="beam")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= generation.num_beams:
+            raise InvalidRequestError(
+                f"k must be a whole number from 1 to num_beams ({generation.num_beams}); got {k!r}."
+            )
+        generation = generation.replace(num_captions=k)
+        prompt = vqa_prompt(self._templates(), question, short=short, instruction=instruction)
+        self._check_room([prompt], generation)
+        prepared = self.prepare(image)[0]
+        answers: dict[str, ScoredAnswer] = {}
+        for ids, log_score in self._require_text().scored_ids(prepared, prompt, generation):
+            result = self._decode(ids, prompt, clean=True)
+            text = "" if result.empty else result.text
+            if text not in answers:
+                answers[text] = ScoredAnswer(text, math.exp(min(0.0, log_score)))
+        return sorted(answers.values(), key=lambda answer: -answer.score)
 
     def answer_batch(
         self,

@@ -652,6 +652,54 @@ class GalleryIndex:
             keep = slots != excluded if excluded is not None else slice(None)
             return self._ranked(slots[keep], scores[keep], top_k)
 
+    def all_scores(
+        self, text_embedding: np.ndarray | None = None, image_embeddings: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Every image's exact score (storage order, see ``snapshot``) for one query: a text's
+        (dim,) CLS projection (max over the queries of cosine) or an image's (num_queries, dim)
+        projections (symmetric Chamfer). For combined queries, which need every image's score."""
+        if (text_embedding is None) == (image_embeddings is None):
+            raise ValueError("all_scores takes a text embedding or image embeddings, not both")
+        with self._lock:
+            if text_embedding is not None:
+                query = np.asarray(text_embedding, dtype=np.float32).reshape(-1)
+                if query.shape != (self.dim,) or not np.isfinite(query).all():
+                    raise ValueError(f"text embedding must be {self.dim} finite values")
+                query = query / max(float(np.linalg.norm(query)), 1e-12)
+                parts = [(block @ query).max(axis=1) for block in self._blocks(None)]
+            else:
+                images = np.asarray(image_embeddings, dtype=np.float32)
+                if images.shape != (self.num_queries, self.dim) or not np.isfinite(images).all():
+                    raise ValueError(f"image embedding must have shape ({self.num_queries}, {self.dim})")
+                images = images / np.maximum(np.linalg.norm(images, axis=1, keepdims=True), 1e-12)
+                parts = [_chamfer(images, block) for block in self._blocks(None)]
+            return np.concatenate(parts) if parts else np.empty(0, np.float32)
+
+    def rank_scores(
+        self,
+        scores: np.ndarray,
+        top_k: int,
+        exclude_hash: str | None = None,
+        temperature: float | None = None,
+    ) -> list[SearchHit]:
+        """Hits for scores given per image in storage order (``all_scores`` or a combination of
+        them); ``probability`` is their softmax at ``temperature`` (default: the index's)."""
+        with self._lock:
+            scores = np.asarray(scores, dtype=np.float64)
+            if scores.shape != (self._count,):
+                raise ValueError(f"rank_scores needs one score per image ({self._count}), got {scores.shape}")
+            slots = np.arange(self._count)
+            if exclude_hash is not None and exclude_hash in self._slot_of_hash:
+                keep = slots != self._slot_of_hash[exclude_hash]
+                slots, scores = slots[keep], scores[keep]
+            top_k = min(self._check_top_k(top_k), len(slots))
+            if top_k == 0:
+                return []
+            if temperature is None:
+                return self._ranked(slots, scores, top_k)
+            hits = self._ranked(slots, scores * (self.settings.temperature / temperature), top_k)
+            return [replace(h, cosine=h.cosine * temperature / self.settings.temperature) for h in hits]
+
     # ----------------------------------------------------------------- persistence
 
     def save(self, folder: str | os.PathLike[str]) -> None:

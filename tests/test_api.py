@@ -31,6 +31,20 @@ ENDPOINTS = {
     "/clear_gallery",
 }
 UPLOAD_LIMIT_MB = 2
+# Issue 18 (search, chat and API): public endpoints of the new controls.
+ENDPOINTS |= {
+    "/answer_topk",
+    "/chat_undo",
+    "/chat_edit",
+    "/chat_export",
+    "/more_like_this",
+    "/search_caption",
+    "/search_combined",
+    "/set_min_score",
+    "/results_json",
+    "/download_gallery",
+    "/load_gallery",
+}
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +196,17 @@ def test_security_defaults(server, tmp_path):
     big.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom((UPLOAD_LIMIT_MB + 1) * 1024 * 1024))
     with pytest.raises(Exception, match="(?i)413|too large|exceeds|maximum"):
         Client(server, verbose=False).predict(handle_file(str(big)), "short", api_name="/caption")
+
+
+def test_search_and_chat_endpoints_take_their_documented_parameters(client):
+    """Issue 18's endpoints: first parameters in the order docs/api.md gives."""
+    info = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    first = {name: [p["parameter_name"] for p in ep["parameters"]] for name, ep in info.items()}
+    assert first["/answer_topk"] == ["image", "question", "k"]
+    assert first["/chat_undo"] == [] and first["/chat_export"] == ["fmt"]
+    assert first["/chat_edit"][:2] == ["image", "message"]
+    assert first["/more_like_this"] == ["item", "top_k"] == first["/search_caption"]
+    assert first["/search_combined"] == ["query", "image", "negative", "top_k"]
+    assert first["/set_min_score"] == ["min_score", "score"]
+    assert first["/results_json"] == [] == first["/download_gallery"]
+    assert first["/load_gallery"] == ["archive"]

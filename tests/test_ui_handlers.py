@@ -456,6 +456,10 @@ def test_seed_minus_one_means_random(captions, photo):
 
 # --------------------------------------------------------------------------- wiring, launch
 PUBLIC = {"caption", "answer", "chat", "index_gallery", "search_text", "search_image", "clear_gallery"}
+# Issue 18: the new controls' endpoints; those doing no model work stay out of the model group.
+PUBLIC |= {"answer_topk", "chat_edit", "more_like_this", "search_caption", "search_combined", "load_gallery"}
+NO_MODEL_WORK = {"chat_undo", "chat_export", "set_min_score", "results_json", "download_gallery"}
+PUBLIC |= NO_MODEL_WORK
 
 
 def test_demo_wiring_follows_the_contract(engine):
@@ -468,19 +472,22 @@ def test_demo_wiring_follows_the_contract(engine):
     assert set(public) == PUBLIC
     for name, fn in public.items():
         assert fn.queue, name
-        if name != "clear_gallery":  # model events share one limit
+        if name != "clear_gallery" and name not in NO_MODEL_WORK:  # model events share one limit
             assert (fn.concurrency_id, fn.concurrency_limit) == ("model", 2), name
     private = [fn for fn in fns if fn.api_visibility != "public"]
     assert all(fn.api_visibility == "private" for fn in private)
-    # UI-only helpers skip the queue; the only private model event is "Regenerate", and the one
-    # private event that costs CPU without the model (the gallery's thumbnails) waits its turn.
-    queued = {fn.api_name: fn for fn in private if fn.queue}
-    assert set(queued) == {"regenerate", "gallery_preview"}
-    assert (queued["regenerate"].concurrency_id, queued["regenerate"].concurrency_limit) == ("model", 2)
-    assert (queued["gallery_preview"].concurrency_id, queued["gallery_preview"].concurrency_limit) == (
-        "ui-work",
-        1,
+    # UI-only helpers skip the queue, except the thumbnail previews (UI_QUEUED: one at a time in
+    # their own group); the only private model event is "Regenerate".
+    queued = [fn for fn in private if fn.queue]
+    assert {fn.api_name for fn in queued if fn.concurrency_id != "ui-work"} == {"regenerate"}
+    assert all(
+        (fn.concurrency_id, fn.concurrency_limit) == ("model", 2)
+        for fn in queued
+        if fn.api_name == "regenerate"
     )
+    previews = [fn for fn in queued if fn.concurrency_id == "ui-work"]
+    assert previews and all(fn.api_name.startswith("gallery_preview") for fn in previews)
+    assert all(fn.concurrency_limit == 1 for fn in previews)
     assert demo._queue.max_size == 5 and demo.api_open is False
     assert demo.delete_cache is not None
 
@@ -499,6 +506,8 @@ def test_launch_options_are_safe_by_default():
         and options["show_error"] is False
     )
     assert launch_options(Settings(model="tiny-random"), on_space=True)["server_name"] is None
+    assert options["mcp_server"] is False  # MCP is opt-in (--mcp)
+    assert launch_options(Settings(model="tiny-random", mcp=True))["mcp_server"] is True
     assert (
         launch_options(Settings(model="tiny-random", host="0.0.0.0"), on_space=True)["server_name"]
         == "0.0.0.0"

@@ -94,6 +94,14 @@ class TextBackend(Protocol):
         """New token ids per image, `generation.num_captions` rows each, up to the first EOS."""
         ...
 
+    def scored_ids(
+        self, image: PreparedImage, prompt: str, generation: GenerationSettings
+    ) -> list[tuple[list[int], float]]:
+        """Beam search's `generation.num_captions` best sequences for one image, best first, each
+        with its length-normalised log-likelihood (transformers' `sequences_scores`). A backend
+        that cannot score raises `InvalidRequestError` with a sentence saying so."""
+        ...
+
     def stream_ids(
         self, image: PreparedImage, prompt: str, generation: GenerationSettings
     ) -> Generator[list[int], None, None]:

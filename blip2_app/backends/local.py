@@ -137,6 +137,21 @@ class LocalBackend(CheckpointText):
         k = generation.num_captions
         return [rows[i * k : (i + 1) * k] for i in range(len(images))]
 
+    def scored_ids(
+        self, image: PreparedImage, prompt: str, generation: GenerationSettings
+    ) -> list[tuple[list[int], float]]:
+        inputs = self.generate_inputs([image], [prompt])
+        kwargs = generation.generate_kwargs() | {"output_scores": True, "return_dict_in_generate": True}
+        with torch.inference_mode():
+            output = self.loaded.model.language_model.generate(**inputs, **kwargs)
+        new = (
+            output.sequences[:, inputs["input_ids"].shape[1] :]
+            if "input_ids" in inputs
+            else output.sequences[:, 1:]
+        )
+        scores = output.sequences_scores.float().tolist()
+        return [(self.trim(row), float(score)) for row, score in zip(new.tolist(), scores, strict=True)]
+
     def stream_ids(
         self, image: PreparedImage, prompt: str, generation: GenerationSettings
     ) -> Generator[list[int], None, None]:

@@ -474,6 +474,15 @@ class VLLMBackend(CheckpointText):
     def bind(self, vision: VisionCache) -> None:
         pass  # the server computes the image tokens itself
 
+    def scored_ids(
+        self, image: PreparedImage, prompt: str, generation: GenerationSettings
+    ) -> list[tuple[list[int], float]]:
+        """vLLM has no beam search here (check_supported), so no beam's k best to score."""
+        raise UnsupportedDecodingError(
+            "Scored top-k answers come from beam search, which the vLLM backend does not run: "
+            "use /answer for one answer, or start the app with --backend local."
+        )
+
     def unsupported_knobs(self) -> dict[str, str]:
         return dict(UNSUPPORTED_KNOBS)
 

@@ -77,7 +77,7 @@ def launch_options(
         "enable_monitoring": False,
         "ssr_mode": False,
         "show_error": False,  # unexpected exceptions stay in the log; gr.Error text is still shown
-        "mcp_server": False,
+        "mcp_server": settings.mcp,  # opt-in (--mcp): the public endpoints as MCP tools
         "pwa": False,
         "theme": studio_theme(),
         "css": CSS,

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
 import threading
 import weakref
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 from PIL import Image
 
 from ..engine import PreparedImage
+from ..errors import InvalidRequestError
 from ..prompts import ChatTurn
 from ..retrieval import GalleryIndex
 
@@ -26,6 +29,22 @@ from ..retrieval import GalleryIndex
 # re-ranking) plus 32 x 256 float32 projections: about 60 KB per image at the default size.
 MAX_GALLERY_IMAGES = 200
 THUMBNAIL_QUALITY = 90
+PLACEHOLDER_GREY = (128, 128, 128)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Gradio's MCP server (--mcp) lists an endpoint as a tool unless its function carries another
+# `_mcp_type` (gradio/mcp.py, list_tools). It calls every tool with the State's default value,
+# never a kept one: a chat or a gallery cannot live across tool calls, so such endpoints are not
+# offered to agents (docs/deploy.md, "MCP").
+NOT_AN_MCP_TOOL = "session"
+
+
+def session_bound(fn: F) -> F:
+    """Marks an event handler whose meaning needs the session's state: not an MCP tool."""
+    fn._mcp_type = NOT_AN_MCP_TOOL  # type: ignore[attr-defined]  # read by gradio/mcp.py
+    return fn
 
 
 @dataclass
@@ -34,6 +53,42 @@ class ChatSession:
 
     image_hash: str | None = None
     turns: list[ChatTurn] = field(default_factory=list)
+    image_name: str = ""  # the file name the image was uploaded as (for the export)
+    decoding: dict[str, Any] = field(default_factory=dict)  # the last answer's decoding settings
+
+    def undone(self) -> ChatSession:
+        """The conversation without its last turn (a new object: the state changes only on success)."""
+        return replace(self, turns=self.turns[:-1])
+
+    def export(self, model: str, fmt: str) -> str:
+        """The conversation as Markdown or JSON text: image name, model, decoding settings, turns."""
+        record = {
+            "format": "blip2-studio.chat",
+            "version": 1,
+            "model": model,
+            "image": {"name": self.image_name, "sha256": self.image_hash},
+            "decoding": self.decoding,
+            "turns": [{"question": turn.question, "answer": turn.answer} for turn in self.turns],
+        }
+        if fmt == "json":
+            return json.dumps(record, ensure_ascii=False, indent=2)
+        settings = ", ".join(f"{key} {value}" for key, value in self.decoding.items()) or "defaults"
+        lines = [
+            "# Chat about an image",
+            "",
+            f"- Image: {self.image_name or '(unnamed)'} (sha256 {self.image_hash})",
+            f"- Model: {model}",
+            f"- Decoding: {settings}",
+            "",
+        ]
+        for number, turn in enumerate(self.turns, start=1):
+            lines += [
+                f"**Q{number}:** {turn.question}",
+                "",
+                f"**A{number}:** {turn.answer or '(no answer)'}",
+                "",
+            ]
+        return "\n".join(lines)
 
     def messages(self) -> list[dict[str, str]]:
         """The Chatbot's value (messages format) for the finished turns."""
@@ -89,12 +144,27 @@ class GallerySession:
         self.images[prepared.content_hash] = buffer.getvalue()
 
     def image(self, content_hash: str) -> Image.Image:
+        """The stored copy; a grey square for an image loaded without one (a zipped CLI index)."""
+        if content_hash not in self.images:
+            return Image.new("RGB", (64, 64), PLACEHOLDER_GREY)
         with Image.open(io.BytesIO(self.images[content_hash])) as stored:
             return stored.convert("RGB")
 
     def prepared(self, content_hash: str) -> PreparedImage:
         """The stored copy under its original content hash, so cached features are reused."""
+        if content_hash not in self.images:
+            raise InvalidRequestError(
+                "Some images of this gallery were loaded without their pictures (an index made by the "
+                "command line), so they cannot be re-ranked: search without ITM re-ranking."
+            )
         return PreparedImage(self.image(content_hash), content_hash)
+
+    def adopt(self, index: GalleryIndex, images: dict[str, Image.Image]) -> None:
+        """Take a loaded gallery (gallery.read_archive) in place of this one."""
+        self.clear()
+        self.index = index
+        for content_hash, image in images.items():
+            self.keep_image(PreparedImage(image, content_hash))
 
     def forget(self, content_hash: str) -> None:
         if self.index is not None:

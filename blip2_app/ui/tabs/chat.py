@@ -1,8 +1,10 @@
 """The Chat tab: a streamed conversation about one image, and a one-question quick answer.
 
-Public endpoints: `/chat` (streaming; the conversation is kept per session) and
-`/answer (image, question, short_answer, instruction, decoding, num_beams, max_new_tokens)`.
-"Regenerate" is a private model event.
+Public endpoints: `/chat` (streaming; the conversation is kept per session),
+`/answer (image, question, short_answer, instruction, decoding, num_beams, max_new_tokens)`,
+`/answer_topk (image, question, k)`, `/chat_undo ()`, `/chat_edit` (streaming, /chat's parameters)
+and `/chat_export (fmt)`. "Regenerate" is a private model event; "Edit last question" only copies
+the question back into the box (no server work).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -21,21 +24,39 @@ from ...errors import InvalidRequestError
 from ...generation import GenerationSettings
 from ...prompts import MAX_QUESTION_CHARS, ChatTurn, clean_text, context_notes
 from ..blocks import check_raw_value
-from ..components import safe_image
+from ..components import named_number, safe_image
 from ..decoding import DecodingInputs, decoding_choice, slider
+from ..downloads import write_download
 from ..engine_view import EMPTY_ANSWER, LoadedModels
 from ..errors import escaped, guarded, user_error
-from ..sessions import ChatSession, turn_messages
+from ..sessions import ChatSession, session_bound, turn_messages
 from ..sessions import message as chat_message
-from ..validation import flag, one_image, one_line, optional_text
+from ..validation import flag, one_image, one_line, optional_text, whole_number
 from ..zerogpu import gpu
 from .common import IMAGE_SOURCES, UI_ONLY, TabContext
 
 MAX_EXEMPLARS = 8
 MAX_EXEMPLAR_ROWS = 64  # rows accepted from the Dataframe (empty ones are skipped)
 MAX_CHAT_TURNS = 50  # default of --max-chat-turns; the prompt builder drops old ones that do not fit
+MAX_TOPK = 10  # the most beams (generation.LIMITS)
+EXPORT_FORMATS = ("markdown", "json")
 
 Messages = list[dict[str, str]]
+
+
+def image_name(image: Any) -> str:
+    """The uploaded file's name for the export (a data URL or a PIL image has none)."""
+    if isinstance(image, dict):
+        image = image.get("orig_name") or image.get("path")
+    if not isinstance(image, (str, Path)) or str(image).startswith("data:"):
+        return ""
+    return Path(str(image)).name[:200]
+
+
+def decoding_record(generation: GenerationSettings) -> dict[str, Any]:
+    """The decoding settings that matter for the chat's sampling, as the export lists them."""
+    keys = ("decoding", "max_new_tokens", "temperature", "top_p", "repetition_penalty", "num_beams")
+    return {key: getattr(generation, key) for key in keys}
 
 
 def table_size_check(raw: Any) -> None:
@@ -183,7 +204,12 @@ class ChatHandlers:
         if empty:
             gr.Warning(escaped(EMPTY_ANSWER))
         turns = [*history, ChatTurn(question, "" if empty else shown_answer)]
-        done = ChatSession(prepared.content_hash, turns[-self.settings.max_chat_turns :])
+        done = ChatSession(
+            prepared.content_hash,
+            turns[-self.settings.max_chat_turns :],
+            image_name=image_name(image),
+            decoding=decoding_record(generation),
+        )
         yield [*shown, chat_message("assistant", shown_answer or EMPTY_ANSWER)], done
 
     def _history(self, session: ChatSession | None, image_hash: str) -> list[ChatTurn]:
@@ -213,6 +239,7 @@ class ChatHandlers:
         knobs = DecodingInputs(decoding=decoding, num_beams=num_beams, max_new_tokens=max_new_tokens)
         return self.ask(image, question, short_answer, instruction, knobs)
 
+    @session_bound
     @gpu(seconds=90)
     @guarded("answering in the chat")
     def chat(
@@ -253,6 +280,79 @@ class ChatHandlers:
         knobs = _chat_knobs(decoding, max_new_tokens, temperature, top_p, repetition_penalty)
         yield from self.converse(image, session.turns[-1].question, exemplars, instruction, earlier, knobs)
 
+    @session_bound
+    @gpu(seconds=90)
+    @guarded("answering the edited question")
+    def edit_last(
+        self,
+        image: Any,
+        message: str,
+        exemplars: Any = None,
+        instruction: str | None = "",
+        decoding: str | None = None,
+        max_new_tokens: float | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        session: ChatSession | None = None,
+    ) -> Iterator[tuple[Messages, ChatSession]]:
+        """Replaces the last question with `message` and answers it again (the old turn is gone)."""
+        if not isinstance(session, ChatSession) or not session.turns:
+            raise user_error("There is no question to edit yet: ask one first.")
+        knobs = _chat_knobs(decoding, max_new_tokens, temperature, top_p, repetition_penalty)
+        yield from self.converse(image, message, exemplars, instruction, session.undone(), knobs)
+
+    @session_bound
+    @guarded("undoing the last turn")
+    def undo(self, session: ChatSession | None = None) -> tuple[Messages, ChatSession]:
+        """Removes the last question and its answer: the next answer is written without them."""
+        if not isinstance(session, ChatSession) or not session.turns:
+            raise user_error("There is nothing to undo: the conversation is empty.")
+        earlier = session.undone()
+        return earlier.messages(), earlier
+
+    @session_bound
+    @guarded("exporting the chat")
+    def export(self, fmt: str = "markdown", session: ChatSession | None = None) -> str:
+        """The conversation as a file to download: "markdown" (.md) or "json" (.json)."""
+        if fmt not in EXPORT_FORMATS:
+            raise user_error(f"The export format must be one of {', '.join(EXPORT_FORMATS)}; got {fmt!r}.")
+        if not isinstance(session, ChatSession) or not session.turns:
+            raise user_error("There is nothing to export yet: ask a question first.")
+        text = session.export(self.models.captioner.name if self.models.captioner else "", fmt)
+        suffix = "json" if fmt == "json" else "md"
+        return write_download(f"chat.{suffix}", text, self.settings.upload_ttl_minutes * 60)
+
+    @staticmethod
+    def last_question(session: ChatSession | None) -> str:
+        """UI step of "Edit last question": the last question back in the message box."""
+        if not isinstance(session, ChatSession) or not session.turns:
+            return ""
+        return session.turns[-1].question
+
+    @gpu(seconds=60)
+    @guarded("answering the question")
+    def answer_topk(self, image: Any, question: str, k: float = 3) -> list[dict[str, Any]]:
+        """Beam search's k best answers to one question about an image (no history), best first.
+
+        Args:
+            image: the image the question is about.
+            question: the question, e.g. "what colour is the car?".
+            k: how many answers to return (1-10).
+
+        Returns:
+            A list of {"answer": text, "score": number in (0, 1]}, best first; the score is the
+            geometric mean of the answer's token probabilities.
+        """
+        prepared = one_image(self.engine, image)
+        if question is not None and not isinstance(question, str):
+            raise InvalidRequestError("The question must be text.")
+        count = whole_number(k, "k", 1, MAX_TOPK)
+        defaults = self.answer_defaults()
+        generation = defaults.replace(decoding="beam", num_beams=max(defaults.num_beams, count))
+        answers = self.engine.answer_topk(prepared, question or "", count, generation)
+        return [answer.as_dict() for answer in answers]
+
     @staticmethod
     def show_question(message: Any, session: ChatSession | None) -> tuple[str, str, Messages]:
         """UI step before streaming: clear the box, pass the question on, show it at once."""
@@ -261,6 +361,12 @@ class ChatHandlers:
         if text.strip() and len(text) <= MAX_QUESTION_CHARS * 2:  # longer: the chat event refuses it
             history = [*history, chat_message("user", text.strip())]
         return "", text, history
+
+    @staticmethod
+    def show_edit(message: Any, session: ChatSession | None) -> tuple[str, str, Messages]:
+        """UI step before answering an edited question: the last turn goes, the new question shows."""
+        earlier = session.undone() if isinstance(session, ChatSession) and session.turns else session
+        return ChatHandlers.show_question(message, earlier)
 
     @staticmethod
     def new_conversation() -> tuple[Messages, ChatSession]:
@@ -363,7 +469,17 @@ def _conversation(
         send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
     with gr.Row():
         regenerate = gr.Button("↻ Regenerate", size="sm", elem_id="chat-regenerate")
+        undo = gr.Button("↶ Undo last turn", size="sm", elem_id="chat-undo")
+        edit = gr.Button("✎ Edit last question", size="sm", elem_id="chat-edit")
+        replace = gr.Button("Replace last question", size="sm", elem_id="chat-replace")
         clear = gr.Button("Clear chat", size="sm", elem_id="chat-clear")
+    with gr.Accordion("Export the conversation", open=False):
+        with gr.Row():
+            export_format = gr.Radio(
+                list(EXPORT_FORMATS), value="markdown", label="Format", elem_id="chat-export-format"
+            )
+            export = gr.Button("Export", size="sm", elem_id="chat-export")
+        exported = gr.File(label="Conversation file", interactive=False, elem_id="chat-export-file")
     # Carries the question from the box (cleared at once) to the streaming event.
     pending = gr.Textbox(visible=False)
 
@@ -388,6 +504,33 @@ def _conversation(
         show_progress="minimal",
         **context.model_event(handlers.regenerate),
     )
+    undo.click(
+        handlers.undo,
+        inputs=[state],
+        outputs=[chatbot, state],
+        api_name="chat_undo",
+        api_description="Removes the last question and answer of this session's chat.",
+        concurrency_limit=None,  # no model work
+    )
+    edit.click(handlers.last_question, state, message, **UI_ONLY)
+    replace.click(
+        handlers.show_edit, inputs=[message, state], outputs=[message, pending, chatbot], **UI_ONLY
+    ).then(
+        inputs=[prompt.image, pending, prompt.exemplars, prompt.instruction, *prompt.knobs, state],
+        outputs=[chatbot, state],
+        api_name="chat_edit",
+        api_description="Replaces the last question with a new one and streams its answer.",
+        show_progress="minimal",
+        **context.model_event(handlers.edit_last),
+    )
+    export.click(
+        handlers.export,
+        inputs=[export_format, state],
+        outputs=exported,
+        api_name="chat_export",
+        api_description="This session's chat as a Markdown or JSON file (image name, model, decoding).",
+        concurrency_limit=None,
+    )
     clear.click(handlers.new_conversation, None, [chatbot, state], **UI_ONLY)
     chatbot.clear(handlers.new_conversation, None, [chatbot, state], **UI_ONLY)  # its trash icon
     prompt.image.change(handlers.new_conversation, None, [chatbot, state], **UI_ONLY)
@@ -410,6 +553,10 @@ def _quick_answer(context: TabContext, handlers: ChatHandlers, prompt: PromptWid
             max_tokens = slider("max_new_tokens", defaults.max_new_tokens, "Max new tokens", 1)
         button = gr.Button("Answer", variant="primary", elem_id="answer-button")
         output = gr.Textbox(label="Answer", interactive=False, elem_id="answer-output")
+        with gr.Row():
+            k = named_number(gr.Slider(1, MAX_TOPK, value=3, step=1, label="Answers (k)"), "k")
+            topk_button = gr.Button("Top answers with scores", elem_id="answer-topk-button")
+        topk_output = gr.JSON(label="Beam search's best answers, best first", elem_id="answer-topk-output")
     gr.on(
         [button.click, question.submit],
         inputs=[prompt.image, question, short, prompt.instruction, decoding, beams, max_tokens],
@@ -417,4 +564,11 @@ def _quick_answer(context: TabContext, handlers: ChatHandlers, prompt: PromptWid
         api_name="answer",
         api_description="One visual question, answered without chat history.",
         **context.model_event(handlers.answer),
+    )
+    topk_button.click(
+        inputs=[prompt.image, question, k],
+        outputs=topk_output,
+        api_name="answer_topk",
+        api_description="Beam search's k best answers to one question, each with a score in (0, 1].",
+        **context.model_event(handlers.answer_topk),
     )
