@@ -259,7 +259,19 @@ def test_handlers_book_a_zerogpu_when_spaces_is_present(load_tiny, monkeypatch):
     settings = Settings(model="tiny-random", cache_examples="lazy")
     demo = build_demo(settings, load_tiny("tiny-random"))
     functions = model_functions(demo)
-    for name in ("caption", "answer", "chat", "regenerate", "index_gallery", "search_text", "search_image"):
+    for name in (
+        "caption",
+        "answer",
+        "chat",
+        "regenerate",
+        "index_gallery",
+        "search_text",
+        "search_image",
+        "caption_batch",
+        "match",
+        "explain",
+        "classify",
+    ):
         declared = declared_gpu_seconds(functions[name].__wrapped__)  # by @gpu, where the handler is
         assert declared is not None and functions[name].gpu_seconds == declared, name
     # Every event in the model's concurrency group books a GPU; nothing else does.

@@ -114,7 +114,11 @@ class BatchHandlers:
             progress=lambda n, total: progress((n, total), desc="Captioning", unit="images"),
         ):
             rows.extend(done)
-            yield [row.as_list() for row in rows], batch.write_all(rows, folder)
+            # A new folder each time: the files sit in Gradio's cache, which serves them in place,
+            # so a download of an earlier update must not change under the visitor's feet.
+            snapshot = folder / f"{len(rows):05d}"
+            snapshot.mkdir()
+            yield [row.as_list() for row in rows], batch.write_all(rows, snapshot)
 
 
 def build(context: TabContext) -> None:
@@ -148,6 +152,7 @@ def build(context: TabContext) -> None:
                 datatype=["str"] * len(batch.COLUMNS),
                 interactive=False,
                 wrap=True,
+                column_widths=["22%", "40%", "18%", "20%"],
                 label="Results (rows appear as each batch finishes)",
                 elem_id="batch-table",
             )

@@ -1,0 +1,111 @@
+"""The Batch and Explain tabs in a real browser (Debian chromium, headless), with the set-up of
+test_browser.py: upload, run, see the table / the heatmap, download a file and read it back.
+Batch runs on the tiny random model (parity is tested elsewhere); Explain on the bundled demo
+model, whose pictures it knows, and its screenshots go to docs/screenshots/."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import pytest
+from PIL import Image
+from playwright import sync_api
+from test_browser import (  # the shared set-up (skips this module too when chromium is missing)
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    CIRCLE_CROSS_TRIANGLE,
+    HOSTILE,
+    LAPTOP,
+    THREE,
+    open_page,
+    open_tab,
+    screenshot,
+    serving,
+    upload,
+    wait_idle,
+)
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_url():
+    with serving("tiny-random") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def demo_url():
+    with serving("shapes-demo") as url:
+        yield url
+
+
+def table_rows(page) -> list[list[str]]:
+    return page.eval_on_selector_all(
+        "#batch-table div[role=row]",
+        "rows => rows.map(r => Array.from(r.querySelectorAll('[role=gridcell]')).map(c => c.innerText.trim()))",
+    )
+
+
+def test_batch_tab_captions_a_set_and_downloads_the_csv(browser, tiny_url):
+    context, page = open_page(browser, tiny_url, LAPTOP)
+    try:
+        open_tab(page, "Batch")
+        upload(page, "#batch-files", [*THREE, str(HOSTILE / "made_random_bytes.jpg")])
+        page.wait_for_function("() => document.querySelectorAll('#batch-files tbody tr').length === 4")
+        page.locator("#batch-question textarea").fill("what is it?")
+        page.locator("#batch-button").click()
+        page.wait_for_function(
+            "() => document.querySelector('#batch-table').innerText.includes('not a recognised image format')"
+        )
+        wait_idle(page, "#batch-table")
+        rows = table_rows(page)
+        assert [r[0] for r in rows][-1] == "made_random_bytes.jpg"
+        assert rows[-1][-1] == "This file is not a recognised image format."
+        assert all(r[-1] == "ok" and r[1] for r in rows[:3])
+        screenshot(page, "batch-tab")
+        link = page.locator("#batch-downloads a[download='captions.csv']")
+        with page.expect_download() as info:
+            link.click()
+        text = open(info.value.path(), encoding="utf-8").read()  # noqa: SIM115  # Playwright's temp file
+        parsed = list(csv.reader(io.StringIO(text)))
+        assert parsed[0] == ["file", "caption", "answer", "status"]
+        assert [r[0] for r in parsed[1:]] == [r[0] for r in rows] and parsed[-1][-1] == rows[-1][-1]
+    finally:
+        context.close()
+
+
+def test_explain_tab_draws_the_heatmap_and_ranks_labels(browser, demo_url):
+    context, page = open_page(browser, demo_url, LAPTOP)
+    try:
+        open_tab(page, "Explain")
+        upload(page, "#explain-image", CIRCLE_CROSS_TRIANGLE)
+        page.wait_for_selector("#explain-image img")
+        page.locator("#explain-text textarea").fill("the red triangle")
+        page.locator("#explain-button").click()
+        page.wait_for_selector("#explain-heatmap img")
+        page.wait_for_function("() => document.querySelectorAll('#explain-words img').length == 3")
+        page.wait_for_selector("#match-meaning >> text=ITM")
+        page.locator("#classify-labels textarea").fill("red, green, blue, yellow, purple, orange")
+        page.locator("#classify-button").click()
+        page.wait_for_selector("#classify-output >> text=%")
+        wait_idle(page, "#classify-output")
+        screenshot(page, "explain-tab", docs=True)
+        # The heatmap downloads as a picture of the drawn size.
+        with page.expect_download() as info:
+            page.locator("#explain-heatmap").hover()
+            page.locator(
+                "#explain-heatmap a[download], #explain-heatmap button[aria-label*='ownload']"
+            ).first.click()
+        assert Image.open(info.value.path()).size == (384, 384)
+    finally:
+        context.close()
