@@ -10,14 +10,13 @@ import io
 
 import pytest
 from PIL import Image
-from playwright import sync_api
 from test_browser import (  # the shared set-up (skips this module too when chromium is missing)
-    CHROMIUM,
-    CHROMIUM_ARGS,
     CIRCLE_CROSS_TRIANGLE,
     HOSTILE,
     LAPTOP,
     THREE,
+    browser,  # noqa: F401  # fixture, requested by name below
+    demo_url,  # noqa: F401  # fixture, requested by name below
     open_page,
     open_tab,
     screenshot,
@@ -30,22 +29,8 @@ pytestmark = pytest.mark.browser
 
 
 @pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture(scope="module")
 def tiny_url():
     with serving("tiny-random") as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def demo_url():
-    with serving("shapes-demo") as url:
         yield url
 
 
@@ -56,7 +41,7 @@ def table_rows(page) -> list[list[str]]:
     )
 
 
-def test_batch_tab_captions_a_set_and_downloads_the_csv(browser, tiny_url):
+def test_batch_tab_captions_a_set_and_downloads_the_csv(browser, tiny_url):  # noqa: F811  # fixtures imported above
     context, page = open_page(browser, tiny_url, LAPTOP)
     try:
         open_tab(page, "Batch")
@@ -84,7 +69,7 @@ def test_batch_tab_captions_a_set_and_downloads_the_csv(browser, tiny_url):
         context.close()
 
 
-def test_explain_tab_draws_the_heatmap_and_ranks_labels(browser, demo_url):
+def test_explain_tab_draws_the_heatmap_and_ranks_labels(browser, demo_url):  # noqa: F811  # fixtures imported above
     context, page = open_page(browser, demo_url, LAPTOP)
     try:
         open_tab(page, "Explain")

@@ -78,19 +78,10 @@ class BatchHandlers:
         progress: gr.Progress = gr.Progress(),  # noqa: B008  # Gradio's own pattern: a default argument
     ) -> Any:
         """Rows (file, caption, answer, status) as each batch finishes, and the download files."""
-        knobs = DecodingInputs(
-            decoding=decoding,
-            num_beams=num_beams,
-            temperature=temperature,
-            top_p=top_p,
-            min_new_tokens=min_new_tokens,
-            max_new_tokens=max_new_tokens,
-            repetition_penalty=repetition_penalty,
-            length_penalty=length_penalty,
-            no_repeat_ngram_size=no_repeat_ngram_size,
-            num_captions=num_captions,
-            seed=seed,
-        )
+        knobs = DecodingInputs(  # positional: the widgets' order is DecodingInputs' field order
+            decoding, num_beams, temperature, top_p, min_new_tokens, max_new_tokens,
+            repetition_penalty, length_penalty, no_repeat_ngram_size, num_captions, seed,
+        )  # fmt: skip
         generation = knobs.settings(self.captions.defaults())
         asked = optional_text(question, "question", MAX_QUESTION_CHARS)
         custom = optional_text(prompt, "custom prompt", MAX_QUESTION_CHARS)
