@@ -1,7 +1,7 @@
 """The Batch and Explain tabs in a real browser (Debian chromium, headless), with the set-up of
 test_browser.py: upload, run, see the table / the heatmap, download a file and read it back.
-Batch runs on the tiny random model (parity is tested elsewhere); Explain on the bundled demo
-model, whose pictures it knows, and its screenshots go to docs/screenshots/."""
+Both run on the bundled demo model with its own pictures (assets/shapes/), so the screenshots,
+copied to docs/screenshots/, show real captions and maps."""
 
 from __future__ import annotations
 
@@ -14,24 +14,18 @@ from test_browser import (  # the shared set-up (skips this module too when chro
     CIRCLE_CROSS_TRIANGLE,
     HOSTILE,
     LAPTOP,
-    THREE,
+    SHAPES,
     browser,  # noqa: F401  # fixture, requested by name below
     demo_url,  # noqa: F401  # fixture, requested by name below
     open_page,
     open_tab,
     screenshot,
-    serving,
     upload,
     wait_idle,
 )
 
 pytestmark = pytest.mark.browser
-
-
-@pytest.fixture(scope="module")
-def tiny_url():
-    with serving("tiny-random") as url:
-        yield url
+PICTURES = [SHAPES[name] for name in sorted(SHAPES)[:3]]
 
 
 def table_rows(page) -> list[list[str]]:
@@ -41,13 +35,13 @@ def table_rows(page) -> list[list[str]]:
     )
 
 
-def test_batch_tab_captions_a_set_and_downloads_the_csv(browser, tiny_url):  # noqa: F811  # fixtures imported above
-    context, page = open_page(browser, tiny_url, LAPTOP)
+def test_batch_tab_captions_a_set_and_downloads_the_csv(browser, demo_url):  # noqa: F811  # fixtures imported above
+    context, page = open_page(browser, demo_url, LAPTOP)
     try:
         open_tab(page, "Batch")
-        upload(page, "#batch-files", [*THREE, str(HOSTILE / "made_random_bytes.jpg")])
+        upload(page, "#batch-files", [*PICTURES, str(HOSTILE / "made_random_bytes.jpg")])
         page.wait_for_function("() => document.querySelectorAll('#batch-files tbody tr').length === 4")
-        page.locator("#batch-question textarea").fill("what is it?")
+        page.locator("#batch-question textarea").fill("what colour is the circle?")
         page.locator("#batch-button").click()
         page.wait_for_function(
             "() => document.querySelector('#batch-table').innerText.includes('not a recognised image format')"
@@ -57,7 +51,7 @@ def test_batch_tab_captions_a_set_and_downloads_the_csv(browser, tiny_url):  # n
         assert [r[0] for r in rows][-1] == "made_random_bytes.jpg"
         assert rows[-1][-1] == "This file is not a recognised image format."
         assert all(r[-1] == "ok" and r[1] for r in rows[:3])
-        screenshot(page, "batch-tab")
+        screenshot(page, "batch-tab", docs=True)
         link = page.locator("#batch-downloads a[download='captions.csv']")
         with page.expect_download() as info:
             link.click()
