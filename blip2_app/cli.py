@@ -161,6 +161,9 @@ def _prepare(engine: Engine, path: str) -> PreparedImage:
 def _caption(args: argparse.Namespace) -> None:
     if args.format or args.out:
         return _caption_batch(args)
+    for path in args.images:
+        if Path(path).is_dir():
+            raise UserFacingError(f"{path} is a folder: pass --format csv|jsonl|txt to caption folders.")
     _image_files(args.images)
     engine = _engine(args, retrieval=False)
     generation = _generation(engine, args)

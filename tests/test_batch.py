@@ -203,3 +203,5 @@ def test_cli_captions_folders_into_csv_jsonl_and_txt(tmp_path, load_tiny):
 
     refused = run_cli("caption", *common, "--format", "txt", str(folder))
     assert refused.returncode == 2 and "pass the folder with --out" in refused.stderr
+    plain = run_cli("caption", *common, str(folder))  # the plain form takes image files only
+    assert plain.returncode == 2 and "pass --format csv|jsonl|txt to caption folders" in plain.stderr
