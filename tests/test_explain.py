@@ -55,7 +55,8 @@ def heatmaps(demo):
 # Measured with the bundled demo model (50 scenes, seed 31337): 26 of 50 (52%) and 24 of 50 (48%).
 # Its retrieval model spreads the evidence over every shape in the picture: every gradient method
 # tried (Grad-CAM per cross-attention layer, gradient x input at each vision layer and at the
-# pixels) lands on *another* shape 40% of the time, so the model, not the map, falls short here.
+# pixels) lands on *another* shape 40% of the time, and occluding each 8 x 8 patch in turn peaks in
+# the box 42% of the time: the model, not the map, falls short here (docs/explain.md).
 @needs_demo
 @pytest.mark.xfail(strict=True, reason="measured 52% (26/50) on the bundled demo model; target 80%")
 def test_the_heatmap_peaks_inside_the_named_shape(heatmaps):
