@@ -143,3 +143,35 @@ def test_match_explain_and_classify(server, images):
         client.predict(image, "  ", api_name="/explain")
     with pytest.raises(AppError, match="not a recognised image format"):
         client.predict(handle_file(str(HOSTILE / "made_random_bytes.jpg")), "a cat", api_name="/match")
+
+
+def test_every_hostile_file_is_a_row_or_a_sentence_on_the_new_endpoints(server):
+    """tests/data/hostile through /caption_batch (all at once: one row each, the batch survives) and
+    through /match, /explain and /classify (the same sentences as on /caption)."""
+    from test_hostile_endpoints import GENERIC, MANIFEST, REFUSED
+
+    client = Client(server, verbose=False)
+    names = sorted(row["filename"] for row in MANIFEST)
+    table, _ = client.predict(
+        [handle_file(str(HOSTILE / n)) for n in names], "short", **GREEDY, api_name="/caption_batch"
+    )
+    rows = {row[0]: row for row in rows_of(table)}
+    assert sorted(rows) == names
+    for name in names:
+        status = rows[name][3]
+        assert (REFUSED[name] in status) if name in REFUSED else status == "ok", (name, status)
+        image = handle_file(str(HOSTILE / name))
+        for api_name, args in (
+            ("/match", ("a cat",)),
+            ("/explain", ("a cat",)),
+            ("/classify", ("cat, dog",)),
+        ):
+            try:
+                client.predict(image, *args, api_name=api_name)
+                assert name not in REFUSED, (api_name, name)
+            except AppError as error:
+                assert name in REFUSED and REFUSED[name] in str(error), (api_name, name, str(error))
+                assert not any(g in str(error) for g in GENERIC)
+    assert client.predict(
+        handle_file(str(HOSTILE.parent / "photos" / "skimage_camera.png")), "a camera", api_name="/match"
+    )
