@@ -1,4 +1,5 @@
-"""Command line: `python -m blip2_app caption|ask|index|search|models|evaluate ...`, over the same engine.
+"""Command line: `python -m blip2_app caption|ask|index|search|match|explain|classify|models|evaluate ...`,
+over the same engine (`match`, `explain`, `classify`, `index` and `search` on the retrieval model).
 
 `evaluate` is `blip2_app.training.evaluate` (caption, VQA and retrieval metrics on a dataset); its
 arguments are that module's own.
@@ -26,6 +27,7 @@ from .images import ImageDecodeError
 
 if TYPE_CHECKING:  # the engine imports torch: only once a command needs it
     from .engine import Engine, PreparedImage
+    from .generation import GenerationSettings
 
 EXIT_USER_ERROR = 2
 # What a person can fix: UserFacingError (ImageDecodeError, ModelLoadError, IndexFormatError... are
@@ -71,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     caption.add_argument("--repetition-penalty", type=float)
     caption.add_argument("--seed", type=int)
     caption.add_argument("--json", action="store_true", help="print JSON lines instead of text")
-    caption.add_argument("images", nargs="+")
+    _batch_arguments(caption)
+    caption.add_argument("images", nargs="+", help="image files, or folders of them")
 
     ask = commands.add_parser("ask", help="answer a question about an image (one VQA turn)")
     add_arguments(ask, os.environ, only=MODEL_FLAGS)
@@ -97,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     search.add_argument("--images", help="the folder that was indexed (for --rerank)")
     search.add_argument("--json", action="store_true")
+
+    _explain_commands(commands)
 
     models = commands.add_parser("models", help="list the registry's model names")
     add_arguments(models, os.environ, only=("models_file",))
@@ -154,19 +159,14 @@ def _prepare(engine: Engine, path: str) -> PreparedImage:
 
 
 def _caption(args: argparse.Namespace) -> None:
+    if args.format or args.out:
+        return _caption_batch(args)
+    for path in args.images:
+        if Path(path).is_dir():
+            raise UserFacingError(f"{path} is a folder: pass --format csv|jsonl|txt to caption folders.")
     _image_files(args.images)
     engine = _engine(args, retrieval=False)
-    generation = engine.default_generation().replace(
-        decoding=args.decoding,
-        num_beams=args.num_beams,
-        max_new_tokens=args.max_new_tokens,
-        min_new_tokens=args.min_new_tokens,
-        num_captions=args.num_captions,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-    )
+    generation = _generation(engine, args)
     style = "custom" if args.prompt is not None else args.style
     for path in args.images:
         captions = engine.caption(
@@ -177,6 +177,20 @@ def _caption(args: argparse.Namespace) -> None:
         else:
             for caption in captions:
                 print(f"{path}\t{caption.text}")
+
+
+def _generation(engine: Engine, args: argparse.Namespace) -> GenerationSettings:
+    return engine.default_generation().replace(
+        decoding=args.decoding,
+        num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.min_new_tokens,
+        num_captions=args.num_captions,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
 
 
 def _ask(args: argparse.Namespace) -> None:
@@ -258,6 +272,146 @@ def _search(args: argparse.Namespace) -> None:
             print(f"{hit.rank}\t{hit.cosine:.4f}\t{hit.probability:.3f}{itm}\t{hit.name}")
 
 
+# --------------------------------------------------------------------------- batch captions, explain
+def _batch_arguments(caption: argparse.ArgumentParser) -> None:
+    caption.add_argument(
+        "--format",
+        choices=("csv", "jsonl", "txt"),
+        help="write a table (file, caption, answer, status); txt: one name.txt per image in --out",
+    )
+    caption.add_argument("--out", help="file for csv / jsonl (default: standard output), folder for txt")
+    caption.add_argument("--recursive", action="store_true", help="look for images in sub-folders too")
+    caption.add_argument("--question", default="", help="also ask every image this (its own column)")
+
+
+def _batch_items(args: argparse.Namespace) -> list:
+    from .batch import BatchItem, from_folder
+
+    items: list[BatchItem] = []
+    for path in args.images:
+        if Path(path).is_dir():
+            items.extend(from_folder(Path(path), args.recursive))
+        elif Path(path).exists():
+            items.append(BatchItem(path, path))
+        else:
+            raise UserFacingError(f"{path}: no such image file or folder.")
+    if not items:
+        raise UserFacingError(f"No images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {' '.join(args.images)}.")
+    return items
+
+
+def _caption_batch(args: argparse.Namespace) -> None:
+    """`caption --format/--out`: every image of the files and folders given, a table written out; an
+    unreadable image is a row with its sentence (and counted on stderr), not a failure."""
+    from . import batch
+
+    fmt = args.format or {".csv": "csv", ".jsonl": "jsonl"}.get(Path(args.out).suffix.lower())
+    if fmt is None:
+        raise UserFacingError("Pass --format csv, jsonl or txt (the --out name does not say which).")
+    if fmt == "txt" and not args.out:
+        raise UserFacingError("--format txt writes one name.txt per image: pass the folder with --out.")
+    if args.out and fmt != "txt" and Path(args.out).is_dir():
+        raise UserFacingError(f"{args.out} is a folder; --format {fmt} writes one file.")
+    items = _batch_items(args)
+    engine = _engine(args, retrieval=False)
+    generation = _generation(engine, args)
+    style = "custom" if args.prompt is not None else args.style
+    rows: list[batch.Row] = []
+    with _StderrProgress() as progress:
+        for done in batch.caption_rows(
+            engine,
+            items,
+            style,
+            args.prompt,
+            generation,
+            args.question,
+            progress=lambda n, total: progress("captioning", n, total),
+        ):
+            rows.extend(done)
+    if fmt == "txt":
+        batch.write_txt_folder(rows, Path(args.out))
+    elif args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        (batch.write_csv if fmt == "csv" else batch.write_jsonl)(rows, Path(args.out))
+    else:
+        (batch.write_csv if fmt == "csv" else batch.write_jsonl)(rows, sys.stdout)  # type: ignore[arg-type]  # a text stream
+    for row in rows:
+        if row.status != batch.OK:
+            print(f"skipped {row.file}: {row.status}", file=sys.stderr)
+
+
+def _explain_commands(commands: argparse._SubParsersAction) -> None:
+    """`match`, `explain` and `classify`: on the retrieval partner of --model."""
+    match = commands.add_parser("match", help="ITM match probability and ITC cosine of an image and a text")
+    add_arguments(match, os.environ, only=MODEL_FLAGS)
+    match.add_argument("--json", action="store_true")
+    match.add_argument("image")
+    match.add_argument("text")
+
+    explain = commands.add_parser("explain", help="Grad-CAM heatmap of where an image matches a text")
+    add_arguments(explain, os.environ, only=MODEL_FLAGS)
+    explain.add_argument("--json", action="store_true", help="print itm, grid and per-word grids as JSON")
+    explain.add_argument("--out", help="folder to write heatmap.png and one PNG per word to")
+    explain.add_argument("image")
+    explain.add_argument("text")
+
+    classify = commands.add_parser("classify", help="rank labels for an image (zero-shot, best first)")
+    add_arguments(classify, os.environ, only=MODEL_FLAGS)
+    classify.add_argument("--template", default="a photo of {}", help="the text each label is put in")
+    classify.add_argument("--rerank", action="store_true", help="order by ITM match probability")
+    classify.add_argument("--json", action="store_true")
+    classify.add_argument("image")
+    classify.add_argument("labels", nargs="+", metavar="LABEL")
+
+
+def _match(args: argparse.Namespace) -> None:
+    from .explain import match
+
+    _image_files([args.image])
+    engine = _engine(args, retrieval=True)
+    result = match(engine, _prepare(engine, args.image), args.text)
+    print(json.dumps(result.as_dict()) if args.json else f"itm {result.itm:.4f}\titc {result.itc:.4f}")
+
+
+def _explain(args: argparse.Namespace) -> None:
+    from .explain import explain, overlay
+
+    _image_files([args.image])
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserFacingError(f"{args.out} is a file; --out takes a folder for the heatmap PNGs.")
+    engine = _engine(args, retrieval=True)
+    prepared = _prepare(engine, args.image)
+    heatmap = explain(engine, prepared, args.text)
+    if args.out:
+        folder = Path(args.out)
+        folder.mkdir(parents=True, exist_ok=True)
+        overlay(prepared.image, heatmap.grid).save(folder / "heatmap.png")
+        for index, (word, grid) in enumerate(heatmap.words):
+            safe = "".join(c for c in word if c.isalnum())[:30] or "word"
+            overlay(prepared.image, grid, size=160).save(folder / f"word-{index + 1:02d}-{safe}.png")
+    if args.json:
+        print(json.dumps(heatmap.as_dict()))
+    else:
+        print(f"itm {heatmap.itm:.4f}")
+        for row in heatmap.grid:
+            print(" ".join(f"{value:.2f}" for value in row))
+
+
+def _classify(args: argparse.Namespace) -> None:
+    from .explain import check_template, classify, parse_labels
+
+    _image_files([args.image])
+    labels = parse_labels(args.labels)
+    template = check_template(args.template)
+    engine = _engine(args, retrieval=True)
+    for score in classify(engine, _prepare(engine, args.image), labels, template, args.rerank):
+        if args.json:
+            print(json.dumps(score.as_dict()))
+        else:
+            itm = "" if score.itm is None else f"\titm {score.itm:.3f}"
+            print(f"{score.probability:.3f}\t{score.itc:.4f}{itm}\t{score.label}")
+
+
 def _models(args: argparse.Namespace) -> None:
     from .registry import Registry
 
@@ -287,7 +441,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-        handlers = {"caption": _caption, "ask": _ask, "index": _index, "search": _search, "models": _models}
+        handlers = {
+            "caption": _caption,
+            "ask": _ask,
+            "index": _index,
+            "search": _search,
+            "models": _models,
+            "match": _match,
+            "explain": _explain,
+            "classify": _classify,
+        }
         handlers[args.command](args)
     except USER_ERRORS as error:
         print(error_line(error), file=sys.stderr)

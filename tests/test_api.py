@@ -29,6 +29,10 @@ ENDPOINTS = {
     "/search_text",
     "/search_image",
     "/clear_gallery",
+    "/caption_batch",
+    "/match",
+    "/explain",
+    "/classify",
 }
 UPLOAD_LIMIT_MB = 2
 # Issue 18 (search, chat and API): public endpoints of the new controls.
@@ -85,6 +89,10 @@ def test_public_endpoints_are_exactly_the_contract(client):
     assert first["/search_text"][:2] == ["query", "top_k"]
     assert first["/search_image"] == ["image", "top_k"]
     assert first["/clear_gallery"] == []
+    assert first["/caption_batch"][:4] == ["files", "style", "question", "decoding"]
+    assert first["/match"] == ["image", "text"]
+    assert first["/explain"] == ["image", "text"]
+    assert first["/classify"][:3] == ["image", "labels", "template"]
     optional = {p["parameter_name"] for p in info["named_endpoints"]["/caption"]["parameters"][2:]}
     assert optional == {
         p["parameter_name"]

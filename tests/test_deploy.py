@@ -260,10 +260,11 @@ def test_handlers_book_a_zerogpu_when_spaces_is_present(load_tiny, monkeypatch):
     demo = build_demo(settings, load_tiny("tiny-random"))
     functions = model_functions(demo)
     # /search_text and /search_image run text_search and image_search (they also keep the last
-    # search for the results note); the rest of the second line: issue 18's model events.
+    # search for the results note); then issue 18's and issue 17's model events.
     for name in (
         *("caption", "answer", "chat", "regenerate", "index_gallery", "text_search", "image_search"),
         *("answer_topk", "edit_last", "more_like_this", "caption_search", "combined_search", "load_gallery"),
+        *("caption_batch", "match", "explain", "classify"),
     ):
         declared = declared_gpu_seconds(functions[name].__wrapped__)  # by @gpu, where the handler is
         assert declared is not None and functions[name].gpu_seconds == declared, name

@@ -458,6 +458,7 @@ def test_seed_minus_one_means_random(captions, photo):
 PUBLIC = {"caption", "answer", "chat", "index_gallery", "search_text", "search_image", "clear_gallery"}
 # Issue 18: the new controls' endpoints; those doing no model work stay out of the model group.
 PUBLIC |= {"answer_topk", "chat_edit", "more_like_this", "search_caption", "search_combined", "load_gallery"}
+PUBLIC |= {"caption_batch", "match", "explain", "classify"}  # issue 17: the Batch and Explain tabs
 NO_MODEL_WORK = {"chat_undo", "chat_export", "set_min_score", "results_json", "download_gallery"}
 PUBLIC |= NO_MODEL_WORK
 
