@@ -435,7 +435,7 @@ def test_mcp_client_lists_the_tools_and_gets_a_caption():
     engine = load_engine(settings)
     with serving(settings, engine) as url:
         names, caption = asyncio.run(mcp_tools_and_caption(url + "gradio_api/mcp/", data_url(PHOTO)))
-        assert {"caption", "answer", "answer_topk"} <= set(names)
+        assert {"caption", "answer", "answer_topk", "match", "classify"} <= set(names)
         assert not {"chat", "text_search", "index_gallery", "chat_undo"} & set(names), "session-bound"
         assert caption == Client(url, verbose=False).predict(handle_file(PHOTO), "short", api_name="/caption")
         # The MCP route sits behind the same middleware: a body over the limit is refused there.
