@@ -394,7 +394,8 @@ def test_ui_shows_the_knobs_vllm_lacks_disabled_with_the_reason(entry):
         for b in blocks
         if isinstance(b, gr.Slider) and b.label in ("Beams", "Length penalty", "No-repeat n-gram size")
     ]
-    assert len(lacking) == 4  # beams twice (caption, quick answer), length penalty, n-gram size
+    # beams: caption, quick answer, batch; length penalty and n-gram size: caption, batch
+    assert len(lacking) == 7
     assert all(b.interactive is False and "vLLM" in (b.info or "") for b in lacking)
     assert {b.value for b in lacking if b.label == "No-repeat n-gram size"} == {0}
     radios = [b for b in blocks if isinstance(b, gr.Radio) and b.label == "Decoding"]

@@ -67,5 +67,8 @@ CSS = """
 #studio-header p.lead { font-size: 0.95rem; }
   .gradio-container { padding-left: 8px !important; padding-right: 8px !important; }
   #model-report { overflow-x: auto; }
+  /* Six tabs do not fit a phone's width in one row: they wrap instead of widening the page. */
+  .tab-wrapper { height: auto !important; }
+  .tab-container { flex-wrap: wrap !important; height: auto !important; }
 }
 """
