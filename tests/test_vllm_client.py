@@ -398,8 +398,10 @@ def test_ui_shows_the_knobs_vllm_lacks_disabled_with_the_reason(entry):
     assert len(lacking) == 7
     assert all(b.interactive is False and "vLLM" in (b.info or "") for b in lacking)
     assert {b.value for b in lacking if b.label == "No-repeat n-gram size"} == {0}
-    radios = [b for b in blocks if isinstance(b, gr.Radio) and b.label == "Decoding"]
-    assert len(radios) == 3 and all("Beam search is not available" in (r.info or "") for r in radios)
+    radios = [
+        b for b in blocks if isinstance(b, gr.Radio) and b.label == "Decoding"
+    ]  # caption, chat, answer, batch
+    assert len(radios) == 4 and all("Beam search is not available" in (r.info or "") for r in radios)
     assert {r.value for r in radios} <= {"greedy", "nucleus"}
     others = [b for b in blocks if isinstance(b, gr.Slider) and b.label in ("Temperature", "Top-p")]
     assert others and all(b.interactive is not False for b in others)
