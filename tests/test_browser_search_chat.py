@@ -7,223 +7,33 @@ the checks are on what the controls do, not on what the model says).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import socket
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
-
-os.environ.setdefault("BLIP2_TINY_CACHE", tempfile.mkdtemp(prefix="blip2-tiny-"))
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-
-CHROMIUM = Path("/usr/bin/chromium")
-
-
-def _missing(reason: str) -> None:
-    """Skip, except in CI (.ci/run sets BLIP2_REQUIRE_BROWSER=1), where a missing browser fails."""
-    if os.environ.get("BLIP2_REQUIRE_BROWSER") == "1":
-        pytest.fail(reason + ", and BLIP2_REQUIRE_BROWSER=1", pytrace=False)
-    pytest.skip(reason, allow_module_level=True)
-
-
-if not CHROMIUM.exists():
-    _missing(
-        "Debian chromium is not installed at /usr/bin/chromium (apt-get install chromium); "
-        "browser tests need it and never download a browser"
-    )
-try:
-    from playwright import sync_api
-except ImportError:
-    _missing("the playwright Python package is not installed")
-
-from blip2_app.config import Settings  # noqa: E402
-from blip2_app.startup import load_engine  # noqa: E402
-from blip2_app.ui import build_demo, launch_options  # noqa: E402
-
-pytestmark = pytest.mark.browser
-
-ROOT = Path(__file__).resolve().parents[1]
-PHOTOS = {p.stem: str(p) for p in sorted((ROOT / "assets" / "examples").glob("*.*"))}
-CAT = PHOTOS["skimage_chelsea"]
-THREE = [PHOTOS["skimage_chelsea"], PHOTOS["skimage_coffee"], PHOTOS["skimage_rocket"]]
-# The demo model's own world: held-out test scenes of blip2_app.training.synthetic (assets/shapes/).
-SHAPES = {p.stem: str(p) for p in sorted((ROOT / "assets" / "shapes").glob("*.png"))}
-# A small yellow circle on the left, a small green cross in the middle, a large red triangle on the right.
-CIRCLE_CROSS_TRIANGLE = SHAPES["shapes_test_000007"]
-HOSTILE = ROOT / "tests" / "data" / "hostile"
-ARTIFACTS = ROOT / "test-artifacts" / "screenshots"
-DOCS = ROOT / "docs" / "screenshots"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
-LAPTOP = {"width": 1280, "height": 900}
-PHONE = {"width": 390, "height": 844}
-TIMEOUT_MS = 60_000
-STREAM_DELAY_S = 0.04  # per streamed piece, so the browser can be seen receiving them
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serving(model: str, pace_stream: bool = False):
-    """The app on `model` at a free port, example captions cached lazily (as on a Space)."""
-    port = free_port()
-    settings = Settings.from_sources(
-        ["--model", model, "--port", str(port), "--cache-examples", "lazy"], env={}
-    )
-    engine = load_engine(settings)
-    if pace_stream:
-        # The tiny model writes 30 tokens in a few milliseconds; pace the stream like a real model
-        # so the test can watch the answer grow in the page (the engine and the UI are unchanged).
-        stream = engine.chat_stream
-
-        def paced(*args, **kwargs):
-            for text in stream(*args, **kwargs):
-                time.sleep(STREAM_DELAY_S)
-                yield text
-
-        engine.chat_stream = paced
-    demo = build_demo(settings, engine)
-    demo.launch(prevent_thread_lock=True, quiet=True, **launch_options(settings))
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        demo.close()
-
-
-@pytest.fixture(scope="module")
-def app_url():
-    with serving("tiny-random", pace_stream=True) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def demo_url():
-    with serving("shapes-demo") as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
-def open_page(browser, url: str, viewport: dict[str, int]):
-    context = browser.new_context(viewport=viewport)
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    page.goto(url)
-    page.wait_for_selector("#caption-image")
-    return context, page
+from test_browser import (  # the shared set-up (skips this module too when chromium is missing)
+    CAT,
+    LAPTOP,
+    THREE,
+    TIMEOUT_MS,
+    app_url,  # noqa: F401  # fixture, requested by `page`
+    browser,  # noqa: F401  # fixture, requested by `page`
+    open_page,
+    open_tab,
+    screenshot,
+    set_slider,
+    sync_api,
+    upload,
+    wait_idle,
+)
 
 
 @pytest.fixture
-def page(browser, app_url):
+def page(browser, app_url):  # noqa: F811  # fixtures imported above
     context, page = open_page(browser, app_url, LAPTOP)
     yield page
     context.close()
-
-
-@pytest.fixture
-def demo_page(browser, demo_url):
-    context, page = open_page(browser, demo_url, LAPTOP)
-    yield page
-    context.close()
-
-
-def screenshot(page, name: str, docs: bool = False) -> None:
-    """Save to test-artifacts/screenshots; with `docs`, also to docs/screenshots (README, docs/).
-
-    Only pictures of the demo model go to docs/: the tiny random model's words are noise.
-    """
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.mouse.move(0, 0)  # no hover highlight in the picture
-    page.wait_for_timeout(300)  # let transitions settle
-    path = ARTIFACTS / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
-    if docs:
-        DOCS.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, DOCS / path.name)
-
-
-def open_tab(page, name: str) -> None:
-    page.get_by_role("tab", name=name, exact=True).click()
-
-
-def upload(page, selector: str, files) -> None:
-    page.locator(f"{selector} input[type=file]").first.set_input_files(files)
-
-
-def wait_idle(page, selector: str) -> None:
-    """Wait until the component's Gradio status tracker is hidden (its event finished)."""
-    page.wait_for_function(
-        """(sel) => { const t = document.querySelector(sel + ' [data-testid="status-tracker"]');
-                      return !t || t.classList.contains('hide'); }""",
-        arg=selector,
-    )
-
-
-def set_slider(page, selector: str, value: str) -> None:
-    """Type into a slider's number box until its range input shows the value.
-
-    The accordion mounts its children as it opens; a value typed into the box
-    during that mount can be dropped (seen once in CI), so type again until the
-    slider itself reports it.
-    """
-    box = page.locator(f"{selector} input[type=number]")
-    track = page.locator(f"{selector} input[type=range]")
-    for _ in range(5):
-        box.fill(value)
-        box.press("Tab")
-        try:
-            sync_api.expect(track).to_have_value(value, timeout=2_000)
-            return
-        except AssertionError:
-            continue
-    sync_api.expect(track).to_have_value(value, timeout=TIMEOUT_MS)
-
-
-def toast_text(page) -> str:
-    toast = page.locator(".toast-body").first
-    toast.wait_for()
-    return toast.inner_text()
-
-
-def write_caption(page, image: str) -> str:
-    """Upload `image` on the Caption tab, press the button and return the caption it writes."""
-    upload(page, "#caption-image", image)
-    page.locator("#caption-image img").first.wait_for()
-    page.locator("#caption-button").click()
-    output = page.locator("#caption-output textarea")
-    sync_api.expect(output).not_to_have_value("", timeout=TIMEOUT_MS)
-    return output.input_value()
-
-
-def check_model_tab(page, retrieval_model: str) -> None:
-    open_tab(page, "Model")
-    report = page.locator("#model-report")
-    sync_api.expect(report).to_contain_text(retrieval_model)
-    for expected in ("float32", "Vision encoder", "holds at most", "memory footprint"):
-        assert expected in report.inner_text()
 
 
 # --------------------------------------------------------------------------- tabs
