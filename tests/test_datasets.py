@@ -3,6 +3,7 @@
 
 import hashlib
 import http.server
+import itertools
 import threading
 from pathlib import Path
 from typing import ClassVar
@@ -10,10 +11,10 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
-from blip2_app.training import synthetic
+from blip2_app.training import paint, randomised, synthetic
 from blip2_app.training.datasets import DatasetSpec, load_records
 from blip2_app.training.download import ChecksumError, download
-from blip2_app.training.shapes_data import patch_attributes, perturb
+from blip2_app.training.shapes_data import patch_attributes, perturb, phrase_pair
 
 FIXTURES = Path(__file__).parent / "data" / "datasets"
 
@@ -187,6 +188,127 @@ def test_patch_labels_and_hard_negatives():
         negative = perturb(scene, rng)
         assert negative != scene.caption
         assert negative not in scene.captions
+
+
+# ----------------------------------------------------------------------------- randomised and paint
+
+
+def test_shapes_records_by_renderer():
+    """`renderer=` picks the style; classic (the default) is the original split, unchanged."""
+    classic = load_records("shapes:seed=3,size=3,task=captions", "test")
+    assert classic == load_records("shapes:seed=3,size=3,task=captions,renderer=classic", "test")
+    assert [r.image_id for r in classic] == [f"shapes-3-test-{i:06d}" for i in range(3)]
+    for style in ("random", "paint"):
+        records = load_records(f"shapes:seed=3,size=3,task=captions,renderer={style}", "test")
+        assert all(r.image_id.startswith(f"shapes-{style}-3-test-") for r in records)
+        assert {r.caption for r in records}.isdisjoint({r.caption for r in classic}) or len(records) == 3
+    with pytest.raises(ValueError, match="renderer must be one of"):
+        load_records("shapes:renderer=crayon", "test")
+
+
+def test_continuous_scenes_keep_every_answer_true():
+    """Sizes and places are continuous, but every answer follows from the geometry with margins:
+    each centre lies inside its third of the width by POSITION_MARGIN, diameters fall in the
+    small / large ranges (which leave a gap), every shape lies inside the image."""
+    third = synthetic.IMAGE_SIZE / 3
+    for style in ("random", "paint"):
+        for index in range(150):
+            scene = synthetic.make_scene(4, "train", index, style=style)
+            assert scene.style == style
+            for obj in scene.objects:
+                slot = synthetic.POSITIONS.index(obj.position)
+                x = obj.centre[0]
+                assert (
+                    third * slot + synthetic.POSITION_MARGIN
+                    <= x
+                    <= third * (slot + 1) - synthetic.POSITION_MARGIN
+                )
+                low, high = synthetic.CONTINUOUS_DIAMETERS[obj.size]
+                high = synthetic.LARGE_MAX[len(scene.objects)] if obj.size == "large" else high
+                assert low <= obj.diameter <= high
+                points = np.array(synthetic.outline_points(obj, 1.0))
+                assert points.min() >= 0 and points.max() <= synthetic.IMAGE_SIZE
+                if obj.shape == "square":
+                    assert abs(obj.angle) <= 20  # beyond, it would read as a diamond
+            assert synthetic.CONTINUOUS_DIAMETERS["small"][1] < synthetic.CONTINUOUS_DIAMETERS["large"][0]
+
+
+def test_randomised_renderer_varies_what_names_do_not_fix():
+    scenes = [synthetic.make_scene(0, "train", i, style="random") for i in range(60)]
+    images = [s.render() for s in scenes]
+    sizes = {im.size[0] for im in images}
+    assert min(sizes) >= 64 and max(sizes) <= 512 and len(sizes) > 20
+    assert all(im.size[0] == im.size[1] for im in images)
+    # a pure function of the scene
+    assert np.array_equal(np.asarray(scenes[3].render()), np.asarray(images[3]))
+    # fills stay inside their name's ranges, which never overlap
+    rng = np.random.default_rng(0)
+    for name, ((h0, h1), _, _) in randomised.COLOUR_RANGES.items():
+        for _ in range(50):
+            r, g, b = randomised.fill_colour(rng, name)
+            hue = colorsys_hue(r, g, b)
+            assert h0 - 1 <= hue <= h1 + 1 or h0 - 1 <= hue - 360 <= h1 + 1, (name, (r, g, b), hue)
+    spans = sorted((h0, h1) for (h0, h1), _, _ in randomised.COLOUR_RANGES.values())
+    assert all(a[1] < b[0] for a, b in itertools.pairwise(spans))
+
+
+def colorsys_hue(r: int, g: int, b: int) -> float:
+    import colorsys
+
+    return colorsys.rgb_to_hls(r / 255, g / 255, b / 255)[0] * 360
+
+
+def test_patch_labels_of_random_scenes_match_the_drawing():
+    """The object map (the patch labels' source) is the scene's geometry at 64 px: each object's
+    pixels span the box of its outline."""
+    for index in range(12):
+        scene = synthetic.make_scene(0, "train", index, count=1, style="random")
+        ys, xs = np.nonzero(synthetic.object_map(scene) == 1)
+        assert len(xs) > 20
+        points = np.array(synthetic.outline_points(scene.objects[0], 1.0))
+        assert np.allclose([xs.min(), ys.min()], points.min(axis=0), atol=1.5)
+        assert np.allclose([xs.max() + 1, ys.max() + 1], points.max(axis=0), atol=1.5)
+        assert patch_attributes(scene, grid=8).any(axis=1).sum() >= 1  # a small triangle: one patch
+
+
+def test_paint_renderer_is_independent_and_deterministic():
+    """The evaluation renderer draws with numpy distance fields, not PIL's ImageDraw (nor the
+    training renderer's code), and its split shares no scene with the training streams."""
+    source = Path(paint.__file__).read_text()
+    assert "ImageDraw" not in source and "randomised" not in source and "outline_points" not in source
+    scene = synthetic.make_scene(0, "test", 2, style="paint")
+    first, again = np.asarray(scene.render()), np.asarray(scene.render())
+    assert np.array_equal(first, again) and first.shape[0] in paint.SIZES
+    held_out = {s.caption + str(s.objects) for s in synthetic.generate_split(0, "test", 50, style="paint")}
+    random = {s.caption + str(s.objects) for s in synthetic.generate_split(0, "test", 50, style="random")}
+    assert not held_out & random
+    # the fill at each shape's centre is one of the palette's colours for its name
+    plain = [s for s in synthetic.generate_split(0, "test", 40, style="paint")]
+    for scene in plain:
+        pixels = np.asarray(scene.render()).astype(int)
+        scale = pixels.shape[0] / synthetic.IMAGE_SIZE
+        for obj in scene.objects:
+            if obj.shape == "cross" or obj.shape == "triangle":
+                continue  # a thin arm or a turned triangle may leave the centre
+            x, y = (int(c * scale) for c in obj.centre)
+            nearest = min(
+                (name for name in paint.PALETTE),
+                key=lambda n: min(np.abs(pixels[y, x] - np.array(c)).sum() for c in paint.PALETTE[n]),
+            )
+            assert nearest == obj.colour
+
+
+def test_mixed_training_split_and_phrase_pairs():
+    scenes = synthetic.generate_split(0, "train", 200, style="random", classic_share=0.2)
+    classic = sum(s.style == "classic" for s in scenes)
+    assert 20 < classic < 60 and len({s.image_id for s in scenes}) == 200
+    rng = np.random.default_rng(0)
+    for scene in scenes[:60]:
+        true, false = phrase_pair(scene, rng)
+        pairs = {(o.colour, o.shape) for o in scene.objects}
+        assert true != false
+        assert any(f"{c} {s}" in true or f"{s} is {c}" in true for c, s in pairs)
+        assert not any(f"{c} {s}" in false or f"{s} is {c}" in false for c, s in pairs)
 
 
 # ----------------------------------------------------------------------------- download

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 import pytest
 
 from blip2_app.config import Settings
@@ -19,6 +20,7 @@ from blip2_app.prompts import ChatTurn
 from blip2_app.registry import REPO_ROOT, Registry
 from blip2_app.startup import load_engine
 from blip2_app.training import synthetic
+from blip2_app.training.shapes_data import phrase_pair
 from blip2_app.ui.layout import _header
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,8 +80,8 @@ def test_names_the_colour_of_freshly_drawn_shapes(demo_engine):
     assert sum(got == want for got, want in pairs) >= 36, pairs
 
 
-def _three_shape_scenes(seed: int, count: int):
-    return [synthetic.make_scene(seed, "test", i, count=3) for i in range(count)]
+def _three_shape_scenes(seed: int, count: int, style: str = "classic"):
+    return [synthetic.make_scene(seed, "test", i, count=3, style=style) for i in range(count)]
 
 
 def test_answers_about_the_object_the_question_names(demo_engine):
@@ -101,6 +103,108 @@ def test_answers_about_the_object_the_question_names(demo_engine):
         got = [a.text for a in demo_engine.answer_batch(images, questions)]
         wrong = [(q, g, t) for q, g, t in zip(questions, got, truth, strict=True) if g != t]
         assert len(questions) - len(wrong) >= least, wrong
+
+
+# The demo model is drawn for with both renderers (issue 19): "random", the training renderer's
+# own randomised drawings, and "paint", the independent evaluation renderer training never sees
+# (shapes as a person draws them in a paint program: flat fills, no outline, any size). A bundled
+# model trained before that recipe (its training.json says data style "classic") is skipped here:
+# it names shapes in such drawings about half the time, the bug issue 19 reports.
+RENDERERS = ("random", "paint")
+TRAINED_ON_RANDOMISED_DATA = (BUNDLED / "training.json").exists() and json.loads(
+    (BUNDLED / "training.json").read_text()
+)["config"]["data"].get("style") == "random"
+randomised_model = pytest.mark.skipif(
+    not TRAINED_ON_RANDOMISED_DATA, reason="the bundled model predates the randomised recipe (issue 19)"
+)
+
+
+@randomised_model
+@pytest.mark.parametrize("renderer", RENDERERS)
+def test_names_the_colour_and_shape_of_freshly_drawn_shapes(demo_engine, renderer):
+    """40 single-shape images from a seed training never used. >= 90% (36 of 40) leaves room for
+    a retrained model's rare slip yet fails when it stops seeing: chance (1/6 for colours, 1/4 for
+    shapes) or a fixed answer scores about 17-25%. The shape question is the one the first demo
+    model failed on drawings without an outline (about half right)."""
+    scenes = [synthetic.make_scene(20262, "test", i, count=1, style=renderer) for i in range(40)]
+    images = [s.render() for s in scenes]
+    for question, truth in (("what colour is the shape?", "colour"), ("what shape is it?", "shape")):
+        answers = demo_engine.answer_batch(images, [question] * 40)
+        pairs = [(a.text, getattr(s.objects[0], truth)) for a, s in zip(answers, scenes, strict=True)]
+        assert sum(got == want for got, want in pairs) >= 36, (question, pairs)
+
+
+@randomised_model
+@pytest.mark.parametrize("renderer", RENDERERS)
+def test_answers_about_the_named_object_in_drawings(demo_engine, renderer):
+    """Fresh images of three shapes, where an answer about *a* shape is right a third of the time
+    (the second bundled model's colour answers were right half the time over all images). Its
+    Q-Former reads the question (README, "Why the Q-Former reads the question"). 60 objects per
+    renderer: colour asked by shape, shape asked by colour, place asked by colour and shape."""
+    images, questions = [], {"colour": [], "shape": [], "place": []}
+    truth = {"colour": [], "shape": [], "place": []}
+    for scene in _three_shape_scenes(20263, 20, renderer):
+        image = scene.render()
+        for obj in scene.objects:
+            images.append(image)
+            questions["colour"].append(f"what colour is the {obj.shape}?")
+            questions["shape"].append(f"what shape is the {obj.colour} one?")
+            questions["place"].append(f"where is the {obj.colour} {obj.shape}?")
+            truth["colour"].append(obj.colour)
+            truth["shape"].append(obj.shape)
+            truth["place"].append(obj.position)
+    for kind, least in LEAST_RIGHT_OF_60[renderer].items():
+        got = [a.text for a in demo_engine.answer_batch(images, questions[kind])]
+        wrong = [(q, g, t) for q, g, t in zip(questions[kind], got, truth[kind], strict=True) if g != t]
+        assert 60 - len(wrong) >= least, (kind, wrong)
+
+
+# Right answers of 60 needed, a few under what the shipped model scored (see the results file).
+LEAST_RIGHT_OF_60 = {
+    "random": {"colour": 54, "shape": 54, "place": 40},
+    "paint": {"colour": 54, "shape": 54, "place": 40},
+}
+
+
+@randomised_model
+@pytest.mark.parametrize("renderer", RENDERERS)
+def test_few_shot_examples_and_instructions_do_not_change_the_answer(demo_engine, renderer):
+    """The chat tab's few-shot table and instruction box: two examples about other images (whose
+    answers are wrong here) before the question, or an instruction, leave the answer as it was
+    for the plain question on at least 36 of 40 images."""
+    scenes = [synthetic.make_scene(20265, "test", i, count=2, style=renderer) for i in range(20)]
+    exemplars = [
+        ChatTurn("what colour is the circle?", "purple"),
+        ChatTurn("how many shapes are there?", "three"),
+    ]
+    right = {"plain": 0, "few-shot": 0, "instruction": 0}
+    for scene in scenes:
+        image = scene.render()
+        for obj in scene.objects:
+            question = f"what shape is the {obj.colour} one?"
+            right["plain"] += demo_engine.chat(image, question).text == obj.shape
+            right["few-shot"] += demo_engine.chat(image, question, exemplars=exemplars).text == obj.shape
+            right["instruction"] += (
+                demo_engine.chat(image, question, instruction="Answer with one word.").text == obj.shape
+            )
+    assert min(right.values()) >= 36, right
+
+
+@randomised_model
+@pytest.mark.parametrize("renderer", RENDERERS)
+def test_itm_tells_the_named_object_from_its_false_twin(demo_engine, renderer):
+    """The Explain tab's need: on one image, ITM scores "the red circle" above "the blue circle"
+    when the circle is red (the false phrase changes the colour, to another object's colour or
+    an absent one, or the shape). At least 36 of 40 pairs."""
+    rng = np.random.default_rng(0)
+    scenes = [synthetic.make_scene(20266, "test", i, style=renderer) for i in range(40)]
+    pairs = [phrase_pair(scene, rng) for scene in scenes]
+    images = [scene.render() for scene in scenes]
+    true = demo_engine.itm(images, [t for t, _ in pairs])
+    false = demo_engine.itm(images, [f for _, f in pairs])
+    assert int((true > false).sum()) >= 36, [
+        (p, float(a), float(b)) for p, a, b in zip(pairs, true, false, strict=True)
+    ]
 
 
 def test_chat_follow_up_is_about_the_new_question(demo_engine):

@@ -19,11 +19,13 @@ from blip2_app.training import synthetic, vocab
 from blip2_app.training.config import ArchitectureConfig, PhaseConfig, TrainConfig
 from blip2_app.training.phases import (
     IGNORE,
+    INSTRUCTIONS,
     GenerativePretraining,
     LanguagePretraining,
     SceneCode,
     code_embeddings,
     sample_prompt,
+    varied_prompt,
 )
 from blip2_app.training.train import train, twin_folder
 
@@ -178,6 +180,54 @@ def test_chat_prompts_are_the_chat_tabs_own():
     assert all(p == "" or p.endswith("Short answer:") for p, _ in plain)
 
 
+def test_prompts_with_instructions_and_few_shot_examples():
+    """With `variety`, a question comes as the chat tab can send it: after an instruction and / or
+    one or two few-shot examples (about other scenes: their answers are not this image's), built
+    by the app's own prompt builder; the question asked is always the last, and its answer is the
+    target. Without `variety` the random stream is untouched."""
+    templates = Registry.load().resolve("shapes-demo").templates
+    scene = synthetic.make_scene(0, "train", 7, count=3, style="random")
+    pool = [synthetic.make_scene(0, "train", i, style="random") for i in range(20)]
+    answers = {qa.question: qa.answer for qa in scene.qa}
+    kinds = set()
+    for seed in range(60):
+        prompt, answer = sample_prompt(scene, np.random.default_rng(seed), 0.0, 0.0, variety=1.0, pool=pool)
+        question = next(q for q in answers if prompt.endswith((f"{q} Answer:", f"{q} Short answer:")))
+        assert answer == f" {answers[question]}"
+        instruction = next((i for i in INSTRUCTIONS if prompt.startswith(i)), "")
+        body = prompt.removeprefix(instruction).strip()
+        exemplars = body.count("Question:") - 1
+        assert 0 <= exemplars <= 2 and (instruction or exemplars)
+        if body.endswith("Short answer:"):
+            assert body == f"Question: {question} Short answer:" and instruction
+        else:
+            turns = [t.removeprefix("Question: ").split(" Answer: ") for t in body.split(". Question: ")[:-1]]
+            history = [ChatTurn(q, a) for q, a in turns]
+            assert prompt == chat_prompt(templates, question, exemplars=history, instruction=instruction).text
+        kinds.add((bool(instruction), exemplars))
+    assert {(True, 0), (False, 1), (False, 2), (True, 1)} <= kinds
+    rng = np.random.default_rng(3)
+    assert all(
+        varied_prompt("what shape is it?", rng, pool).endswith(("it? Answer:", "it? Short answer:"))
+        for _ in range(10)
+    )
+    plain = [sample_prompt(scene, np.random.default_rng(seed), 0.3, 0.1) for seed in range(20)]
+    assert plain == [
+        sample_prompt(scene, np.random.default_rng(seed), 0.3, 0.1, 0.0, pool) for seed in range(20)
+    ]
+
+
+def test_training_never_sees_the_evaluation_renderer():
+    from blip2_app.training.config import DataConfig
+    from blip2_app.training.shapes_data import ShapesData
+
+    with pytest.raises(ValueError, match="evaluation only"):
+        DataConfig(style="paint")
+    with pytest.raises(ValueError, match="evaluation only"):
+        ShapesData.build(0, "train", 2, None, 8, style="paint")
+    assert TrainConfig.load("shapes-demo").data.style == "random"
+
+
 def _tiny_data(arch, captioning):
     from blip2_app.training.shapes_data import ShapesData
 
@@ -285,6 +335,45 @@ def test_evaluate_reports_every_task(smoke, tmp_path):
     for value in result["headline"].values():
         assert 0.0 <= value <= 10.0
     assert "| vqa_accuracy |" in out.with_suffix(".md").read_text()
+
+
+def test_evaluate_compares_renderers_and_prompted_questions(smoke, tmp_path):
+    """Several --dataset in one report (a column each), and --prompted: the same questions asked
+    with two few-shot examples about other images and with an instruction training never used."""
+    out = tmp_path / "eval"
+    datasets = ["shapes:size=3", "shapes:size=3,renderer=paint"]
+    argv = ["--model", str(smoke.out_dir), "--limit", "6", "--prompted", "--out", str(out), "--no-progress"]
+    assert evaluate_module.main(argv + [a for d in datasets for a in ("--dataset", d)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert list(report["datasets"]) == datasets
+    for result in report["datasets"].values():
+        assert result["vqa"]["questions"] == result["vqa_few_shot"]["questions"] == 6
+        assert {"vqa_accuracy_few_shot", "vqa_accuracy_instruction"} <= set(result["headline"])
+    table = out.with_suffix(".md").read_text()
+    assert "| metric | `shapes:size=3` | `shapes:size=3,renderer=paint` |" in table
+
+
+def test_prompted_questions_hold_two_examples_from_other_images():
+    from blip2_app.training.datasets import load_records
+
+    records = [r for r in load_records("shapes:size=12,task=vqa", "test")]
+
+    class Engine:  # what prompted_vqa_prompts reads of an engine
+        class captioner:
+            class entry:
+                templates = Registry.load().resolve("shapes-demo").templates
+
+    few_shot = evaluate_module.prompted_vqa_prompts(Engine, records, "few_shot")
+    for record, prompt in zip(records, few_shot, strict=True):
+        assert prompt.endswith(f"Question: {record.question} Answer:") and prompt.count("Question:") == 3
+        others = {r.question + " Answer: " + r.answers[0] for r in records if r.image_id != record.image_id}
+        assert all(turn.removeprefix("Question: ") in others for turn in prompt.split(". ")[:2])
+    instructed = evaluate_module.prompted_vqa_prompts(Engine, records, "instruction")
+    assert (
+        instructed[0]
+        == f"{evaluate_module.HELD_OUT_INSTRUCTION} Question: {records[0].question} Short answer:"
+    )
+    assert evaluate_module.HELD_OUT_INSTRUCTION not in INSTRUCTIONS
 
 
 # ----------------------------------------------------------------------------- the bundled model

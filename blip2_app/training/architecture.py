@@ -113,7 +113,7 @@ def new_captioning_model(
     model_class = (
         InstructBlipForConditionalGeneration if arch.question_aware else Blip2ForConditionalGeneration
     )
-    return model_class(captioning_config(arch, processor, qformer_tokenizer))
+    return model_class(captioning_config(arch, processor, qformer_tokenizer))  # type: ignore[arg-type]  # the config class follows question_aware too
 
 
 def new_retrieval_model(arch, processor) -> Blip2ForImageTextRetrieval:

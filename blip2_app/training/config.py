@@ -69,9 +69,19 @@ class DataConfig:
     train_images: int = 12000
     val_images: int = 300
     test_images: int = 300
+    # How the images are drawn (synthetic.STYLES): "classic" (the first generator) or "random"
+    # (domain randomisation); "paint" is the held-out evaluation renderer and refused here.
+    style: str = "classic"
+    classic_share: float = 0.0  # with style "random": this share of the scenes is classic
 
     def __post_init__(self) -> None:
         _positive(self, "train_images", "val_images", "test_images")
+        if self.style not in ("classic", "random"):
+            raise ValueError(
+                f"data.style must be 'classic' or 'random' ('paint' is for evaluation only); got {self.style!r}."
+            )
+        if not 0.0 <= self.classic_share <= 1.0:
+            raise ValueError("data.classic_share must be between 0 and 1.")
 
 
 @dataclass(frozen=True)
@@ -120,6 +130,9 @@ class TrainConfig:
     # Share of questions (LM pretraining and stage 2) asked as the chat tab asks them: after none
     # or one earlier turn about the same image, in the app's chat template.
     chat_fraction: float = 0.0
+    # Share of questions (LM pretraining and stage 2) that come with an instruction and / or
+    # few-shot examples, as the chat tab can send them (`phases.varied_prompt`).
+    prompt_variety: float = 0.0
 
     PHASES = ("vision", "language", "stage1", "stage2")
 
@@ -146,7 +159,13 @@ class TrainConfig:
             self.lm_prefix == "caption" or (self.lm_prefix == "scene" and queries != scene_words)
         ):
             raise ValueError("code_loss_weight needs lm_prefix 'slots', or 'scene' with 12 query tokens.")
-        for name in ("caption_fraction", "lm_caption_fraction", "prefix_fraction", "chat_fraction"):
+        for name in (
+            "caption_fraction",
+            "lm_caption_fraction",
+            "prefix_fraction",
+            "chat_fraction",
+            "prompt_variety",
+        ):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1.")
 

@@ -88,7 +88,7 @@ def load_records(spec: str | DatasetSpec, split: str = "test", limit: int | None
         raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}.")
     if isinstance(spec, str):
         spec = DatasetSpec.parse(spec)
-    records = []
+    records: list[Record] = []
     for record in LOADERS[spec.kind](spec, split):
         if limit is not None and len(records) >= limit:
             break
@@ -184,13 +184,19 @@ def _jsonl(spec: DatasetSpec, split: str) -> Iterable[Record]:
 def _shapes(spec: DatasetSpec, split: str) -> Iterable[Record]:
     """The synthetic data: per image one caption record (captions = canonical + paraphrases) and
     one record per question, all sharing the image id. Captions are unique within val and test,
-    so the canonical caption works as a retrieval query. `task=captions|vqa` keeps one kind."""
+    so the canonical caption works as a retrieval query. `task=captions|vqa` keeps one kind.
+    `renderer=classic|random|paint` picks the style (synthetic.STYLES; default classic, the
+    original test split): "random" is the training renderer's own test split, "paint" the
+    independent renderer's held-out one."""
     seed = int(spec.options.get("seed", 0))
+    style = spec.options.get("renderer", "classic")
+    if style not in synthetic.STYLES:
+        raise ValueError(f"shapes dataset: renderer must be one of {', '.join(synthetic.STYLES)}")
     size = int(spec.options.get("size", 300))
     task = spec.options.get("task", "all")
     if task not in {"all", "captions", "vqa"}:
         raise ValueError("shapes dataset: task must be all, captions or vqa")
-    for scene in synthetic.generate_split(seed, split, size, unique_captions=split != "train"):
+    for scene in synthetic.generate_split(seed, split, size, unique_captions=split != "train", style=style):
         image = scene.render()
         objects = [(o.colour, o.shape) for o in scene.objects]
         if task in {"all", "captions"}:

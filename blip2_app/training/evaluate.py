@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..prompts import ChatTurn, chat_prompt, clean_answer, vqa_prompt
 from . import metrics
 from .datasets import DatasetSpec, Record, load_records
 from .train import twin_folder
@@ -27,9 +28,17 @@ from .train import twin_folder
 RERANK_K = 10
 BATCH = 32
 EXAMPLES = 8
+# The prompted VQA variants (`evaluate(..., prompted=True)`): the same questions asked as the chat
+# tab sends them with two few-shot examples about other images, or after an instruction that
+# training never used.
+PROMPT_MODES = ("few_shot", "instruction")
+HELD_OUT_INSTRUCTION = "Please answer this question about the picture with a single word."
+EXEMPLAR_OFFSETS = (37, 101)
 # The issue's acceptance targets on the synthetic test split.
 TARGETS = {
     "vqa_accuracy": 0.90,
+    "vqa_colour": 0.95,
+    "vqa_shape": 0.95,
     "caption_cider": 1.5,
     "caption_objects_named": 0.90,
     "text_to_image_r1": 0.90,
@@ -82,11 +91,61 @@ def evaluate_captions(engine, records: list[Record], progress: bool = True) -> d
     return result
 
 
-def evaluate_vqa(engine, records: list[Record], progress: bool = True) -> dict[str, Any]:
-    predictions: list[str] = []
-    for batch in _batched(records, BATCH, "vqa", progress):
-        answers = engine.answer_batch([r.load_image() for r in batch], [r.question for r in batch])
-        predictions += ["" if a.empty else a.text for a in answers]
+def prompted_vqa_prompts(engine, records: list[Record], mode: str) -> list[str]:
+    """Each record's question as the chat tab sends it with two few-shot examples (questions and
+    answers of other images of the set, so copying them is wrong) or as a quick answer after
+    HELD_OUT_INSTRUCTION."""
+    templates = engine.captioner.entry.templates
+    if mode == "instruction":
+        return [vqa_prompt(templates, str(r.question), instruction=HELD_OUT_INSTRUCTION) for r in records]
+    if mode != "few_shot":
+        raise ValueError(f"prompt mode must be one of {', '.join(PROMPT_MODES)}; got {mode!r}")
+    prompts = []
+    for index, record in enumerate(records):
+        exemplars = []
+        for offset in EXEMPLAR_OFFSETS:
+            other = records[(index + offset) % len(records)]
+            step = 0
+            while other.image_id == record.image_id and step < len(records):
+                step += 1
+                other = records[(index + offset + step) % len(records)]
+            exemplars.append(ChatTurn(str(other.question), other.answers[0]))
+        prompts.append(chat_prompt(templates, str(record.question), exemplars=exemplars).text)
+    return prompts
+
+
+def _answers(engine, records: list[Record], mode: str | None, progress: bool) -> list[str]:
+    if mode is None:
+        predictions: list[str] = []
+        for batch in _batched(records, BATCH, "vqa", progress):
+            answers = engine.answer_batch([r.load_image() for r in batch], [r.question for r in batch])
+            predictions += ["" if a.empty else a.text for a in answers]
+        return predictions
+    # The engine's own generation with the model's answer decoding, for prompts answer_batch
+    # does not build.
+    loaded = engine.captioner
+    generation = loaded.entry.answer_decoding.replace(num_captions=1)
+    tokenizer = loaded.processor.tokenizer
+    prompts = prompted_vqa_prompts(engine, records, mode)
+    predictions = []
+    for start in tqdm(
+        range(0, len(records), BATCH), desc=f"vqa {mode}", disable=not progress, mininterval=2.0
+    ):
+        batch = records[start : start + BATCH]
+        ids = engine.generate_ids([r.load_image() for r in batch], prompts[start : start + BATCH], generation)
+        predictions += [
+            clean_answer(tokenizer.decode(rows[0], skip_special_tokens=True), loaded.entry.templates)
+            for rows in ids
+        ]
+    return predictions
+
+
+def evaluate_vqa(
+    engine, records: list[Record], progress: bool = True, mode: str | None = None
+) -> dict[str, Any]:
+    """VQA accuracy overall and by kind; `mode` (PROMPT_MODES) asks with few-shot examples or an
+    instruction instead of the plain quick-answer prompt."""
+    predictions = _answers(engine, records, mode, progress)
     scores = [metrics.vqa_accuracy(p, r.answers) for p, r in zip(predictions, records, strict=True)]
     by_kind: dict[str, list[float]] = defaultdict(list)
     for score, record in zip(scores, records, strict=True):
@@ -160,10 +219,12 @@ def evaluate(
     progress: bool = True,
     threads: int | None = None,
     engine=None,
+    prompted: bool = False,
 ) -> dict[str, Any]:
     """Caption, VQA and retrieval metrics of `model` (a registry name or checkpoint folder) on
     `split` of `dataset` (a spec, see datasets.py). `limit` caps the images for captioning and
-    retrieval and the questions for VQA. Tasks the data or the model lacks are left out."""
+    retrieval and the questions for VQA. Tasks the data or the model lacks are left out.
+    `prompted`: VQA is also measured with few-shot examples and with an instruction."""
     started = time.perf_counter()
     spec = DatasetSpec.parse(dataset)
     if engine is None:
@@ -184,6 +245,8 @@ def evaluate(
             result["captioning"] = evaluate_captions(engine, captioned, progress)
         if questions:
             result["vqa"] = evaluate_vqa(engine, questions, progress)
+            for mode in PROMPT_MODES if prompted else ():
+                result[f"vqa_{mode}"] = evaluate_vqa(engine, questions, progress, mode)
     if engine.matcher is not None and len(captioned) > 1:
         result["retrieval"] = evaluate_retrieval(engine, captioned, progress)
     result["headline"] = headline(result)
@@ -197,6 +260,12 @@ def headline(result: dict[str, Any]) -> dict[str, float]:
     values = {}
     if "vqa" in result:
         values["vqa_accuracy"] = result["vqa"]["accuracy"]
+        for kind in ("colour", "shape"):
+            if kind in result["vqa"]["by_kind"]:
+                values[f"vqa_{kind}"] = result["vqa"]["by_kind"][kind]
+    for mode in PROMPT_MODES:
+        if f"vqa_{mode}" in result:
+            values[f"vqa_accuracy_{mode}"] = result[f"vqa_{mode}"]["accuracy"]
     if "captioning" in result:
         values["caption_cider"] = result["captioning"]["cider"]
         values["caption_bleu4"] = result["captioning"]["bleu4"]
@@ -226,6 +295,13 @@ def markdown(result: dict[str, Any]) -> str:
     if "vqa" in result:
         lines += ["", f"VQA ({result['vqa']['questions']} questions) by kind:", ""]
         lines += [f"- {kind}: {value:.4f}" for kind, value in result["vqa"]["by_kind"].items()]
+    for mode in PROMPT_MODES:
+        if f"vqa_{mode}" in result:
+            by_kind = ", ".join(f"{k} {v:.4f}" for k, v in result[f"vqa_{mode}"]["by_kind"].items())
+            lines += [
+                "",
+                f"VQA asked with {mode.replace('_', ' ')}: {result[f'vqa_{mode}']['accuracy']:.4f} ({by_kind})",
+            ]
     if "retrieval" in result:
         r = result["retrieval"]
         lines += ["", f"Retrieval over {r['images']} images (one caption query per image):", ""]
@@ -250,7 +326,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--model", required=True, help="registry name or checkpoint folder")
     parser.add_argument(
-        "--dataset", default="shapes", help="dataset spec, e.g. shapes or coco:annotations=..."
+        "--dataset",
+        action="append",
+        help="dataset spec, e.g. shapes, shapes:renderer=paint or coco:annotations=...; repeat it to "
+        "evaluate on several (one report) [shapes]",
     )
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
     parser.add_argument("--limit", type=int, help="at most this many images / questions per task")
@@ -259,23 +338,64 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, help="PyTorch CPU threads")
     parser.add_argument("--out", type=Path, help="write <out>.json and <out>.md")
+    parser.add_argument(
+        "--prompted",
+        action="store_true",
+        help="also ask the questions with few-shot examples and an instruction",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    result = evaluate(
-        args.model,
-        args.dataset,
-        args.split,
-        args.limit,
-        args.retrieval_model,
-        not args.no_progress,
-        args.threads,
-    )
+    datasets = args.dataset or ["shapes"]
+    engine = load_engine_for(args.model, args.retrieval_model, args.threads)
+    results = [
+        evaluate(
+            args.model,
+            dataset,
+            args.split,
+            args.limit,
+            args.retrieval_model,
+            not args.no_progress,
+            args.threads,
+            engine=engine,
+            prompted=args.prompted,
+        )
+        for dataset in datasets
+    ]
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(markdown(result))
-    print(json.dumps(result["headline"], indent=2))
+        if len(results) == 1:
+            report, text = results[0], markdown(results[0])
+        else:
+            report = {"model": args.model, "datasets": {r["dataset"]: r for r in results}}
+            text = "\n".join([comparison(results), *(markdown(r) for r in results)])
+        args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(text)
+    if len(results) == 1:
+        print(json.dumps(results[0]["headline"], indent=2))
+    else:
+        print(json.dumps({r["dataset"]: r["headline"] for r in results}, indent=2))
     return 0
+
+
+def comparison(results: list[dict[str, Any]]) -> str:
+    """One table of the headline numbers and VQA by kind, a column per dataset."""
+    names = [r["dataset"] for r in results]
+    lines = [
+        f"# Evaluation: {results[0]['model']} on {len(results)} datasets ({results[0]['split']})",
+        "",
+        "| metric | " + " | ".join(f"`{n}`" for n in names) + " | target |",
+        "|---|" + "---|" * (len(names) + 1),
+    ]
+    keys = list(dict.fromkeys(k for r in results for k in r["headline"]))
+    kinds = sorted({k for r in results if "vqa" in r for k in r["vqa"]["by_kind"]})
+    for key in keys:
+        target = TARGETS.get(key)
+        cells = [f"{r['headline'][key]:.4f}" if key in r["headline"] else "" for r in results]
+        lines.append(f"| {key} | " + " | ".join(cells) + f" | {'>= ' + str(target) if target else ''} |")
+    for kind in kinds:
+        cells = [f"{r['vqa']['by_kind'].get(kind, float('nan')):.4f}" if "vqa" in r else "" for r in results]
+        lines.append(f"| VQA {kind} | " + " | ".join(cells) + " | |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

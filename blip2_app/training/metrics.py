@@ -202,7 +202,7 @@ def cider_d(
     log_images = math.log(float(len(refs)))
 
     def vector(counts: Counter):
-        vec = [dict() for _ in range(max_n)]
+        vec: list[dict] = [dict() for _ in range(max_n)]
         norm = [0.0] * max_n
         length = 0
         for gram, tf in counts.items():

@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine import query_outputs
-from ..prompts import ChatTurn, chat_prompt
+from ..prompts import ChatTurn, chat_prompt, vqa_prompt
 from ..registry import Registry
 from . import architecture, synthetic
 from .config import ArchitectureConfig
-from .shapes_data import ATTRIBUTE_CLASSES, ShapesData, perturb
+from .shapes_data import ATTRIBUTE_CLASSES, ShapesData, perturb, phrase_pair
 
 IGNORE = -100  # label value cross_entropy skips: prompt, image and padding positions
 
@@ -146,11 +146,12 @@ class LanguagePretraining(nn.Module):
         caption_fraction: float = 0.3,
         questions_per_text: int = 1,
         chat_fraction: float = 0.0,
+        prompt_variety: float = 0.0,
     ):
         super().__init__()
         self.lm = architecture.new_language_model(arch, tokenizer)
         self.caption_fraction, self.questions_per_text = caption_fraction, questions_per_text
-        self.chat_fraction = chat_fraction
+        self.chat_fraction, self.prompt_variety = chat_fraction, prompt_variety
         self.tokenizer, self.train_data, self.val_data = tokenizer, train, val
         self.ids = TokenIds(tokenizer)
         self.seed, self.prefix_fraction, self.prefix = seed, prefix_fraction, prefix
@@ -161,9 +162,12 @@ class LanguagePretraining(nn.Module):
         each prefix position of a "slots" code (-1 where none; k = 0 for the text prefixes)."""
         tok = self.tokenizer
         ids, labels, extras = [], [], []
+        variety = batch_variety(rng, self.prompt_variety)
         for i in rng.choice(len(data), batch_size, replace=False):
             scene = data.scenes[int(i)]
-            prompt, answer = sample_prompt(scene, rng, self.caption_fraction, self.chat_fraction)
+            prompt, answer = sample_prompt(
+                scene, rng, self.caption_fraction, self.chat_fraction, variety, data.scenes
+            )
             with_prefix = rng.random() < self.prefix_fraction
             prefix, extra = self.code(scene, answer if prompt else None) if with_prefix else ([], [])
             body = self.ids(prompt)  # BOS + prompt
@@ -185,8 +189,8 @@ class LanguagePretraining(nn.Module):
             ids.append(row)
             extras.append(extra)
             labels.append([*label, IGNORE])
-        ids = _pad(ids, tok.pad_token_id)
-        return ids, _pad(labels, IGNORE), self.code.extra_tensor(extras, ids.shape[1])
+        padded = _pad(ids, tok.pad_token_id)
+        return padded, _pad(labels, IGNORE), self.code.extra_tensor(extras, padded.shape[1])
 
     def _logits(self, ids: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
         mask = (ids != self.tokenizer.pad_token_id).long()
@@ -224,8 +228,8 @@ class LanguagePretraining(nn.Module):
             width = max(map(len, chunk))
             ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in chunk])
             offsets = [width - len(r) for r in chunk]
-            extra = self.code.extra_tensor(extras[start : start + 512], width, offsets)
-            predicted = self._logits(ids, extra)[:, -1].argmax(-1)
+            extra_ids = self.code.extra_tensor(extras[start : start + 512], width, offsets)
+            predicted = self._logits(ids, extra_ids)[:, -1].argmax(-1)
             correct += (predicted == torch.tensor(answers[start : start + 512])).tolist()
         result = {"prefix_answer_accuracy": float(np.mean(correct))}
         for kind in sorted(set(kinds)):
@@ -246,9 +250,9 @@ class LanguagePretraining(nn.Module):
             rows.append(prefix + body + target)
             extras.append(extra)
             labels.append([IGNORE] * (len(prefix) + len(body) - 1) + target + [IGNORE])
-        ids, labels = _pad(rows, tok.pad_token_id), _pad(labels, IGNORE)
+        ids, targets = _pad(rows, tok.pad_token_id), _pad(labels, IGNORE)
         predicted = self._logits(ids, self.code.extra_tensor(extras, ids.shape[1])).argmax(-1)
-        return 1.0 - ((predicted != labels) & (labels != IGNORE)).any(dim=1).float().mean().item()
+        return 1.0 - ((predicted != targets) & (targets != IGNORE)).any(dim=1).float().mean().item()
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -342,26 +346,85 @@ def sample_questions(scene, rng: np.random.Generator, count: int) -> list[tuple[
     ]
 
 
+def batch_variety(rng: np.random.Generator, prompt_variety: float) -> float:
+    """The share of a batch's questions that get instructions or few-shot examples: those rows are
+    the batch's longest and set its cost, so they are gathered in a quarter of the batches (each
+    holding four times `prompt_variety` of them) rather than spread over every batch."""
+    if not prompt_variety:
+        return 0.0
+    return min(1.0, 4 * prompt_variety) if rng.random() < 0.25 else 0.0
+
+
 # Earlier chat turns before a chat question in training: one is enough to learn which question
 # is asked (the last), and every turn lengthens the batch's longest row, which sets its cost.
 MAX_EARLIER_TURNS = 1
 
 
+# What the chat tab may put before a question (`prompts.chat_prompt`): instructions, as users
+# write them, and few-shot examples. The evaluation's instruction is not among these.
+INSTRUCTIONS = (
+    "Answer the question about the image.",
+    "Answer in one word.",
+    "Look at the shapes and answer briefly.",
+    "You are a helpful assistant. Answer the question.",
+    "Give a short answer.",
+    "Answer with a colour, a shape, a size, a place, a number, yes or no.",
+    "Describe what you see and answer.",
+)
+# Few-shot examples about no image in particular, beside ones about other scenes.
+GENERIC_EXEMPLARS = (
+    ChatTurn("what colour is the sky?", "blue"),
+    ChatTurn("what is in the picture?", "a circle"),
+    ChatTurn("is it a photo?", "no"),
+    ChatTurn("how many cats are there?", "two"),
+)
+MAX_EXEMPLARS = 2
+
+
 def sample_prompt(
-    scene, rng: np.random.Generator, caption_fraction: float, chat_fraction: float = 0.0
+    scene,
+    rng: np.random.Generator,
+    caption_fraction: float,
+    chat_fraction: float = 0.0,
+    variety: float = 0.0,
+    pool=None,
 ) -> tuple[str, str]:
     """(prompt, answer) in the app's blip2-opt templates: caption_short is the empty prompt, VQA is
     `Question: {q} Short answer:`; with `chat_fraction`, that share of questions comes as the chat
-    tab sends it, after none or one earlier turn about the image (`prompts.chat_prompt`). Captions
-    start without a space (they open the text); answers continue the prompt, so they start with one."""
+    tab sends it, after none or one earlier turn about the image (`prompts.chat_prompt`); with
+    `variety`, that share (checked first) comes with an instruction and / or few-shot examples
+    about other scenes of `pool` (`varied_prompt`). Captions start without a space (they open the
+    text); answers continue the prompt, so they start with one."""
     if rng.random() < caption_fraction:
         return "", scene.caption
     qa = scene.qa[int(rng.integers(len(scene.qa)))]
+    if variety and rng.random() < variety:
+        return varied_prompt(qa.question, rng, pool or [scene]), f" {qa.answer}"
     if chat_fraction and rng.random() < chat_fraction:
         earlier = rng.choice(len(scene.qa), int(rng.integers(0, MAX_EARLIER_TURNS + 1)), replace=False)
         history = [ChatTurn(scene.qa[int(i)].question, scene.qa[int(i)].answer) for i in earlier]
         return chat_prompt(_chat_templates(), qa.question, history).text, f" {qa.answer}"
     return f"Question: {qa.question} Short answer:", f" {qa.answer}"
+
+
+def varied_prompt(question: str, rng: np.random.Generator, pool) -> str:
+    """The question as the chat tab sends it with its extras: one or two few-shot examples (about
+    other scenes, whose answers are wrong for this image, or generic ones), an instruction, or
+    both; or the quick-answer template after an instruction."""
+    templates = _chat_templates()
+    instruction = INSTRUCTIONS[int(rng.integers(len(INSTRUCTIONS)))] if rng.random() < 0.5 else ""
+    if instruction and rng.random() < 0.3:
+        return vqa_prompt(templates, question, short=True, instruction=instruction)
+    exemplars = []
+    # an instruction comes with at most one example: the longest rows set a batch's cost
+    for _ in range(int(rng.integers(0, 2)) if instruction else int(rng.integers(1, MAX_EXEMPLARS + 1))):
+        if rng.random() < 0.2:
+            exemplars.append(GENERIC_EXEMPLARS[int(rng.integers(len(GENERIC_EXEMPLARS)))])
+        else:
+            other = pool[int(rng.integers(len(pool)))]
+            qa = other.qa[int(rng.integers(len(other.qa)))]
+            exemplars.append(ChatTurn(qa.question, qa.answer))
+    return chat_prompt(templates, question, exemplars=exemplars, instruction=instruction).text
 
 
 @functools.cache
@@ -376,6 +439,10 @@ def vision_features(vision: nn.Module, pixels: torch.Tensor, chunk: int = 256) -
     return torch.cat(
         [vision(pixel_values=pixels[i : i + chunk]).last_hidden_state for i in range(0, len(pixels), chunk)]
     )
+
+
+# One image in this many also gets an object phrase and its false twin as ITM pairs.
+PHRASE_SHARE = 4
 
 
 class QFormerPretraining(nn.Module):
@@ -434,16 +501,21 @@ class QFormerPretraining(nn.Module):
         scenes = [data.scenes[int(i)] for i in idx]
         positives = [s.caption for s in scenes]
         negatives = [perturb(s, rng) for s in scenes]
+        # A phrase about one object and its false twin for a quarter of the images (ITM only).
+        phrases = [phrase_pair(s, rng) for s in scenes[: batch_size // PHRASE_SHARE]]
         features = self.train_features[torch.from_numpy(idx)]
-        tokens = self._tokens(positives + negatives)
+        tokens = self._tokens(positives + negatives + [p for p, _ in phrases] + [n for _, n in phrases])
         image = self.image_embeds(features)  # (B, Q, D)
-        text = self.text_embeds(tokens)  # (2B, D)
+        text = self.text_embeds(
+            type(tokens)({k: tokens[k][: 2 * batch_size] for k in ("input_ids", "attention_mask")})
+        )  # (2B, D)
         temperature = self.log_temperature.exp().clamp(0.001, 0.5)
         sim = torch.einsum("bqd,td->bqt", image, text).amax(dim=1) / temperature  # (B, 2B)
         target = torch.arange(batch_size)
         itc = (F.cross_entropy(sim, target) + F.cross_entropy(sim[:, :batch_size].t(), target)) / 2
 
-        # ITM: positives, a hard wrong text per image, a hard wrong image per text, the perturbed text.
+        # ITM: positives, a hard wrong text per image, a hard wrong image per text, the perturbed
+        # text, then the object phrases and their false twins.
         with torch.no_grad():
             weights = sim[:, :batch_size].float().softmax(dim=1) + 1e-6
             weights.fill_diagonal_(0)
@@ -453,15 +525,19 @@ class QFormerPretraining(nn.Module):
             # Identical captions are not negatives (two images of one description).
             same = [positives[int(j)] == positives[i] for i, j in enumerate(hard_text)]
             same_img = [positives[int(j)] == positives[i] for i, j in enumerate(hard_image)]
-        rows = torch.arange(batch_size)
-        pair_images = torch.cat([rows, rows, hard_image, rows])
-        pair_texts = torch.cat([rows, hard_text, rows, rows + batch_size])
+        rows, few = torch.arange(batch_size), torch.arange(len(phrases))
+        pair_images = torch.cat([rows, rows, hard_image, rows, few, few])
+        pair_texts = torch.cat(
+            [rows, hard_text, rows, rows + batch_size, few + 2 * batch_size, few + 2 * batch_size + len(few)]
+        )
         labels = torch.cat(
             [
                 torch.ones(batch_size, dtype=torch.long),
                 torch.tensor([int(s) for s in same]),
                 torch.tensor([int(s) for s in same_img]),
                 torch.zeros(batch_size, dtype=torch.long),
+                torch.ones(len(few), dtype=torch.long),
+                torch.zeros(len(few), dtype=torch.long),
             ]
         )
         pair_tokens = type(tokens)(
@@ -506,6 +582,7 @@ class GenerativePretraining(nn.Module):
         code_loss_weight: float = 0.0,
         text_embeddings_state: dict | None = None,
         chat_fraction: float = 0.0,
+        prompt_variety: float = 0.0,
     ):
         super().__init__()
         self.model = architecture.new_captioning_model(arch, processor, qformer_tokenizer)
@@ -536,6 +613,7 @@ class GenerativePretraining(nn.Module):
         self.num_query = arch.num_query_tokens
         self.train_data, self.val_data = train, val
         self.seed, self.caption_fraction, self.chat_fraction = seed, caption_fraction, chat_fraction
+        self.prompt_variety = prompt_variety
         # The scene code the frozen LM learnt to read: with code_loss_weight, each query output
         # is also pulled towards the LM's embedding of its position of the code (MSE, relative to
         # the code's mean square), a dense signal beside the LM loss on one or two answer tokens.
@@ -554,10 +632,13 @@ class GenerativePretraining(nn.Module):
     def _batch(self, data: ShapesData, rng: np.random.Generator, batch_size: int, caption_fraction: float):
         """(scene indices, ids, labels, prompts, answers): answers[i] is None under a caption."""
         tok = self.tokenizer
+        variety = batch_variety(rng, self.prompt_variety)
         ids, labels, idx = [], [], rng.choice(len(data), batch_size, replace=False)
         prompts, answers = [], []
         for i in idx:
-            prompt, answer = sample_prompt(data.scenes[int(i)], rng, caption_fraction, self.chat_fraction)
+            prompt, answer = sample_prompt(
+                data.scenes[int(i)], rng, caption_fraction, self.chat_fraction, variety, data.scenes
+            )
             head = [self.image_token] * self.num_query + self.ids(prompt)
             target = [*self.ids(answer, special=False), tok.eos_token_id]
             ids.append(head + target)
@@ -593,7 +674,9 @@ class GenerativePretraining(nn.Module):
         ]
         ids = torch.tensor([c[0] for c in codes])
         extra = self.code.extra_tensor([c[1] for c in codes], ids.shape[1])
-        return code_embeddings(self.model.get_input_embeddings(), ids, extra)
+        embedding = self.model.get_input_embeddings()
+        assert isinstance(embedding, nn.Embedding)  # OPT's token table
+        return code_embeddings(embedding, ids, extra)
 
     def _code_loss(
         self, image: torch.Tensor, idx: torch.Tensor, data: ShapesData, answers=None

@@ -47,8 +47,14 @@ class ShapesData:
         grid: int,
         unique_captions: bool = False,
         chunk: int = 512,
+        style: str = "classic",
+        classic_share: float = 0.0,
     ) -> ShapesData:
-        scenes = synthetic.generate_split(seed, split, size, unique_captions=unique_captions)
+        if style == "paint":
+            raise ValueError("paint scenes are for evaluation only: training never sees that renderer")
+        scenes = synthetic.generate_split(
+            seed, split, size, unique_captions=unique_captions, style=style, classic_share=classic_share
+        )
         pixels = []
         for start in range(0, len(scenes), chunk):
             images = [scene.render() for scene in scenes[start : start + chunk]]
@@ -137,3 +143,26 @@ def perturb(scene: Scene, rng: np.random.Generator) -> str:
 
 def _replace(obj: synthetic.ShapeObject, **changes) -> synthetic.ShapeObject:
     return dataclasses.replace(obj, **changes)
+
+
+PHRASE_FORMS = ("the {colour} {shape}", "a {colour} {shape}", "{colour} {shape}", "the {shape} is {colour}")
+
+
+def phrase_pair(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+    """(a phrase naming one object of `scene`, the same phrase made false): "the red circle" and
+    "the blue circle" on an image whose circle is red, the Explain tab's kind of query. The false
+    one changes the colour (to another object's colour half the time: a binding error) or the
+    shape."""
+    obj = scene.objects[int(rng.integers(len(scene.objects)))]
+    form = PHRASE_FORMS[int(rng.integers(len(PHRASE_FORMS)))]
+    others = [o.colour for o in scene.objects if o is not obj]
+    if rng.random() < 0.7:
+        if others and rng.random() < 0.5:
+            wrong = {"colour": others[int(rng.integers(len(others)))], "shape": obj.shape}
+        else:
+            absent = [c for c in COLOURS if c not in {o.colour for o in scene.objects}]
+            wrong = {"colour": absent[int(rng.integers(len(absent)))], "shape": obj.shape}
+    else:
+        absent_shapes = [sh for sh in SHAPES if sh not in {o.shape for o in scene.objects}]
+        wrong = {"colour": obj.colour, "shape": absent_shapes[int(rng.integers(len(absent_shapes)))]}
+    return form.format(colour=obj.colour, shape=obj.shape), form.format(**wrong)

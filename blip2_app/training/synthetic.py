@@ -1,6 +1,15 @@
 """Seeded synthetic "shapes" data: small images of one to three coloured shapes, with captions,
 VQA pairs (colour, shape, count, position, size, yes/no) and retrieval queries.
 
+Three styles of scene (`STYLES`), one renderer each:
+- "classic": the first generator, kept bit for bit (its test split is the old benchmark): six
+  exact colours, a dark outline, two diameters, three fixed slots, 64 px.
+- "random": domain randomisation, what the demo model trains on (`randomised.py`): continuous
+  sizes and places, rotation, colours jittered around each name, outlines present or not,
+  aliased or anti-aliased, 64-512 px, JPEG, textured and noisy backgrounds.
+- "paint": the same kind of scene drawn by an independent renderer (`paint.py`, numpy signed
+  distances, a paint program's palette) that training never sees: the held-out evaluation.
+
 The data is built so that every question is answerable from the pixels alone: each object sits in
 one of three horizontal slots (left, middle, right), colours and shapes are distinct within an
 image (so "the circle" and "the red shape" each name one object, and captions never repeat a
@@ -38,6 +47,18 @@ NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 # Diameter in pixels at IMAGE_SIZE=64: far enough apart that size is never ambiguous.
 DIAMETERS = {"small": (13, 14), "large": (19, 21)}
 SPLITS = ("train", "val", "test")
+STYLES = ("classic", "random", "paint")
+# Continuous geometry ("random" and "paint" scenes), in the 64-unit design space every renderer
+# scales: diameters of small and large shapes leave a gap (15 -> 19) so size is never ambiguous;
+# a lone shape may be drawn larger, as people draw one shape.
+CONTINUOUS_DIAMETERS = {"small": (11.0, 15.0), "large": (19.0, 26.0)}
+# The largest large shape by the number of shapes: three must fit side by side.
+LARGE_MAX = {1: 34.0, 2: 26.0, 3: 22.0}
+# Neighbours' bounding boxes may overlap by this much (a triangle's box is mostly empty).
+BOX_OVERLAP = 3.0
+# A shape's centre stays this far inside its third of the width: its place is never ambiguous.
+POSITION_MARGIN = 3.0
+TRIANGLE_FORMS = ("equilateral", "isosceles", "right")
 # How often an image holds 1, 2 or 3 objects.
 OBJECT_COUNT_WEIGHTS = (0.3, 0.35, 0.35)
 
@@ -48,8 +69,13 @@ class ShapeObject:
     shape: str
     size: str
     position: str
-    centre: tuple[int, int]
-    diameter: int
+    centre: tuple[float, float]  # in the 64-unit design space
+    diameter: float
+    # Continuous scenes only: rotation in degrees, proportions (ellipse / rectangle aspect, a
+    # triangle's height over width, a cross's arm half-width over its radius) and a triangle's form.
+    angle: float = 0.0
+    aspect: float = 1.0
+    form: str = ""
 
     @property
     def phrase(self) -> str:
@@ -77,6 +103,7 @@ class Scene:
     noise_seed: int
     captions: tuple[str, ...]  # captions[0] is the canonical one the model is trained on
     qa: tuple[QA, ...] = field(default_factory=tuple)
+    style: str = "classic"
 
     @property
     def caption(self) -> str:
@@ -95,19 +122,27 @@ def _split_stream(split: str) -> int:
     return SPLITS.index(split) + 1
 
 
-def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, _split_stream(split), index])
+def scene_rng(seed: int, split: str, index: int, style: str = "classic") -> np.random.Generator:
+    """Classic scenes keep their original streams; the others get one stream per style, so the
+    held-out "paint" split shares no scene with the "random" one."""
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {', '.join(STYLES)}; got {style!r}")
+    if style == "classic":
+        return np.random.default_rng([seed, _split_stream(split), index])
+    return np.random.default_rng([seed, _split_stream(split), index, STYLES.index(style)])
 
 
-def make_scene(seed: int, split: str, index: int, count: int | None = None) -> Scene:
-    """The `index`-th scene of `split` for `seed` (or with exactly `count` objects)."""
-    rng = scene_rng(seed, split, index)
+def make_scene(seed: int, split: str, index: int, count: int | None = None, style: str = "classic") -> Scene:
+    """The `index`-th scene of `split` for `seed` and `style` (or with exactly `count` objects)."""
+    rng = scene_rng(seed, split, index, style)
+    if style != "classic":
+        return _continuous_scene(rng, f"shapes-{style}-{seed}-{split}-{index:06d}", style, count)
     if count is None:
         count = int(rng.choice([1, 2, 3], p=OBJECT_COUNT_WEIGHTS))
     positions = sorted(rng.choice(len(POSITIONS), size=count, replace=False).tolist())
     colours = rng.choice(list(COLOURS), size=count, replace=False).tolist()
     shapes = rng.choice(SHAPES, size=count, replace=False).tolist()
-    objects = []
+    objects: list[ShapeObject] = []
     slot = IMAGE_SIZE / len(POSITIONS)
     for slot_index, colour, shape in zip(positions, colours, shapes, strict=True):
         size = SIZES[int(rng.integers(2))]
@@ -118,15 +153,133 @@ def make_scene(seed: int, split: str, index: int, count: int | None = None) -> S
         objects.append(ShapeObject(colour, shape, size, POSITIONS[slot_index], (x, y), diameter))
     background = (_background_colour(rng), _background_colour(rng))
     noise_seed = int(rng.integers(2**31))
-    objects = tuple(objects)
+    placed = tuple(objects)
     return Scene(
         image_id=f"shapes-{seed}-{split}-{index:06d}",
-        objects=objects,
+        objects=placed,
         background=background,
         noise_seed=noise_seed,
+        captions=captions_for(placed),
+        qa=tuple(questions_for(placed, rng)),
+    )
+
+
+def _continuous_scene(rng: np.random.Generator, image_id: str, style: str, count: int | None) -> Scene:
+    if count is None:
+        count = int(rng.choice([1, 2, 3], p=OBJECT_COUNT_WEIGHTS))
+    slots = sorted(rng.choice(len(POSITIONS), size=count, replace=False).tolist())
+    colours = rng.choice(list(COLOURS), size=count, replace=False).tolist()
+    shapes = rng.choice(SHAPES, size=count, replace=False).tolist()
+    sizes = [SIZES[int(rng.integers(2))] for _ in range(count)]
+    objects = _place(rng, slots, colours, shapes, sizes)
+    background = (_background_colour(rng), _background_colour(rng))
+    return Scene(
+        image_id=image_id,
+        objects=objects,
+        background=background,
+        noise_seed=int(rng.integers(2**31)),
         captions=captions_for(objects),
         qa=tuple(questions_for(objects, rng)),
+        style=style,
     )
+
+
+def _place(rng, slots: list[int], colours: list[str], shapes: list[str], sizes: list[str]):
+    """Sizes and centres drawn from continuous ranges, left to right, each shape's centre inside
+    its third of the width (by POSITION_MARGIN), the shape inside the image and clear of its left
+    neighbour; a shape that cannot fit is drawn again (the whole scene after 20 failed draws)."""
+    for _ in range(100):
+        objects: list[ShapeObject] = []
+        right_edge = -math.inf
+        for slot, colour, shape, size in zip(slots, colours, shapes, sizes, strict=True):
+            obj = _draw_object(rng, slot, colour, shape, size, len(slots), right_edge)
+            if obj is None:
+                break
+            objects.append(obj)
+            right_edge = max(x for x, _ in outline_points(obj, 1.0))
+        else:
+            return tuple(objects)
+    raise RuntimeError("could not place the shapes")  # never seen: the smallest sizes always fit
+
+
+def _draw_object(rng, slot, colour, shape, size, count, right_edge) -> ShapeObject | None:
+    third = IMAGE_SIZE / len(POSITIONS)
+    low, high = CONTINUOUS_DIAMETERS[size]
+    if size == "large":
+        high = LARGE_MAX[count]
+    for _ in range(20):
+        diameter = float(rng.uniform(low, high))
+        angle, aspect, form = _shape_pose(rng, shape)
+        obj = ShapeObject(colour, shape, size, POSITIONS[slot], (0.0, 0.0), diameter, angle, aspect, form)
+        points = outline_points(obj, 1.0)  # around (0, 0)
+        left, right = -min(x for x, _ in points), max(x for x, _ in points)
+        top, bottom = -min(y for _, y in points), max(y for _, y in points)
+        x_low = max(third * slot + POSITION_MARGIN, left + 1, right_edge + left - BOX_OVERLAP)
+        x_high = min(third * (slot + 1) - POSITION_MARGIN, IMAGE_SIZE - right - 1)
+        if x_low > x_high or top + bottom + 2 > IMAGE_SIZE:
+            continue
+        x = float(rng.uniform(x_low, x_high))
+        y = float(rng.uniform(top + 1, IMAGE_SIZE - bottom - 1))
+        return ShapeObject(colour, shape, size, POSITIONS[slot], (x, y), diameter, angle, aspect, form)
+    return None
+
+
+def _shape_pose(rng: np.random.Generator, shape: str) -> tuple[float, float, str]:
+    """(angle, aspect, form): only changes that keep the shape's name (a square turned by 45
+    degrees would be a diamond, a long ellipse an oval)."""
+    if shape == "circle":
+        return float(rng.uniform(0, 180)), float(rng.uniform(0.9, 1.1)), ""
+    if shape == "square":
+        return float(rng.uniform(-20, 20)), float(rng.uniform(0.9, 1.1)), ""
+    if shape == "cross":
+        return float(rng.uniform(-15, 15)), float(rng.uniform(0.26, 0.45)), ""
+    form = TRIANGLE_FORMS[int(rng.integers(len(TRIANGLE_FORMS)))]
+    if form == "equilateral":
+        return float(rng.uniform(0, 360)), 1.0, form
+    # paint programs' triangles: in a box, upright or turned by quarter turns, a little tilted
+    return float(90 * rng.integers(4) + rng.uniform(-12, 12)), float(rng.uniform(0.8, 1.15)), form
+
+
+def outline_points(obj: ShapeObject, scale: float, offset: float = 0.0) -> list[tuple[float, float]]:
+    """The polygon of a continuous-scene shape in pixels (design units times `scale`)."""
+    radius = obj.diameter / 2
+    if obj.shape == "circle":
+        steps = 64
+        local = [
+            (radius * math.cos(t), radius * obj.aspect * math.sin(t))
+            for t in (2 * math.pi * i / steps for i in range(steps))
+        ]
+    elif obj.shape == "square":
+        half = radius * 0.9
+        local = [
+            (-half, -half * obj.aspect),
+            (half, -half * obj.aspect),
+            (half, half * obj.aspect),
+            (-half, half * obj.aspect),
+        ]
+    elif obj.shape == "triangle":
+        if obj.form == "equilateral":
+            local = [
+                (radius * math.cos(a), radius * math.sin(a))
+                for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
+            ]
+        else:
+            half_w, half_h = radius * 0.95, radius * 0.95 * obj.aspect
+            apex_x = 0.0 if obj.form == "isosceles" else -half_w
+            local = [(apex_x, -half_h), (half_w, half_h), (-half_w, half_h)]
+    elif obj.shape == "cross":
+        w = radius * obj.aspect
+        corners = [(w, radius), (w, w), (radius, w), (radius, -w), (w, -w), (w, -radius)]
+        local = corners + [(-dx, -dy) for dx, dy in corners]
+    else:
+        raise ValueError(f"unknown shape {obj.shape!r}")
+    turn = math.radians(obj.angle)
+    cos, sin = math.cos(turn), math.sin(turn)
+    x, y = obj.centre
+    return [
+        ((x + dx * cos - dy * sin) * scale + offset, (y + dx * sin + dy * cos) * scale + offset)
+        for dx, dy in local
+    ]
 
 
 def _background_colour(rng: np.random.Generator) -> tuple[int, int, int]:
@@ -134,10 +287,24 @@ def _background_colour(rng: np.random.Generator) -> tuple[int, int, int]:
     always lighter than the dark outline every shape has."""
     grey = int(rng.integers(120, 236))
     tint = rng.integers(-18, 19, size=3)
-    return tuple(int(np.clip(grey + t, 0, 255)) for t in tint)
+    red, green, blue = (int(np.clip(grey + t, 0, 255)) for t in tint)
+    return (red, green, blue)
 
 
 def render(scene: Scene) -> Image.Image:
+    """The scene's pixels, drawn by its style's renderer."""
+    if scene.style == "random":
+        from . import randomised
+
+        return randomised.render(scene)
+    if scene.style == "paint":
+        from . import paint  # evaluation only: training refuses "paint" scenes (DataConfig)
+
+        return paint.render(scene)
+    return _render_classic(scene)
+
+
+def _render_classic(scene: Scene) -> Image.Image:
     top, bottom = (np.array(c, dtype=np.float32) for c in scene.background)
     ramp = np.linspace(0.0, 1.0, IMAGE_SIZE, dtype=np.float32)[:, None, None]
     pixels = top + (bottom - top) * ramp
@@ -155,7 +322,11 @@ def object_map(scene: Scene) -> np.ndarray:
     image = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
     draw = ImageDraw.Draw(image)
     for index, obj in enumerate(scene.objects):
-        _draw_shape(draw, obj, fill=index + 1)
+        if scene.style == "classic":
+            _draw_shape(draw, obj, fill=index + 1)
+        else:
+            # pixel centres sit at half units: shift by -0.5 so the mask matches the drawing
+            draw.polygon(outline_points(obj, 1.0, -0.5), fill=index + 1)
     return np.asarray(image)
 
 
@@ -252,16 +423,30 @@ def questions_for(objects: tuple[ShapeObject, ...], rng: np.random.Generator) ->
     return qa
 
 
-def generate_split(seed: int, split: str, size: int, unique_captions: bool = False) -> list[Scene]:
-    """`size` scenes of `split`. With `unique_captions`, scenes whose canonical caption is already
-    in the split are skipped, so a caption used as a retrieval query names exactly one image."""
+def generate_split(
+    seed: int,
+    split: str,
+    size: int,
+    unique_captions: bool = False,
+    style: str = "classic",
+    classic_share: float = 0.0,
+) -> list[Scene]:
+    """`size` scenes of `split` in `style`. With `classic_share`, that share of the scenes (drawn
+    per index) is classic instead. With `unique_captions`, scenes whose canonical caption is
+    already in the split are skipped, so a caption used as a retrieval query names one image."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
     scenes: list[Scene] = []
     seen: set[str] = set()
     index = 0
     while len(scenes) < size:
-        scene = make_scene(seed, split, index)
+        kind = style
+        if (
+            classic_share
+            and np.random.default_rng([seed, _split_stream(split), index, 99]).random() < classic_share
+        ):
+            kind = "classic"
+        scene = make_scene(seed, split, index, style=kind)
         index += 1
         if unique_captions:
             if scene.caption in seen:

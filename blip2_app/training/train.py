@@ -97,6 +97,8 @@ def train(
             captioning.image_processor,
             arch.image_size // arch.patch_size,
             unique_captions=split != "train",
+            style=config.data.style,
+            classic_share=config.data.classic_share,
         )
 
     train_data, val_data = build("train", config.data.train_images), build("val", config.data.val_images)
@@ -127,6 +129,7 @@ def train(
         config.lm_caption_fraction,
         config.lm_questions_per_text,
         config.chat_fraction,
+        config.prompt_variety,
     )
     if not run("language", language, list(language.parameters())):
         return _stopped(report, started)
@@ -153,6 +156,7 @@ def train(
         config.code_loss_weight,
         stage1.model.embeddings.state_dict(),
         config.chat_fraction,
+        config.prompt_variety,
     )
     if not run("stage2", stage2, stage2.trainable_parameters()):
         return _stopped(report, started)
@@ -173,7 +177,7 @@ def _stopped(report: TrainReport, started: float) -> TrainReport:
     return report
 
 
-def _export(model: torch.nn.Module, processor, folder: Path, info: dict) -> None:
+def _export(model, processor, folder: Path, info: dict) -> None:
     """save_pretrained (safetensors) + the processor, into a fresh folder swapped in at the end."""
     scratch = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(scratch, ignore_errors=True)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -57,9 +58,25 @@ def _save(path: Path, payload: dict) -> None:
     os.replace(scratch, path)
 
 
+class Phase(Protocol):
+    """What `run_phase` drives: the phase classes of `phases.py` (torch modules with these two)."""
+
+    def step(self, step: int, batch_size: int) -> Any: ...
+
+    def validate(self) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def eval(self) -> Any: ...
+
+
 def run_phase(
     name: str,
-    phase: torch.nn.Module,
+    phase: Phase,
     parameters: Sequence[torch.nn.Parameter],
     config: PhaseConfig,
     work_dir: Path | None = None,

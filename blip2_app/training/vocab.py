@@ -24,7 +24,11 @@ PROMPT_TEXT = (
 
 
 def corpus() -> list[str]:
-    return [*synthetic.iter_corpus(), *PROMPT_TEXT]
+    # imported here: phases imports the engine, and vocab must stay light
+    from .phases import GENERIC_EXEMPLARS, INSTRUCTIONS
+
+    extras = [*INSTRUCTIONS, *(f"Question: {t.question} Answer: {t.answer}." for t in GENERIC_EXEMPLARS)]
+    return [*synthetic.iter_corpus(), *PROMPT_TEXT, *extras]
 
 
 def _words(pre_tokenizer) -> list[str]:
@@ -53,7 +57,7 @@ def opt_tokenizer() -> GPT2Tokenizer:
                 vocab[word[:end]] = len(vocab)
     return GPT2Tokenizer(
         vocab=vocab,
-        merges=merges,
+        merges=merges,  # type: ignore[arg-type]  # pairs are what the tokenizer builds merges from; the stub says str
         bos_token="</s>",
         eos_token="</s>",
         unk_token="</s>",
@@ -97,6 +101,7 @@ def processors(
     Q-Former's reading of the prompt.
 
     Blip2Processor adds the `<image>` token to each tokenizer, so vocabulary sizes are read after."""
+    captioning: Blip2Processor | InstructBlipProcessor
     if question_aware:
         qformer_tokenizer = bert_tokenizer(model_max_length=QFORMER_PROMPT_TOKENS, truncation_side="left")
         captioning = InstructBlipProcessor(
