@@ -225,7 +225,9 @@ def test_training_never_sees_the_evaluation_renderer():
         DataConfig(style="paint")
     with pytest.raises(ValueError, match="evaluation only"):
         ShapesData.build(0, "train", 2, None, 8, style="paint")
-    assert TrainConfig.load("shapes-demo").data.style == "random"
+    assert TrainConfig.load("shapes-demo-randomised").data.style == "random"
+    assert TrainConfig.load("shapes-demo-randomised").object_phrases
+    assert TrainConfig.load("shapes-demo").data.style == "classic"  # the recipe of the bundled model
 
 
 def _tiny_data(arch, captioning):
@@ -359,7 +361,7 @@ def test_prompted_questions_hold_two_examples_from_other_images():
     records = [r for r in load_records("shapes:size=12,task=vqa", "test")]
 
     class Engine:  # what prompted_vqa_prompts reads of an engine
-        class captioner:
+        class text:
             class entry:
                 templates = Registry.load().resolve("shapes-demo").templates
 

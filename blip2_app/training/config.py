@@ -133,6 +133,8 @@ class TrainConfig:
     # Share of questions (LM pretraining and stage 2) that come with an instruction and / or
     # few-shot examples, as the chat tab can send them (`phases.varied_prompt`).
     prompt_variety: float = 0.0
+    # Stage 1 also matches phrases about one object (and their false twins): the randomised recipe.
+    object_phrases: bool = False
 
     PHASES = ("vision", "language", "stage1", "stage2")
 

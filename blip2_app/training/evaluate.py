@@ -95,7 +95,7 @@ def prompted_vqa_prompts(engine, records: list[Record], mode: str) -> list[str]:
     """Each record's question as the chat tab sends it with two few-shot examples (questions and
     answers of other images of the set, so copying them is wrong) or as a quick answer after
     HELD_OUT_INSTRUCTION."""
-    templates = engine.captioner.entry.templates
+    templates = engine.text.entry.templates
     if mode == "instruction":
         return [vqa_prompt(templates, str(r.question), instruction=HELD_OUT_INSTRUCTION) for r in records]
     if mode != "few_shot":
@@ -123,9 +123,8 @@ def _answers(engine, records: list[Record], mode: str | None, progress: bool) ->
         return predictions
     # The engine's own generation with the model's answer decoding, for prompts answer_batch
     # does not build.
-    loaded = engine.captioner
-    generation = loaded.entry.answer_decoding.replace(num_captions=1)
-    tokenizer = loaded.processor.tokenizer
+    text = engine.text
+    generation = text.entry.answer_decoding.replace(num_captions=1)
     prompts = prompted_vqa_prompts(engine, records, mode)
     predictions = []
     for start in tqdm(
@@ -133,10 +132,7 @@ def _answers(engine, records: list[Record], mode: str | None, progress: bool) ->
     ):
         batch = records[start : start + BATCH]
         ids = engine.generate_ids([r.load_image() for r in batch], prompts[start : start + BATCH], generation)
-        predictions += [
-            clean_answer(tokenizer.decode(rows[0], skip_special_tokens=True), loaded.entry.templates)
-            for rows in ids
-        ]
+        predictions += [clean_answer(text.decode(rows[0]), text.entry.templates) for rows in ids]
     return predictions
 
 

@@ -441,7 +441,8 @@ def vision_features(vision: nn.Module, pixels: torch.Tensor, chunk: int = 256) -
     )
 
 
-# One image in this many also gets an object phrase and its false twin as ITM pairs.
+# With `object_phrases` (the randomised recipe), one image in this many also gets an object
+# phrase and its false twin as ITM pairs.
 PHRASE_SHARE = 4
 
 
@@ -454,8 +455,18 @@ class QFormerPretraining(nn.Module):
 
     INDEX = 2
 
-    def __init__(self, arch, train: ShapesData, val: ShapesData, processor, vision_state: dict, seed: int):
+    def __init__(
+        self,
+        arch,
+        train: ShapesData,
+        val: ShapesData,
+        processor,
+        vision_state: dict,
+        seed: int,
+        phrase_share: int = 0,  # 0: no object phrases (the classic recipe); else one image in this many
+    ):
         super().__init__()
+        self.phrase_share = phrase_share
         self.model = architecture.new_retrieval_model(arch, processor)
         self.model.vision_model.load_state_dict(vision_state)
         architecture.trainable(self.model.vision_model, False)
@@ -502,7 +513,8 @@ class QFormerPretraining(nn.Module):
         positives = [s.caption for s in scenes]
         negatives = [perturb(s, rng) for s in scenes]
         # A phrase about one object and its false twin for a quarter of the images (ITM only).
-        phrases = [phrase_pair(s, rng) for s in scenes[: batch_size // PHRASE_SHARE]]
+        shared = batch_size // self.phrase_share if self.phrase_share else 0
+        phrases = [phrase_pair(s, rng) for s in scenes[:shared]]
         features = self.train_features[torch.from_numpy(idx)]
         tokens = self._tokens(positives + negatives + [p for p, _ in phrases] + [n for _, n in phrases])
         image = self.image_embeds(features)  # (B, Q, D)

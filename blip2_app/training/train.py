@@ -25,7 +25,13 @@ import transformers
 
 from . import vocab
 from .config import TrainConfig
-from .phases import GenerativePretraining, LanguagePretraining, QFormerPretraining, VisionPretraining
+from .phases import (
+    PHRASE_SHARE,
+    GenerativePretraining,
+    LanguagePretraining,
+    QFormerPretraining,
+    VisionPretraining,
+)
 from .shapes_data import ShapesData
 from .trainer import PhaseOutcome, run_phase
 
@@ -135,7 +141,8 @@ def train(
         return _stopped(report, started)
 
     torch.manual_seed(seed + 2)
-    stage1 = QFormerPretraining(arch, train_data, val_data, retrieval, vision_state, seed)
+    phrase_share = PHRASE_SHARE if config.object_phrases else 0
+    stage1 = QFormerPretraining(arch, train_data, val_data, retrieval, vision_state, seed, phrase_share)
     if not run("stage1", stage1, stage1.trainable_parameters()):
         return _stopped(report, started)
 
