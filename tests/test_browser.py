@@ -298,7 +298,8 @@ def test_chat_tab_streams_two_turns(page):
     sync_api.expect(page.locator('#chatbot [data-testid="user"]')).to_have_count(0)
 
 
-def test_retrieval_tab_index_and_search(page):
+def index_three_photos(page):
+    """The Retrieval tab with THREE indexed; returns the status box."""
     open_tab(page, "Retrieval")
     upload(page, "#gallery-files", THREE)
     page.wait_for_function("() => document.querySelectorAll('#gallery-files tbody tr').length === 3")
@@ -307,6 +308,11 @@ def test_retrieval_tab_index_and_search(page):
     sync_api.expect(status).to_have_value(
         "Indexed 3 new images; the gallery now holds 3.", timeout=TIMEOUT_MS
     )
+    return status
+
+
+def test_retrieval_tab_index_and_search(page):
+    index_three_photos(page)
     page.wait_for_function("() => document.querySelectorAll('#gallery-preview img').length === 3")
 
     page.locator("#search-query textarea").fill("a cat")

@@ -15,10 +15,10 @@ import pytest
 from test_browser import (  # the shared set-up (skips this module too when chromium is missing)
     CAT,
     LAPTOP,
-    THREE,
     TIMEOUT_MS,
     app_url,  # noqa: F401  # fixture, requested by `page`
     browser,  # noqa: F401  # fixture, requested by `page`
+    index_three_photos,
     open_page,
     open_tab,
     screenshot,
@@ -96,14 +96,7 @@ def test_top_answers_with_scores(page):
 
 
 def test_retrieval_more_like_this_minimum_score_combined_and_keeping_the_gallery(page):
-    open_tab(page, "Retrieval")
-    upload(page, "#gallery-files", THREE)
-    page.wait_for_function("() => document.querySelectorAll('#gallery-files tbody tr').length === 3")
-    page.locator("#index-button").click()
-    status = page.locator("#gallery-status textarea")
-    sync_api.expect(status).to_have_value(
-        "Indexed 3 new images; the gallery now holds 3.", timeout=TIMEOUT_MS
-    )
+    status = index_three_photos(page)
 
     page.locator("#search-query textarea").fill("a cat")
     page.locator("#search-button").click()
