@@ -15,7 +15,7 @@ import mmap
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -23,6 +23,7 @@ from typing import Any, cast
 import torch
 import transformers
 
+from . import quantization
 from .allocator import trim_heap
 from .checkpoints import (
     SafetensorsHeaderError,
@@ -83,6 +84,8 @@ def resolve_precisions(
     notes = []
     if device.type != "cpu" and DYNAMIC_INT8 in chosen.values():
         raise ModelLoadError("dynamic-int8 runs on CPU only; on a GPU use fp16, int8 or nf4.")
+    if DYNAMIC_INT8 in chosen.values():
+        quantization.check_quantized_ops()
     if device.type == "cpu":
         for component, value in chosen.items():
             if value == "fp16":
@@ -137,7 +140,7 @@ class LoadedModel:
                 for m in modules
                 if isinstance(m, torch.nn.Module)
                 for sub in m.modules()
-                if isinstance(sub, torch.ao.nn.quantized.dynamic.Linear)
+                if quantization.is_dynamic_int8(sub)
             ]
             linear_types = Counter(
                 _linear_kind(sub) for m in modules if isinstance(m, torch.nn.Module) for sub in m.modules()
@@ -150,7 +153,7 @@ class LoadedModel:
                 "requested": getattr(self.precisions, component),
                 "parameters": sum(p.numel() for p in params) + sum(q.weight().numel() for q in packed),
                 "bytes": sum(p.numel() * p.element_size() for p in params)
-                + sum(_packed_bytes(q) for q in packed),
+                + sum(quantization.packed_bytes(q) for q in packed),
                 "dtypes": dict(dtypes),
                 "linear_layers": dict(linear_types),
             }
@@ -166,16 +169,9 @@ class LoadedModel:
         }
 
 
-def _packed_bytes(layer: torch.ao.nn.quantized.dynamic.Linear) -> int:
-    weight = layer.weight()
-    scales = weight.q_per_channel_scales() if weight.qscheme() == torch.per_channel_affine else torch.empty(1)
-    bias = layer.bias()
-    return weight.numel() + 12 * scales.numel() + (0 if bias is None else bias.numel() * 4)
-
-
 def _linear_kind(module: torch.nn.Module) -> str | None:
     """Class name of a Linear-like layer (nn.Linear, bitsandbytes, torch dynamic int8), else None."""
-    if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):
+    if quantization.is_dynamic_int8(module):
         return "DynamicInt8Linear"
     return type(module).__name__ if isinstance(module, torch.nn.Linear) else None
 
@@ -295,9 +291,9 @@ def _load_with_transformers(
 ) -> Any:
     """transformers' own loader (bitsandbytes quantizes while loading), then per-component casts."""
     kwargs: dict[str, Any] = {"dtype": _load_dtype(precisions)}
-    quantization = _quantization_config(precisions, model_class)
-    if quantization is not None:
-        kwargs.update(quantization_config=quantization, device_map={"": str(device)})
+    bitsandbytes_config = _quantization_config(precisions, model_class)
+    if bitsandbytes_config is not None:
+        kwargs.update(quantization_config=bitsandbytes_config, device_map={"": str(device)})
     model = model_class.from_pretrained(location, **kwargs)
     for component in COMPONENTS:
         precision = getattr(precisions, component)
@@ -305,7 +301,7 @@ def _load_with_transformers(
             part = getattr(model, name, None)
             if precision == DYNAMIC_INT8 and isinstance(part, torch.nn.Module):
                 part.float()
-                _quantize_linears(part)
+                quantization.quantize_linears(part)
             elif precision in FLOAT_DTYPES and isinstance(part, torch.nn.Parameter):
                 part.data = part.data.to(FLOAT_DTYPES[precision])
             elif precision in FLOAT_DTYPES and isinstance(part, torch.nn.Module):
@@ -334,99 +330,6 @@ def vision_fingerprint(files: list[Path]) -> str:
         with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
             digest.update(data[offset + start : offset + end])
     return digest.hexdigest()
-
-
-def _dynamic_int8(linear: torch.nn.Linear) -> torch.nn.Module:
-    """int8 weights per output channel; activations are quantized per call (fbgemm on x86)."""
-    # torch.ao reads `qconfig` off the module; nn.Module declares no such attribute.
-    linear.qconfig = torch.ao.quantization.per_channel_dynamic_qconfig  # type: ignore[assignment]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao's "migrate to torchao" notice
-        return torch.ao.nn.quantized.dynamic.Linear.from_float(linear.float())
-
-
-def _quantize_linears(module: torch.nn.Module) -> None:
-    for name, child in list(module.named_children()):
-        if type(child) is torch.nn.Linear:
-            setattr(module, name, _dynamic_int8(child))
-        else:
-            _quantize_linears(child)
-
-
-class _Int8Embedding(torch.nn.Module):
-    """An embedding table read from int8 rows with one scale each: the LM head's quantized weight,
-    when the two are tied (OPT), so the table costs 1 byte per value instead of 2 (bf16) or 4."""
-
-    rows: torch.Tensor  # buffers, declared so the type checker knows them
-    scales: torch.Tensor
-
-    def __init__(self, rows: torch.Tensor, scales: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("rows", rows)
-        self.register_buffer("scales", scales)
-        self.num_embeddings, self.embedding_dim = rows.shape
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        flat = input_ids.reshape(-1)
-        values = self.rows.index_select(0, flat).float() * self.scales.index_select(0, flat).unsqueeze(1)
-        return values.view(*input_ids.shape, self.embedding_dim)
-
-
-TIED_HEAD_CHUNK_ROWS = 4096  # rows quantized at a time: no fp32 copy of a 50k x 2560 table
-RowReader = Callable[[int, int], torch.Tensor]  # (start, end) -> those rows of a table, in fp32
-
-
-def _quantize_tied_head(
-    language_model: transformers.PreTrainedModel, read_rows: RowReader | None = None
-) -> bool:
-    """An LM head tied to the embedding table becomes dynamic-int8, quantized a block of rows at a
-    time, and the table then reads the same int8 rows: the fp32 copy torch's `from_float` would
-    make (515 MB on OPT-2.7B) never exists, and the table costs 1 byte per value. `read_rows`
-    reads the table straight from the checkpoint when it was left unloaded (no bf16 copy either:
-    without it, that copy was the peak of the whole load). Returns whether the head was tied."""
-    head, table = language_model.get_output_embeddings(), language_model.get_input_embeddings()
-    if not (
-        type(head) is torch.nn.Linear
-        and isinstance(table, torch.nn.Embedding)
-        and head.weight is table.weight
-    ):
-        return False
-    if read_rows is None:
-        read_rows = lambda start, end: head.weight[start:end].detach().float()
-    shape = head.weight.shape
-    # The observer of per_channel_dynamic_qconfig, so scales equal what `from_float` computes;
-    # they are per row, so a block of rows at a time gives the same values as the whole table.
-    observer = torch.ao.quantization.per_channel_dynamic_qconfig.weight()
-    rows = torch.empty(shape, dtype=torch.int8)
-    scales = torch.empty(shape[0], dtype=torch.float64)
-    zero_points = torch.empty(shape[0], dtype=torch.long)
-    for start in range(0, shape[0], TIED_HEAD_CHUNK_ROWS):
-        chunk = read_rows(start, start + TIED_HEAD_CHUNK_ROWS)
-        end = start + len(chunk)
-        chunk_scales, chunk_zero_points = observer._calculate_qparams(chunk.amin(dim=1), chunk.amax(dim=1))
-        rows[start:end] = torch.quantize_per_channel(
-            chunk, chunk_scales, chunk_zero_points, 0, torch.qint8
-        ).int_repr()
-        scales[start:end], zero_points[start:end] = chunk_scales, chunk_zero_points
-    del head.weight, table.weight  # the bf16 table, when it was loaded: freed before packing
-    quantized = torch._make_per_channel_quantized_tensor(rows, scales, zero_points, 0)
-    # Built 1 x 1, then given the weight: built at full size, its placeholder weight would be one
-    # more int8 copy of the table (129 MB) at the peak.
-    linear = torch.ao.nn.quantized.dynamic.Linear(1, 1, bias_=head.bias is not None, dtype=torch.qint8)
-    linear.set_weight_bias(quantized, None if head.bias is None else head.bias.detach().float())
-    linear.in_features, linear.out_features = head.in_features, head.out_features
-    del quantized  # a copy of `rows` that the packed weight no longer needs
-    language_model.set_output_embeddings(linear)
-    language_model.set_input_embeddings(_Int8Embedding(rows, scales.float()))
-    return True
-
-
-class _Bf16Embedding(torch.nn.Embedding):
-    """An embedding table kept in bf16 (half the memory) whose output is fp32, for components
-    whose Linear layers are dynamic-int8 and so compute in fp32."""
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return super().forward(input_ids).float()
 
 
 def stream_load(
@@ -564,7 +467,7 @@ class _TensorStream:
             # never-touched fp32 storage: 515 MB on OPT-2.7B.
             self.loaded_ids.add(id(cast(torch.nn.Embedding, owner).weight))
             return
-        owner.__class__ = _Bf16Embedding
+        owner.__class__ = quantization.Bf16Embedding
         self.loaded_ids.add(id(_assign(owner, attr, _read_cast(handle, key, torch.bfloat16))))
 
     def _collect_linear_part(
@@ -631,9 +534,12 @@ def _quantize_remaining_linears(
                     language_model = cast(transformers.PreTrainedModel, part)
                     source = untied_tables.pop(language_model.get_input_embeddings(), None)
                     with _row_reader(source) as read_rows:
-                        if not _quantize_tied_head(language_model, read_rows) and source is not None:
+                        if (
+                            not quantization.quantize_tied_head(language_model, read_rows)
+                            and source is not None
+                        ):
                             raise ModelLoadError(f"{location}: the LM head is not tied to {source[1]}.")
-                _quantize_linears(part)
+                quantization.quantize_linears(part)
     if untied_tables:
         raise ModelLoadError(
             f"{location}: tied tables left unread: {sorted(k for _, k in untied_tables.values())}."
@@ -691,8 +597,8 @@ def _tie(model: torch.nn.Module, ties: dict[str, str]) -> None:
         owner_name, _, attr = target.rpartition(".")
         owner = model.get_submodule(owner_name)
         setattr(owner, attr, getattr(source_owner, source_attr))
-        if type(source_owner) is _Bf16Embedding and type(owner) is torch.nn.Embedding:
-            owner.__class__ = _Bf16Embedding
+        if type(source_owner) is quantization.Bf16Embedding and type(owner) is torch.nn.Embedding:
+            owner.__class__ = quantization.Bf16Embedding
 
 
 def _read_cast(handle: Any, key: str, dtype: torch.dtype) -> torch.Tensor:
@@ -707,7 +613,7 @@ def _read_cast(handle: Any, key: str, dtype: torch.dtype) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _row_reader(source: tuple[Path, str] | None) -> Iterator[RowReader | None]:
+def _row_reader(source: tuple[Path, str] | None) -> Iterator[quantization.RowReader | None]:
     """Reads rows of a stored table as fp32, or None when there is no stored table to read."""
     if source is None:
         yield None
@@ -739,4 +645,6 @@ def _replace_linear(model: torch.nn.Module, name: str, parts: dict[str, torch.Te
     if old.bias is not None:
         fresh.bias = torch.nn.Parameter(parts["bias"].float(), requires_grad=False)
     parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, _dynamic_int8(fresh))
+    setattr(
+        model.get_submodule(parent_name) if parent_name else model, child, quantization.dynamic_int8(fresh)
+    )
