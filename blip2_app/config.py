@@ -61,6 +61,9 @@ class Settings:
     upload_ttl_minutes: float = 360.0
     available_memory_mb: int | None = None  # None: MemAvailable (or free GPU memory); 0: no check
     threads: int | None = None
+    # Where quantized models are kept between starts (weight_cache.py): "auto" (~/.cache/
+    # blip2-studio/weights or $BLIP2_WEIGHT_CACHE), a folder, or "off".
+    weight_cache: str = "auto"
     # Keep the loading allocator settings while serving: lower memory peaks, slower beam search
     # (measured in benchmarks/results/memory_phases.md; see allocator.py).
     low_memory: bool = False
@@ -119,6 +122,8 @@ class Settings:
                 raise SettingsError(f"{name} must be 0 (off) or more; got {getattr(self, name)}.")
         if self.threads is not None and self.threads < 1:
             raise SettingsError(f"threads must be at least 1; got {self.threads}.")
+        if not self.weight_cache.strip():
+            raise SettingsError("weight_cache must be auto, off or a folder; got an empty value.")
         if not self.model.strip():
             raise SettingsError("model must not be empty.")
         if self.fallback_model is not None and not self.fallback_model.strip():
@@ -250,6 +255,8 @@ def add_arguments(
         "available_memory_mb": "memory the model may use, for the check before loading "
         "(default: MemAvailable from /proc/meminfo, or free GPU memory; 0 = no check)",
         "threads": "PyTorch CPU threads (default: PyTorch's choice)",
+        "weight_cache": "folder for quantized models, so the next start skips quantizing (about a "
+        "quarter of the fp32 checkpoint's size; auto = ~/.cache/blip2-studio/weights; off = none)",
         "low_memory": "keep memory peaks lower while serving (blocks of 1 MB and up are mmapped and "
         "freed at once) at the cost of slower beam search; for machines where every 100 MB counts",
         "cache_examples": "cache the example photos' captions: lazy (first click computes, later "

@@ -14,8 +14,9 @@ import logging
 import mmap
 import time
 import warnings
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -44,6 +45,7 @@ from .precisions import (
     ComponentPrecisions,
 )
 from .registry import ModelEntry
+from .weight_cache import WeightCache
 
 log = logging.getLogger(__name__)
 
@@ -211,11 +213,13 @@ def load_model(
     precisions: ComponentPrecisions,
     device: torch.device,
     share_vision_with: LoadedModel | None = None,
+    cache: WeightCache | None = None,
 ) -> LoadedModel:
     """Load `entry` with one precision per component; errors become one clear ModelLoadError.
 
     With `share_vision_with`, the vision encoder of that model is reused when the two checkpoints'
     vision weights are byte-identical (BLIP-2 keeps the image encoder frozen): ~1 B parameters saved.
+    With `cache`, a dynamic-int8 model is read from (or written to) the weight cache.
     """
     started = time.perf_counter()
     model_class = getattr(transformers, entry.family.architecture)
@@ -229,7 +233,13 @@ def load_model(
             warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
             processor = processor_class.from_pretrained(location)
             files = weight_files(location)
-            fingerprint = vision_fingerprint(files) if files else ""
+            fingerprint = ""
+            if files:
+                fingerprint = (
+                    cache.vision_fingerprint(files, vision_fingerprint)
+                    if cache
+                    else vision_fingerprint(files)
+                )
             shared = None
             if (
                 share_vision_with is not None
@@ -242,7 +252,11 @@ def load_model(
                 )
             model = None
             if files and not _uses_bitsandbytes(precisions):
-                model = stream_load(model_class, location, files, precisions, shared, device)
+                model, cache_state = _cached_stream_load(
+                    model_class, location, files, precisions, shared, device, cache
+                )
+                if cache_state:
+                    notes.append(cache_state)
             if model is None:
                 model = _load_with_transformers(model_class, location, precisions, device)
                 if shared is not None:
@@ -280,6 +294,45 @@ def load_model(
     )
     log.info("Loaded %s in %.1fs: %s", entry.name, loaded.load_seconds, precisions.as_dict())
     return loaded
+
+
+def _cached_stream_load(
+    model_class: type[transformers.PreTrainedModel],
+    location: str,
+    files: list[Path],
+    precisions: ComponentPrecisions,
+    shared: torch.nn.Module | None,
+    device: torch.device,
+    cache: WeightCache | None,
+) -> tuple[Any | None, str]:
+    """stream_load, through the weight cache when it pays (a large checkpoint, dynamic-int8 on
+    CPU); also returns a sentence for the Model tab saying what the cache did."""
+    entry = None
+    if cache is not None and device.type == "cpu" and DYNAMIC_INT8 in precisions.as_dict().values():
+        entry = cache.entry_for(model_class, files, precisions, shares_vision=shared is not None)
+    if cache is None or entry is None:
+        return stream_load(model_class, location, files, precisions, shared, device), ""
+    started = time.perf_counter()
+    model = cache.load(entry, lambda: _skeleton(model_class, location), shared)
+    if model is not None:
+        took = time.perf_counter() - started
+        return (
+            model,
+            f"Read from the weight cache in {took:.1f}s: {entry.path} ({entry.size_bytes / 1e9:.2f} GB).",
+        )
+    model = stream_load(model_class, location, files, precisions, shared, device)
+    if model is None:
+        return None, ""
+    cache.store(entry, model, skip_prefix="vision_model." if shared is not None else None)
+    if not entry.exists:
+        return (
+            model,
+            "The weight cache could not be written (see the server log): the next start quantizes again.",
+        )
+    return (
+        model,
+        f"Quantized and written to the weight cache: {entry.path} ({entry.size_bytes / 1e9:.2f} GB).",
+    )
 
 
 def _uses_bitsandbytes(precisions: ComponentPrecisions) -> bool:
@@ -385,11 +438,7 @@ def _plan_stream_load(
 ) -> _StreamPlan | None:
     """The model skeleton and what to read into it; None when the checkpoint's tensor names do
     not match the model's."""
-    from transformers.initialization import no_init_weights, no_tie_weights
-
-    config = transformers.AutoConfig.from_pretrained(location)
-    with no_init_weights(), no_tie_weights():
-        model = model_class._from_config(config, dtype=torch.float32)
+    model = _skeleton(model_class, location)
     expected = set(model.state_dict())
     stored = {key: path for path in files for key in read_safetensors_header(path).entries}
     skip = "vision_model." if shared_vision is not None else None
@@ -412,6 +461,15 @@ def _plan_stream_load(
     return _StreamPlan(model, stored, ties, wanted, tie_sources, head_tables)
 
 
+def _skeleton(model_class: type[transformers.PreTrainedModel], location: str) -> transformers.PreTrainedModel:
+    """The model built without initialising its weights (untouched storage costs no memory)."""
+    from transformers.initialization import no_init_weights, no_tie_weights
+
+    config = transformers.AutoConfig.from_pretrained(location)
+    with no_init_weights(), no_tie_weights():
+        return model_class._from_config(config, dtype=torch.float32)
+
+
 def _precision_of(precisions: ComponentPrecisions, key: str) -> str:
     component = component_of(key)
     return getattr(precisions, component) if component else "fp32"
@@ -432,14 +490,30 @@ class _TensorStream:
     untied_tables: dict[torch.nn.Module, tuple[Path, str]] = field(default_factory=dict)
     # Tensors holding checkpoint values: `initialize_weights` must not overwrite them.
     loaded_ids: set[int] = field(default_factory=set)
+    # Layers being quantized on every core while the next tensors are read: (name, job).
+    quantizing: deque[tuple[str, Future[torch.nn.Module]]] = field(default_factory=deque)
+    workers: int = field(default_factory=lambda: max(1, torch.get_num_threads()))
+    pool: ThreadPoolExecutor = field(init=False)
 
     def read_checkpoint(self) -> None:
         from safetensors import safe_open
 
-        for path, keys in self.plan.keys_by_file().items():
-            with safe_open(str(path), framework="pt") as handle:
-                for key in keys:
-                    self._read_tensor(handle, path, key)
+        with ThreadPoolExecutor(self.workers) as self.pool:
+            for path, keys in self.plan.keys_by_file().items():
+                with safe_open(str(path), framework="pt") as handle:
+                    for key in keys:
+                        self._read_tensor(handle, path, key)
+                        # One layer per core waits at most: each holds its fp32 weight until done.
+                        while len(self.quantizing) > self.workers:
+                            self._place_quantized()
+            while self.quantizing:
+                self._place_quantized()
+
+    def _place_quantized(self) -> None:
+        name, job = self.quantizing.popleft()
+        parent_name, _, child = name.rpartition(".")
+        model = self.plan.model
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, job.result())
 
     def _read_tensor(self, handle: Any, path: Path, key: str) -> None:
         model = self.plan.model
@@ -477,7 +551,8 @@ class _TensorStream:
         parts = self.pending.setdefault(owner_name, {})
         parts[attr] = tensor
         if "weight" in parts and ("bias" in parts or cast(torch.nn.Linear, owner).bias is None):
-            _replace_linear(self.plan.model, owner_name, parts)
+            layer = _fp32_linear(cast(torch.nn.Linear, owner), parts)
+            self.quantizing.append((owner_name, self.pool.submit(quantization.dynamic_int8, layer)))
             del self.pending[owner_name]
 
 
@@ -638,13 +713,10 @@ def _assign(owner: torch.nn.Module, attr: str, value: torch.Tensor) -> torch.Ten
     return parameter
 
 
-def _replace_linear(model: torch.nn.Module, name: str, parts: dict[str, torch.Tensor]) -> None:
-    old = cast(torch.nn.Linear, model.get_submodule(name))  # only Linear layers are replaced
+def _fp32_linear(old: torch.nn.Linear, parts: dict[str, torch.Tensor]) -> torch.nn.Linear:
+    """A Linear layer of `old`'s shape holding the weight and bias read for it, in fp32."""
     fresh = torch.nn.Linear(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
     fresh.weight = torch.nn.Parameter(parts["weight"].float(), requires_grad=False)
     if old.bias is not None:
         fresh.bias = torch.nn.Parameter(parts["bias"].float(), requires_grad=False)
-    parent_name, _, child = name.rpartition(".")
-    setattr(
-        model.get_submodule(parent_name) if parent_name else model, child, quantization.dynamic_int8(fresh)
-    )
+    return fresh

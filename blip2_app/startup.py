@@ -25,6 +25,7 @@ from .images import ImageLimits
 from .loading import LoadedModel, load_model, pick_device, resolve_precisions
 from .memory import check_memory, memory_budget
 from .registry import ModelEntry, Registry
+from .weight_cache import WeightCache
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ def _load_models(settings: Settings, registry: Registry | None) -> Engine:
     device = pick_device(settings.device)
     entry = resolve_model(registry, settings.model, "--model")
     budget = memory_budget(settings, device)
+    weights = WeightCache.from_setting(settings.weight_cache)
 
     text: TextBackend | None = None
     matcher = None
@@ -80,7 +82,7 @@ def _load_models(settings: Settings, registry: Registry | None) -> Engine:
                 settings.precision, text_entry, device, settings.precision_overrides
             )
             budget = check_memory(text_entry, precisions, budget)
-            loaded = load_model(text_entry, precisions, device)
+            loaded = load_model(text_entry, precisions, device, cache=weights)
             loaded.notes.extend(notes)
             return loaded
 
@@ -108,7 +110,7 @@ def _load_models(settings: Settings, registry: Registry | None) -> Engine:
             # Sharing the encoder needs one precision for it; the captioning model's wins.
             precisions = dataclasses.replace(precisions, vision=captioner.precisions.vision)
         check_memory(matcher_entry, precisions, budget, shares_vision_with=captioner)
-        matcher = load_model(matcher_entry, precisions, device, share_vision_with=captioner)
+        matcher = load_model(matcher_entry, precisions, device, share_vision_with=captioner, cache=weights)
         matcher.notes.extend(notes)
 
     cache = FeatureCache(max_entries=settings.cache_entries, max_bytes=settings.cache_mb * 1024 * 1024)

@@ -6,6 +6,7 @@ from typing import Any
 
 from ..config import Settings
 from ..engine import Engine, EngineInfo
+from ..weight_cache import WeightCache
 from .sessions import MAX_GALLERY_IMAGES
 
 COMPONENT_NAMES = {
@@ -109,6 +110,16 @@ def _server_section(report: dict[str, Any], description: str) -> list[str]:
     return lines
 
 
+def _weight_cache_line(settings: Settings) -> str:
+    cache = WeightCache.from_setting(settings.weight_cache)
+    if cache is None:
+        return "Off (`--weight-cache off`): every start quantizes the checkpoint again."
+    return (
+        f"Quantized models are kept in `{cache.root}` ({human_bytes(cache.size_bytes())} now), so the "
+        "next start reads them instead of quantizing; the notes above say whether this start did."
+    )
+
+
 def model_report_markdown(info: EngineInfo, engine: Engine, settings: Settings) -> str:
     lines: list[str] = []
     text = engine.text
@@ -141,6 +152,10 @@ def model_report_markdown(info: EngineInfo, engine: Engine, settings: Settings) 
         "| holds at most | size at most |",
         "|---:|---:|",
         f"| {cache.get('max_entries', 0)} images | {human_bytes(cache.get('max_bytes', 0))} |",
+        "",
+        "### Weight cache",
+        "",
+        _weight_cache_line(settings),
         "",
         "### Server limits",
         "",

@@ -1,0 +1,340 @@
+"""A disk cache of quantized models, so the second start skips quantizing (issue 20).
+
+Loading OPT-2.7B from its fp32 checkpoint at dynamic-int8 means reading 15 GB and quantizing
+3.8 B weights; the cache keeps the finished model instead (int8 rows, their scales, and every
+other tensor as loaded: about a quarter of the fp32 size) and the next start reads that and only
+packs the int8 layers for fbgemm (packed weights cannot be stored: torch's own format unpacks
+them). The vision fingerprint, which decides whether two models share their vision encoder, is
+remembered per file too (hashing 4 GB took 6 s).
+
+An entry's key is the checkpoint's identity (each file's path, size and modification time), the
+precisions, the model class, the versions of torch and transformers and FORMAT_VERSION: a changed
+checkpoint or upgrade misses the cache and writes a new entry; older entries of the same
+checkpoint are removed then. Entries are written to a temporary folder and renamed into place,
+so a killed start leaves no half entry. Off with `--weight-cache off`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from safetensors import SafetensorError
+
+from . import quantization
+from .precisions import ComponentPrecisions
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+# Quantizing a small checkpoint takes less than reading a cache entry would save: not worth disk.
+MIN_CHECKPOINT_BYTES = 256 * 1024 * 1024
+TENSORS, MANIFEST = "model.safetensors", "manifest.json"
+DYNAMIC_INT8, INT8_EMBEDDING, BF16_EMBEDDING = "dynamic-int8", "int8-embedding", "bf16-embedding"
+INT8_PARTS = ("rows", "scales", "zero_points", "bias")
+
+
+def default_location() -> Path:
+    """$BLIP2_WEIGHT_CACHE, else ~/.cache/blip2-studio/weights (XDG_CACHE_HOME honoured)."""
+    if os.environ.get("BLIP2_WEIGHT_CACHE"):
+        return Path(os.environ["BLIP2_WEIGHT_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "blip2-studio" / "weights"
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One cached model: where it is and what it is for."""
+
+    path: Path
+    key: str
+    checkpoint: str
+
+    @property
+    def exists(self) -> bool:
+        return (self.path / MANIFEST).is_file()
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.path.iterdir()) if self.path.is_dir() else 0
+
+
+class WeightCache:
+    """Quantized models and vision fingerprints under `root`."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    @classmethod
+    def from_setting(cls, value: str) -> WeightCache | None:
+        """The `--weight-cache` value: "off", "auto" (default_location) or a folder."""
+        if value == "off":
+            return None
+        return cls(default_location() if value == "auto" else Path(value).expanduser())
+
+    def size_bytes(self) -> int:
+        """Bytes of all entries (fingerprints aside)."""
+        if not self.root.is_dir():
+            return 0
+        return sum(
+            f.stat().st_size for entry in self.root.iterdir() if entry.is_dir() for f in entry.iterdir()
+        )
+
+    # ------------------------------------------------------------------ keys
+    @staticmethod
+    def _file_identity(files: list[Path]) -> list[list[Any]]:
+        stats = [(path.resolve(), path.stat()) for path in files]
+        return [[str(path), stat.st_size, stat.st_mtime_ns] for path, stat in stats]
+
+    def entry_for(
+        self,
+        model_class: type,
+        files: list[Path],
+        precisions: ComponentPrecisions,
+        shares_vision: bool,
+    ) -> CacheEntry | None:
+        """The entry this load would use, or None when caching does not pay (small checkpoint)."""
+        if sum(path.stat().st_size for path in files) < MIN_CHECKPOINT_BYTES:
+            return None
+        identity = {
+            "format": FORMAT_VERSION,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "class": model_class.__name__,
+            "files": self._file_identity(files),
+            "precisions": precisions.as_dict(),
+            "shares_vision": shares_vision,  # such an entry holds no vision encoder
+        }
+        key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+        checkpoint = str(files[0].resolve().parent)
+        return CacheEntry(self.root / key, key, checkpoint)
+
+    # ------------------------------------------------------------------ fingerprints
+    def vision_fingerprint(self, files: list[Path], compute: Callable[[list[Path]], str]) -> str:
+        """`compute(files)`, remembered per file identity."""
+        store = self.root / "fingerprints.json"
+        identity = json.dumps(self._file_identity(files))
+        try:
+            known = json.loads(store.read_text())
+        except (OSError, ValueError):
+            known = {}
+        if identity in known:
+            return str(known[identity])
+        fingerprint = compute(files)
+        known[identity] = fingerprint
+        try:
+            _write_atomically(store, json.dumps(known).encode())
+        except OSError as error:  # a read-only cache folder: hashing again next time is all it costs
+            log.warning("Could not remember the vision fingerprint in %s: %s", store, error)
+        return fingerprint
+
+    # ------------------------------------------------------------------ store
+    def store(self, entry: CacheEntry, model: torch.nn.Module, skip_prefix: str | None) -> None:
+        """Write `model` as `entry` (atomically), then drop older entries of the same checkpoint.
+        A failure (disk full, read-only) is logged: the app runs on, the next start quantizes."""
+        started = time.perf_counter()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{entry.key}-", dir=self.root))
+            try:
+                tensors, manifest = _flatten(model, skip_prefix)
+                manifest["checkpoint"] = entry.checkpoint
+                from safetensors.torch import save_file
+
+                save_file(tensors, str(staging / TENSORS))
+                (staging / MANIFEST).write_text(json.dumps(manifest))
+                os.replace(staging, entry.path)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        except (OSError, RuntimeError) as error:
+            log.warning("Could not write the weight cache %s: %s", entry.path, error)
+            return
+        self._drop_older(entry)
+        log.info(
+            "Wrote the weight cache %s (%.2f GB) in %.1fs",
+            entry.path,
+            entry.size_bytes / 1e9,
+            time.perf_counter() - started,
+        )
+
+    def _drop_older(self, entry: CacheEntry) -> None:
+        for other in self.root.iterdir():
+            manifest = other / MANIFEST
+            if other == entry.path or not manifest.is_file():
+                continue
+            try:
+                same = json.loads(manifest.read_text()).get("checkpoint") == entry.checkpoint
+            except (OSError, ValueError):
+                continue
+            if same:
+                log.info("Removing the outdated weight cache %s", other)
+                shutil.rmtree(other, ignore_errors=True)
+
+    # ------------------------------------------------------------------ load
+    def load(
+        self,
+        entry: CacheEntry,
+        skeleton: Callable[[], torch.nn.Module],
+        shared_vision: torch.nn.Module | None,
+    ) -> torch.nn.Module | None:
+        """The cached model, or None when the entry is missing or unreadable (then it is removed)."""
+        if not entry.exists:
+            return None
+        try:
+            manifest = json.loads((entry.path / MANIFEST).read_text())
+            model = skeleton()
+            filled = _fill(model, entry.path / TENSORS, manifest)
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
+            log.warning(
+                "The weight cache %s is unreadable (%s): removing it and loading the checkpoint.",
+                entry.path,
+                error,
+            )
+            shutil.rmtree(entry.path, ignore_errors=True)
+            return None
+        if shared_vision is not None:
+            model.vision_model = shared_vision
+            filled |= {id(t) for t in [*shared_vision.parameters(), *shared_vision.buffers()]}
+        # The skeleton's tensors are allocated but hold no values: each must have been replaced.
+        missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if id(t) not in filled]
+        if missing:
+            log.warning(
+                "The weight cache %s lacks %s: removing it and loading the checkpoint.",
+                entry.path,
+                missing[:3],
+            )
+            shutil.rmtree(entry.path, ignore_errors=True)
+            return None
+        return model
+
+
+def _flatten(
+    model: torch.nn.Module, skip_prefix: str | None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every tensor of `model` under a unique name, and what the cache needs to rebuild it: the
+    special modules (int8 layers, int8 and bf16 tables) and the names that alias another."""
+    tensors: dict[str, torch.Tensor] = {}
+    kinds: dict[str, str] = {}
+    module_aliases: dict[str, str] = {}
+    tensor_aliases: dict[str, str] = {}
+    first_module: dict[int, str] = {}
+    first_tensor: dict[int, str] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if skip_prefix and (name + ".").startswith(skip_prefix):
+            continue
+        if id(module) in first_module:
+            module_aliases[name] = first_module[id(module)]
+            continue
+        first_module[id(module)] = name
+        prefix = f"{name}." if name else ""
+        if quantization.is_dynamic_int8(module):
+            kinds[name] = DYNAMIC_INT8
+            for part, tensor in quantization.int8_parts(module).items():
+                tensors[prefix + part] = tensor.contiguous()
+            continue
+        if isinstance(module, quantization.Int8Embedding):
+            kinds[name] = INT8_EMBEDDING
+        elif isinstance(module, quantization.Bf16Embedding):
+            kinds[name] = BF16_EMBEDDING
+        for attr, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            if tensor is None:
+                continue
+            if id(tensor) in first_tensor:
+                tensor_aliases[prefix + attr] = first_tensor[id(tensor)]
+                continue
+            first_tensor[id(tensor)] = prefix + attr
+            tensors[prefix + attr] = tensor.detach().contiguous()
+    manifest = {
+        "format": FORMAT_VERSION,
+        "kinds": kinds,
+        "module_aliases": module_aliases,
+        "tensor_aliases": tensor_aliases,
+    }
+    return tensors, manifest
+
+
+def _fill(model: torch.nn.Module, path: Path, manifest: dict[str, Any]) -> set[int]:
+    """Rebuild the cached model in `model` (a skeleton of the same class, weights not initialised).
+    Int8 layers are packed on every core while the next ones are read; a few in flight at most,
+    so the int8 rows read but not yet packed stay a few layers' worth. Returns the ids of the
+    tensors it put in place."""
+    from safetensors import safe_open
+
+    if manifest.get("format") != FORMAT_VERSION:
+        raise ValueError(f"format {manifest.get('format')}, expected {FORMAT_VERSION}")
+    kinds: dict[str, str] = manifest["kinds"]
+    workers = max(1, torch.get_num_threads())
+    filled: set[int] = set()
+    with safe_open(str(path), framework="pt") as handle, ThreadPoolExecutor(workers) as pool:
+        keys = set(handle.keys())
+        packing: deque[tuple[str, Future[torch.nn.Module]]] = deque()
+        for name, kind in kinds.items():
+            prefix = f"{name}." if name else ""
+            if kind == DYNAMIC_INT8:
+                parts = {p: handle.get_tensor(prefix + p) for p in INT8_PARTS if prefix + p in keys}
+                keys -= {prefix + p for p in INT8_PARTS}
+                packing.append((name, pool.submit(quantization.from_int8_parts, parts)))
+                while len(packing) > 2 * workers:
+                    _set_module(model, *_result(packing.popleft()))
+            elif kind == INT8_EMBEDDING:
+                rows, scales = handle.get_tensor(prefix + "rows"), handle.get_tensor(prefix + "scales")
+                keys -= {prefix + "rows", prefix + "scales"}
+                _set_module(model, name, quantization.Int8Embedding(rows, scales))
+                filled |= {id(rows), id(scales)}
+            elif kind == BF16_EMBEDDING:
+                model.get_submodule(name).__class__ = quantization.Bf16Embedding
+        while packing:
+            _set_module(model, *_result(packing.popleft()))
+        for alias, source in manifest["module_aliases"].items():
+            _set_module(model, alias, model.get_submodule(source))
+        for key in sorted(keys):
+            filled.add(id(_set_tensor(model, key, handle.get_tensor(key))))
+    for alias, source in manifest["tensor_aliases"].items():
+        owner_name, _, attr = source.rpartition(".")
+        _set_tensor(model, alias, getattr(model.get_submodule(owner_name), attr))
+    return filled
+
+
+def _result(job: tuple[str, Future[torch.nn.Module]]) -> tuple[str, torch.nn.Module]:
+    return job[0], job[1].result()
+
+
+def _set_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _set_tensor(model: torch.nn.Module, key: str, value: torch.Tensor) -> torch.Tensor:
+    owner_name, _, attr = key.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    if attr in owner._buffers:
+        owner._buffers[attr] = value
+        return value
+    if not isinstance(value, torch.nn.Parameter):
+        value = torch.nn.Parameter(value, requires_grad=False)
+    owner._parameters[attr] = value
+    return value
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,171 @@
+"""The weight cache (blip2_app/weight_cache.py): a second load reads the quantized model from disk
+and gets the same model; changed, damaged or unwritable caches never give a wrong one."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from blip2_app import loading, quantization, weight_cache
+from blip2_app.config import Settings
+from blip2_app.generation import GenerationSettings
+from blip2_app.startup import load_engine
+from tests.conftest import GENERATING_MODELS
+
+GREEDY = GenerationSettings(decoding="greedy", max_new_tokens=8)
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """A cache folder of its own; tiny checkpoints count as large enough to be cached."""
+    monkeypatch.setattr(weight_cache, "MIN_CHECKPOINT_BYTES", 0)
+    return tmp_path / "weights"
+
+
+def load(cache_dir, model="tiny-random", **changes):
+    changes.setdefault("retrieval_model", "none")
+    return load_engine(
+        Settings(model=model, precision="dynamic-int8", weight_cache=str(cache_dir), **changes)
+    )
+
+
+def entries(cache_dir: Path) -> list[Path]:
+    return sorted(p for p in cache_dir.iterdir() if (p / weight_cache.MANIFEST).is_file())
+
+
+def assert_same_model(first: torch.nn.Module, second: torch.nn.Module) -> None:
+    """Module by module: the same classes, int8 layers with equal rows and scales, equal tensors."""
+    modules = dict(second.named_modules(remove_duplicate=False))
+    for name, module in first.named_modules(remove_duplicate=False):
+        other = modules[name]
+        assert type(other) is type(module), name
+        if quantization.is_dynamic_int8(module):
+            for part, tensor in quantization.int8_parts(module).items():
+                assert torch.equal(tensor, quantization.int8_parts(other)[part]), (name, part)
+            continue
+        for attr, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            assert torch.equal(tensor, getattr(other, attr)), f"{name}.{attr}"
+            assert tensor.dtype == getattr(other, attr).dtype, f"{name}.{attr}"
+
+
+@pytest.mark.parametrize("name", GENERATING_MODELS)
+def test_the_second_load_reads_the_same_model_from_the_cache(cache_dir, images, name):
+    first = load(cache_dir, name)
+    assert any("written to the weight cache" in n for n in first.text.loaded.notes)
+    second = load(cache_dir, name)
+    assert any("Read from the weight cache" in n for n in second.text.loaded.notes)
+    assert len(entries(cache_dir)) == 1
+    assert_same_model(first.text.loaded.model, second.text.loaded.model)
+    assert second.caption(images[:2], generation=GREEDY) == first.caption(images[:2], generation=GREEDY)
+
+
+def test_the_tied_int8_table_and_head_come_back_tied_in_values(cache_dir):
+    model = load(cache_dir).text.loaded.model.language_model
+    cached = load(cache_dir).text.loaded.model.language_model
+    table, head = cached.get_input_embeddings(), cached.get_output_embeddings()
+    assert isinstance(table, quantization.Int8Embedding) and quantization.is_dynamic_int8(head)
+    assert torch.equal(table.rows, head.weight().int_repr())
+    assert torch.equal(table.rows, model.get_input_embeddings().rows)
+
+
+def test_a_shared_vision_encoder_stays_shared_and_its_fingerprint_is_remembered(
+    cache_dir, images, monkeypatch
+):
+    first = load(cache_dir, retrieval_model="auto")
+    hashed = []
+    real = loading.vision_fingerprint
+    monkeypatch.setattr(loading, "vision_fingerprint", lambda files: hashed.append(files) or real(files))
+    second = load(cache_dir, retrieval_model="auto")
+    assert hashed == []  # both fingerprints came from the cache
+    assert second.matcher.model.vision_model is second.text.loaded.model.vision_model
+    assert any("shared with" in note for note in second.matcher.notes)
+    assert any("Read from the weight cache" in note for note in second.matcher.notes)
+    torch.testing.assert_close(second.itc(images, ["a cat", "a dog"]), first.itc(images, ["a cat", "a dog"]))
+
+
+def test_a_changed_checkpoint_misses_and_replaces_its_old_entry(cache_dir, tmp_path, images):
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(load(cache_dir).text.loaded.checkpoint_path, checkpoint)
+    before = load(cache_dir, str(checkpoint))
+    old = [
+        p
+        for p in entries(cache_dir)
+        if json.loads((p / "manifest.json").read_text())["checkpoint"] == str(checkpoint)
+    ]
+    assert len(old) == 1
+    weights = checkpoint / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    after = load(cache_dir, str(checkpoint))
+    assert any("written to the weight cache" in n for n in after.text.loaded.notes)
+    assert not old[0].exists()
+    assert after.caption(images[:1], generation=GREEDY) == before.caption(images[:1], generation=GREEDY)
+
+
+def test_a_damaged_entry_is_removed_and_the_checkpoint_loaded(cache_dir, images, caplog):
+    first = load(cache_dir)
+    [entry] = entries(cache_dir)
+    (entry / weight_cache.TENSORS).write_bytes(b"not safetensors")
+    second = load(cache_dir)
+    assert "unreadable" in caplog.text
+    assert any("written to the weight cache" in n for n in second.text.loaded.notes)
+    assert second.caption(images[:1], generation=GREEDY) == first.caption(images[:1], generation=GREEDY)
+
+
+def test_an_entry_missing_tensors_is_not_used(cache_dir, caplog):
+    load(cache_dir)
+    [entry] = entries(cache_dir)
+    manifest = json.loads((entry / weight_cache.MANIFEST).read_text())
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(entry / weight_cache.TENSORS)
+    dropped = next(k for k in tensors if k.endswith("layernorm.weight") or k.endswith("layer_norm.weight"))
+    del tensors[dropped]
+    save_file(tensors, entry / weight_cache.TENSORS)
+    (entry / weight_cache.MANIFEST).write_text(json.dumps(manifest))
+    second = load(cache_dir)
+    assert "lacks" in caplog.text
+    assert any("written to the weight cache" in n for n in second.text.loaded.notes)
+
+
+def test_a_cache_that_cannot_be_written_leaves_nothing_behind(cache_dir, monkeypatch, images):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_file", disk_full)
+    engine = load(cache_dir)
+    assert any("could not be written" in n for n in engine.text.loaded.notes)
+    assert [p.name for p in cache_dir.iterdir()] == ["fingerprints.json"]  # no entry, no staging folder
+    assert len(engine.caption(images[:1], generation=GREEDY)[0][0].token_ids) > 0
+
+
+def test_off_writes_nothing_and_small_checkpoints_are_not_cached(tmp_path, monkeypatch):
+    engine = load("off")
+    assert not any("weight cache" in n for n in engine.text.loaded.notes)
+    monkeypatch.setenv("BLIP2_WEIGHT_CACHE", str(tmp_path / "auto"))
+    assert weight_cache.WeightCache.from_setting("auto").root == tmp_path / "auto"
+    load("auto")  # the tiny checkpoint is far under MIN_CHECKPOINT_BYTES
+    assert not (tmp_path / "auto").exists() or entries(tmp_path / "auto") == []
+
+
+def test_only_dynamic_int8_on_cpu_is_cached(cache_dir):
+    engine = load_engine(
+        Settings(model="tiny-random", precision="bf16", weight_cache=str(cache_dir), retrieval_model="none")
+    )
+    assert not any("weight cache" in n for n in engine.text.loaded.notes)
+    assert not cache_dir.exists() or entries(cache_dir) == []
+
+
+def test_the_model_tab_says_where_the_cache_is_and_what_this_start_did(cache_dir):
+    from blip2_app.ui.report import model_report_markdown
+
+    settings = Settings(
+        model="tiny-random", precision="dynamic-int8", weight_cache=str(cache_dir), retrieval_model="none"
+    )
+    engine = load_engine(settings)
+    report = model_report_markdown(engine.info(), engine, settings)
+    assert f"`{cache_dir}`" in report and "written to the weight cache" in report
+    off = model_report_markdown(engine.info(), engine, settings.replace(weight_cache="off"))
+    assert "Off (`--weight-cache off`)" in off
