@@ -15,9 +15,10 @@ at each batch size (1 and 8 by default), with:
   static-reused   the same, but ONE StaticCache per batch size, passed in and reset between calls:
                   new cache tensors each call can make torch.compile recompile or re-record its
                   CUDA graphs (it guards on the cache tensors' identity), a reused cache cannot
-and reports per-token decode time, its floor (the language model's weight bytes / memory bandwidth
-measured with a large device copy), x floor, caption seconds, speed-up vs naive, new tokens per
-second, and whether the static variants' greedy tokens equal the dynamic cache's.
+(static-reused runs before static, each compiling afresh) and reports per-token decode time, its
+floor (the language model's weight bytes / memory bandwidth measured with a large device copy),
+x floor, caption seconds, speed-up vs naive, new tokens per second, and whether the static
+variants' greedy tokens equal the dynamic cache's.
 
     python benchmarks/gpu_static_cache.py --model /path/blip2-opt-2.7b-random       # on a GPU
     bash benchmarks/gpu.sh static-cache                                              # same, built
@@ -295,6 +296,8 @@ COLUMNS = [
     ("dtype", "weights"),
     ("cache_class", "cache"),
     ("compiled", "compiled"),
+    ("compiled_graphs", "graphs compiled"),
+    ("cudagraph_skips", "CUDA graph skips"),
     ("batch", "batch"),
     ("first_call_s", "first call s"),
     ("caption_s", "20-token caption s"),
