@@ -1,0 +1,194 @@
+"""Cold start at real size: the model card's script vs the app's CLI and server, side by side.
+
+Each row is its own process, timed from its start to its end (CLI, script) or to `/healthz` 200
+(app), with its peak RssAnon sampled from /proc. The weight cache (blip2_app/weight_cache.py)
+starts empty in a folder of its own: the first CLI run and the first app start quantize and write
+it, the second ones read it. The checkpoint is read once before the runs (page cache warm, as the
+issue measures).
+
+    python benchmarks/cold_start.py --model ~/.cache/blip2-studio/real-size/blip2-opt-2.7b-random
+    python benchmarks/cold_start.py --model "$(python -c 'from blip2_app.testing import ensure_tiny_checkpoint as t; print(t("blip2-opt"))')" --out /tmp/cold
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from startup_time import free_port, healthz_status  # noqa: E402
+
+TOKENS = 20
+TIMEOUT_S = 900
+
+# The model card's snippet, as a user would run it (fp32, CPU), with the caption length forced.
+MODEL_CARD = f"""
+import sys
+from PIL import Image
+from transformers import Blip2ForConditionalGeneration, Blip2Processor
+processor = Blip2Processor.from_pretrained(sys.argv[1])
+model = Blip2ForConditionalGeneration.from_pretrained(sys.argv[1])
+inputs = processor(images=Image.open(sys.argv[2]).convert("RGB"), return_tensors="pt")
+out = model.generate(**inputs, max_new_tokens={TOKENS}, min_new_tokens={TOKENS})
+print(processor.decode(out[0], skip_special_tokens=True).strip())
+"""
+
+
+class PeakAnon:
+    """Peak RssAnon of a process, sampled every 50 ms from /proc/<pid>/status."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peak = pid, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                    if line.startswith("RssAnon:"):
+                        self.peak = max(self.peak, int(line.split()[1]) * 1024)
+            except OSError:
+                return
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def run_to_end(command: list[str], env: dict[str, str]) -> dict[str, float | str]:
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    sampler = PeakAnon(process.pid)
+    out, err = process.communicate(timeout=TIMEOUT_S)
+    seconds = time.perf_counter() - started
+    peak = sampler.stop()
+    if process.returncode != 0:
+        raise RuntimeError(f"{command[:4]} failed: {err[-2000:]}")
+    return {"seconds": round(seconds, 2), "peak_anon_gb": round(peak / 1e9, 2), "output": out.strip()[-200:]}
+
+
+def app_ready(model: str, env: dict[str, str]) -> dict[str, float | str]:
+    port = free_port()
+    command = [sys.executable, "app.py", "--model", model, "--host", "127.0.0.1", "--port", str(port)]
+    started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    sampler = PeakAnon(process.pid)
+    try:
+        while healthz_status(port) != 200:
+            if process.poll() is not None:
+                raise RuntimeError(f"app.py exited: {process.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            if time.perf_counter() - started > TIMEOUT_S:
+                raise RuntimeError(f"app.py was not ready after {TIMEOUT_S} s")
+            time.sleep(0.1)
+        return {
+            "seconds": round(time.perf_counter() - started, 2),
+            "peak_anon_gb": round(sampler.peak / 1e9, 2),
+        }
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+        sampler.stop()
+
+
+def warm_page_cache(folder: Path) -> None:
+    for path in folder.glob("*.safetensors"):
+        with open(path, "rb") as handle:
+            while handle.read(64 << 20):
+                pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="a BLIP-2 checkpoint folder (OPT family)")
+    parser.add_argument("--image", default=str(ROOT / "assets" / "examples" / "skimage_astronaut.jpg"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--rows", default="model-card,cli-first,cli-second,app-first,app-second")
+    args = parser.parse_args(argv)
+    model = str(Path(args.model).expanduser().resolve())
+    image = args.image
+    cache = Path(tempfile.mkdtemp(prefix="weight-cache-"))
+    env = {
+        **os.environ,
+        "BLIP2_WEIGHT_CACHE": str(cache),
+        "HF_HUB_OFFLINE": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "PYTHONPATH": str(ROOT),
+    }
+    cli = [sys.executable, "-m", "blip2_app", "caption", image, "--model", model, "--decoding", "greedy"]
+    cli += ["--max-new-tokens", str(TOKENS), "--min-new-tokens", str(TOKENS)]
+    commands = {
+        "model-card": lambda: run_to_end([sys.executable, "-c", MODEL_CARD, model, image], env),
+        "cli-first": lambda: run_to_end(cli, env),
+        "cli-second": lambda: run_to_end(cli, env),
+        "app-first": lambda: app_ready(model, env),
+        "app-second": lambda: app_ready(model, env),
+    }
+    rows: dict[str, dict] = {}
+    try:
+        for name in args.rows.split(","):
+            if name == "app-first":  # the app starts on an empty cache too
+                shutil.rmtree(cache, ignore_errors=True)
+                cache.mkdir()
+            warm_page_cache(Path(model))
+            rows[name] = {**commands[name](), "load_1min": round(os.getloadavg()[0], 2)}
+            print(name, rows[name], flush=True)
+    finally:
+        cache_bytes = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
+        shutil.rmtree(cache, ignore_errors=True)
+    report = {
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+        "model": model,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "caption_tokens": TOKENS,
+        "weight_cache_gb": round(cache_bytes / 1e9, 2),
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cold_start.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "cold_start.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+def markdown(report: dict) -> str:
+    rows = report["rows"]
+    base = rows.get("model-card", {}).get("seconds")
+    lines = [
+        f"# Cold start ({report['when']})",
+        "",
+        f"{report['model']}, {report['machine']}; {report['caption_tokens']}-token greedy caption; page "
+        f"cache warm; the weight cache empty before the first CLI run and before the first app start "
+        f"({report['weight_cache_gb']} GB once written). Each row is one process: CLI and script to "
+        "their exit, app to `/healthz` 200.",
+        "",
+        "| run | seconds | vs model card | peak RssAnon GB | load (1 min) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, row in rows.items():
+        ratio = f"{row['seconds'] / base:.2f}x" if base else ""
+        lines.append(f"| {name} | {row['seconds']} | {ratio} | {row['peak_anon_gb']} | {row['load_1min']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
