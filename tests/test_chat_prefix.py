@@ -303,22 +303,25 @@ def test_an_ended_session_frees_its_prefix():
     assert len(budget) == 0 and budget.held_bytes == 0
 
 
-def test_sessions_share_the_global_budget_in_the_chat_tab(engine, photo, images):
-    """Three visitors, room for about two prefixes: the oldest visitor's prefix goes, and their
-    next turn (prefilled in full) still answers as without reuse."""
+def test_sessions_share_the_global_budget_in_the_chat_tab(engine, photo):
+    """Three visitors, room for two prefixes: the oldest visitor's prefix goes, and their next
+    turn (prefilled in full) still answers as without reuse."""
     knobs = {"decoding": "greedy", "max_new_tokens": 12}
-    config = engine.text.config.text_config
-    per_token = 2 * config.num_hidden_layers * config.hidden_size * 4
+
+    def first_turn(handlers: ChatHandlers) -> ChatSession:
+        return list(handlers.chat(photo, "what is it?", None, "", **knobs))[-1][1]
+
+    size = first_turn(ChatHandlers(engine, Settings(model="tiny-random"))).prefix.held.nbytes
     handlers = ChatHandlers(engine, Settings(model="tiny-random"))
-    handlers.prefixes = PrefixBudget(per_token * 70)  # one turn here is about 30 positions
-    sessions = [list(handlers.chat(photo, "what is it?", None, "", **knobs))[-1][1] for _ in range(3)]
+    handlers.prefixes = PrefixBudget(size * 5 // 2)  # each session's first turn is the same size
+    sessions = [first_turn(handlers) for _ in range(3)]
     assert [s.prefix.held is not None for s in sessions] == [False, True, True]
-    assert len(handlers.prefixes) == 2 and handlers.prefixes.held_bytes <= per_token * 70
+    assert len(handlers.prefixes) == 2 and handlers.prefixes.held_bytes == 2 * size
     assert len({id(s.prefix) for s in sessions}) == 3, "one slot per session"
 
     again = list(handlers.chat(photo, "and the colour?", None, "", **knobs, session=sessions[0]))[-1][0]
     plain = ChatHandlers(engine, Settings(model="tiny-random", chat_prefix_mb=0))
-    alone = list(plain.chat(photo, "what is it?", None, "", **knobs))[-1][1]
+    alone = first_turn(plain)
     assert again == list(plain.chat(photo, "and the colour?", None, "", **knobs, session=alone))[-1][0]
 
 
@@ -368,3 +371,28 @@ def test_the_chat_tab_sizes_its_budget_from_the_setting(engine):
     assert (
         ChatHandlers(engine, Settings(model="tiny-random", chat_prefix_mb=3)).prefixes.max_bytes == 3 * 2**20
     )
+
+
+# --------------------------------------------------------------------------- the benchmark
+def test_the_chat_turns_benchmark_runs_on_the_tiny_model(tmp_path):
+    """benchmarks/chat_turns.py's logic (the real-size run is the lead's): turn 2 prefills less
+    with reuse, both ways write the same tokens, and the result files are written."""
+    import argparse
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "chat_turns.py"
+    spec = importlib.util.spec_from_file_location("chat_turns", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = argparse.Namespace(model="tiny-random", precision="auto", repeats=1, threads=0)
+    results = bench.run(args)
+    bench.write(results, tmp_path)
+    plain, reuse = results["results"]["no_reuse"], results["results"]["reuse"]
+    assert reuse["turn2_prefill_positions"] < plain["turn2_prefill_positions"]
+    assert reuse["turn1_prefill_positions"] == plain["turn1_prefill_positions"]
+    assert reuse["kept_prefix_bytes"] > 0 == plain["kept_prefix_bytes"]
+    assert results["same_answers"] is True
+    assert json.loads((tmp_path / "chat_turns.json").read_text()) == results
+    assert "| reuse |" in (tmp_path / "chat_turns.md").read_text()
