@@ -50,6 +50,9 @@ class Settings:
     max_gallery_images: int | None = None  # None: the built-in 200 (ui.sessions.MAX_GALLERY_IMAGES)
     max_galleries: int = 32
     max_chat_turns: int = 50
+    # Memory for the chat sessions' cached prefixes (each session's last turn as the language
+    # model's keys and values), all sessions together; 0 turns the reuse off. See chat_prefix.py.
+    chat_prefix_mb: int = 256
     max_sessions: int = 1000
     # What one client (IP address) may take of the shared limits: see docs/threat-model.md.
     max_upload_request_mb: int = 512
@@ -117,7 +120,7 @@ class Settings:
             raise SettingsError(
                 f"available_memory_mb must be 0 (no check) or more; got {self.available_memory_mb}."
             )
-        for name in ("cache_entries", "cache_mb"):
+        for name in ("cache_entries", "cache_mb", "chat_prefix_mb"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be 0 (off) or more; got {getattr(self, name)}.")
         if self.threads is not None and self.threads < 1:
@@ -242,6 +245,9 @@ def add_arguments(
         "max_galleries": "galleries kept in memory at once, all sessions together; the least "
         "recently used one is emptied when a new one needs room",
         "max_chat_turns": "chat turns kept per session (older ones are forgotten)",
+        "chat_prefix_mb": "memory for the chat's cached prefixes (each session's last turn, as the "
+        "language model's keys and values, so the next turn prefills only the new question), all "
+        "sessions together, in MB; the least recently used is dropped first (0 = no reuse)",
         "max_sessions": "sessions whose state (chat, gallery) the server keeps; the oldest is dropped",
         "max_upload_request_mb": "largest upload request (all its files together), in MB",
         "upload_mb_per_client_hour": "upload MB one client (IP address) may send in an hour",

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .backends.base import AnswerDone, AnswerSoFar, StreamEvent, TextBackend
+from .backends.base import AnswerDone, AnswerSoFar, ReusesChatPrefix, StreamEvent, TextBackend
 from .cache import FeatureCache
+from .chat_prefix import PrefixSlot
 from .errors import InvalidRequestError
 from .generation import GenerationSettings
 from .images import ImageLimits, image_content_hash, load_image
@@ -386,9 +387,11 @@ class Engine:
         exemplars: Sequence[ChatTurn] = (),
         instruction: str = "",
         generation: GenerationSettings | None = None,
+        prefix: PrefixSlot | None = None,
     ) -> Generator[StreamEvent, None, None]:
         """`AnswerSoFar` each time the shown answer grows, then one `AnswerDone` (beam search
-        cannot stream: `AnswerDone` only). Closing the iterator stops the generation."""
+        cannot stream: `AnswerDone` only). Closing the iterator stops the generation. `prefix`:
+        the chat session's cached prefix, reused and updated when the backend can (chat_prefix.py)."""
         generation = (generation or self.default_generation()).replace(num_captions=1)
         if generation.decoding == "beam":
             result = self.chat(image, question, history, exemplars, instruction, generation)
@@ -400,7 +403,11 @@ class Engine:
         prepared = self.prepare(image)[0]
         ids: list[int] = []
         shown = ""
-        with closing(backend.stream_ids(prepared, built.text, generation)) as stream:
+        if prefix is not None and isinstance(backend, ReusesChatPrefix):
+            ids_stream = backend.stream_chat_ids(prepared, built.text, generation, prefix)
+        else:
+            ids_stream = backend.stream_ids(prepared, built.text, generation)
+        with closing(ids_stream) as stream:
             for new_ids in stream:
                 ids.extend(new_ids)
                 # A character split over several byte-level tokens shows once all its bytes are in.

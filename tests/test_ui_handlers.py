@@ -238,9 +238,9 @@ def test_chat_history_reaches_the_prompt(chats, engine, photo, monkeypatch):
     seen = {}
     original = engine.chat_stream
 
-    def spy(image, question, history, exemplars, instruction, generation):
+    def spy(image, question, history, exemplars, instruction, generation, **rest):
         seen["history"], seen["exemplars"] = list(history), list(exemplars)
-        yield from original(image, question, history, exemplars, instruction, generation)
+        yield from original(image, question, history, exemplars, instruction, generation, **rest)
 
     monkeypatch.setattr(engine, "chat_stream", spy)
     session = ChatSession()

@@ -2,7 +2,8 @@
 
 Adding a backend is one new module in this package with an `open_backend(entry, settings,
 load_weights)` returning a `TextBackend` (see base.py), and one line in `BACKENDS` below (the
-`--backend` flag takes its names from there). The modules are imported when a
+`--backend` flag takes its names from there); `ReusesChatPrefix` (base.py) is optional, for a
+backend that can continue a chat from its last turn's state. The modules are imported when a
 backend is opened, not here: `blip2_app.backends` stays torch-free.
 """
 

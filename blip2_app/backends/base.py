@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    from ..chat_prefix import PrefixSlot
     from ..engine import PreparedImage, VisionCache
     from ..generation import GenerationSettings
     from ..loading import LoadedModel
@@ -115,6 +116,22 @@ class TextBackend(Protocol):
 
     def report(self) -> dict[str, Any]:
         """What the Model tab and /healthz show; always has "backend" (the name) and "name"."""
+        ...
+
+
+@runtime_checkable
+class ReusesChatPrefix(Protocol):
+    """Optional: a backend that continues a chat from the previous turn's key/value cache.
+
+    The engine calls `stream_chat_ids` instead of `stream_ids` when the backend has it (the local
+    one); one without it (vLLM, whose server caches prefixes itself) streams as before."""
+
+    def stream_chat_ids(
+        self, image: PreparedImage, prompt: str, generation: GenerationSettings, prefix: PrefixSlot
+    ) -> Generator[list[int], None, None]:
+        """`stream_ids`, reusing the part of `prefix`'s cached prompt and answer that the new
+        prompt starts with (token ids compared), and keeping the new state there afterwards. The
+        tokens are those `stream_ids` gives."""
         ...
 
 

@@ -8,15 +8,16 @@ then every prompt about that image reuses their output as its image tokens.
 from __future__ import annotations
 
 import queue
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from threading import Event, Thread
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from ..cache import FeatureCache
+from ..chat_prefix import CachedPrefix, PrefixSlot, common_prefix_length
 from ..engine import PreparedImage, VisionCache, input_dtype, query_outputs
 from ..errors import UserFacingError
 from ..generation import GenerationSettings
@@ -155,25 +156,80 @@ class LocalBackend(CheckpointText):
     def stream_ids(
         self, image: PreparedImage, prompt: str, generation: GenerationSettings
     ) -> Generator[list[int], None, None]:
+        yield from self._stream(self.generate_inputs([image], [prompt]), generation)
+
+    def stream_chat_ids(
+        self, image: PreparedImage, prompt: str, generation: GenerationSettings, prefix: PrefixSlot
+    ) -> Generator[list[int], None, None]:
+        """`stream_ids` that prefills only what the new prompt adds to `prefix`'s cached tokens.
+
+        Exact by construction: the cache is cut back to the longest run of token ids the cached
+        sequence and the new prompt share (an answer tokenized differently when it came back as
+        history, an undone or edited turn, dropped old turns all shorten it), and it is only used
+        for the same model and image, since every image token has the same id."""
+        family = self.entry.family
+        one_row = generation.decoding != "beam" and generation.num_captions == 1
+        if not family.decoder_only or family.instruction_aware or not one_row:
+            # T5 reads the prompt with a bidirectional encoder and InstructBLIP's Q-Former reads it
+            # too (its image tokens change with each prompt): nothing of the last turn carries over.
+            # Several beams or sequences would each grow their own row of the cache.
+            prefix.clear()
+            yield from self._stream(self.generate_inputs([image], [prompt]), generation)
+            return
+        inputs = self.generate_inputs([image], [prompt])
+        ids = inputs["input_ids"][0].tolist()
+        key = ("chat-prefix", id(self.loaded.model), image.content_hash)
+        cache = self._reusable_cache(prefix.take(), key, ids)
+
+        def keep(output: torch.Tensor) -> None:
+            # The cache now holds the prompt and all generated tokens but the last (never fed).
+            length = cache.get_seq_length()
+            prefix.keep(CachedPrefix(key, tuple(output[0, :length].tolist()), cache, _cache_bytes(cache)))
+
+        yield from self._stream(inputs, generation, cache, keep)
+
+    def _reusable_cache(self, held: CachedPrefix | None, key: Any, ids: list[int]) -> DynamicCache:
+        """`held`'s cache cut back to what `ids` start with, or an empty cache."""
+        if held is not None and held.key == key:
+            # At least one token is left to prefill: generate needs its logits for the next token.
+            keep = min(common_prefix_length(held.token_ids, ids), len(ids) - 1)
+            cache = held.cache
+            if keep > 0:
+                if cache.get_seq_length() > keep:
+                    cache.crop(keep - cache.get_seq_length())  # a negative count: tokens removed
+                return cache
+        return DynamicCache(config=self.loaded.model.config.text_config)
+
+    def _stream(
+        self,
+        inputs: dict[str, torch.Tensor],
+        generation: GenerationSettings,
+        cache: DynamicCache | None = None,
+        finished: Callable[[torch.Tensor], None] | None = None,
+    ) -> Generator[list[int], None, None]:
         """`generate` runs in a worker thread and hands each new token over a queue. Whatever ends
         the iteration (the last token, `.close()`, an exception in the consumer) sets the stop
-        event, which `generate` checks after every token, and joins the worker before returning."""
-        inputs = self.generate_inputs([image], [prompt])
+        event, which `generate` checks after every token, and joins the worker before returning.
+        `finished` gets generate's output (prompt and new ids) in the worker, before the end."""
         tokens: queue.Queue[Any] = queue.Queue()
         stop = Event()
         failure: list[BaseException] = []
+        extra: dict[str, Any] = {} if cache is None else {"past_key_values": cache}
 
         def run() -> None:
             try:
                 with torch.inference_mode():
                     if generation.seed is not None:
                         torch.manual_seed(generation.seed)
-                    self.loaded.model.language_model.generate(
+                    output = self.loaded.model.language_model.generate(
                         **inputs,
                         **generation.generate_kwargs(),
+                        **extra,
                         streamer=_QueueStreamer(tokens),
                         stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]),
                     )
+                    if finished is not None:
+                        finished(output)
             except BaseException as error:  # re-raised in the consumer's thread below
                 failure.append(error)
             finally:
@@ -189,6 +245,16 @@ class LocalBackend(CheckpointText):
             worker.join()
         if failure:
             raise failure[0]
+
+
+def _cache_bytes(cache: DynamicCache) -> int:
+    """Memory held by a cache's key and value tensors."""
+    total = 0
+    for layer in cache.layers:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def _next(tokens: queue.Queue[Any]) -> Any:

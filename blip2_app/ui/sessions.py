@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from PIL import Image
 
+from ..chat_prefix import PrefixSlot
 from ..engine import PreparedImage
 from ..errors import InvalidRequestError
 from ..prompts import ChatTurn
@@ -55,6 +56,9 @@ class ChatSession:
     turns: list[ChatTurn] = field(default_factory=list)
     image_name: str = ""  # the file name the image was uploaded as (for the export)
     decoding: dict[str, Any] = field(default_factory=dict)  # the last answer's decoding settings
+    # The language model's keys and values of the last turn, for the next one (chat_prefix.py);
+    # shared by the session's successive objects, dropped with the session. None: no reuse.
+    prefix: PrefixSlot | None = field(default=None, repr=False, compare=False)
 
     def undone(self) -> ChatSession:
         """The conversation without its last turn (a new object: the state changes only on success)."""

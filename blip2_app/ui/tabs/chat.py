@@ -18,6 +18,7 @@ from typing import Any
 import gradio as gr
 
 from ...backends import AnswerDone
+from ...chat_prefix import PrefixBudget, PrefixSlot
 from ...config import Settings
 from ...engine import Engine
 from ...errors import InvalidRequestError
@@ -140,6 +141,8 @@ class ChatHandlers:
         self.engine = engine
         self.settings = settings
         self.models = LoadedModels.of(engine)
+        # Every session's cached chat prefix counts against this one budget (--chat-prefix-mb).
+        self.prefixes = PrefixBudget(settings.chat_prefix_mb * 2**20) if settings.chat_prefix_mb else None
 
     def chat_defaults(self) -> GenerationSettings:
         # Sampling streams token by token (beam search can only show its final answer) and makes
@@ -183,17 +186,20 @@ class ChatHandlers:
         instruction = optional_text(instruction, "instruction", MAX_QUESTION_CHARS)
         generation = decoding.settings(self.chat_defaults())
         history = self._history(session, prepared.content_hash)
+        prefix = self._prefix(session)
         for note in context_notes(
             self.engine.build_chat_prompt(question, history, examples, instruction, generation)
         ):
             gr.Warning(escaped(note))
 
         # A new object: the stored conversation only changes once the answer is complete.
-        current = ChatSession(prepared.content_hash, history)
+        current = ChatSession(prepared.content_hash, history, prefix=prefix)
         shown = [*turn_messages(history), chat_message("user", question)]
         yield shown, current
         shown_answer, empty = "", True
-        stream = self.engine.chat_stream(prepared, question, history, examples, instruction, generation)
+        stream = self.engine.chat_stream(
+            prepared, question, history, examples, instruction, generation, prefix=prefix
+        )
         with closing(stream):  # a cancelled request closes this generator: the generation stops
             for event in stream:
                 if isinstance(event, AnswerDone):
@@ -209,8 +215,19 @@ class ChatHandlers:
             turns[-self.settings.max_chat_turns :],
             image_name=image_name(image),
             decoding=decoding_record(generation),
+            prefix=prefix,
         )
         yield [*shown, chat_message("assistant", shown_answer or EMPTY_ANSWER)], done
+
+    def _prefix(self, session: ChatSession | None) -> PrefixSlot | None:
+        """The session's one place for its cached prefix (a new one on its first turn). The
+        backend checks the cached tokens and image against each prompt, so a changed history or
+        image (undo, edit, another photo) reuses only what still matches."""
+        if self.prefixes is None:
+            return None
+        if isinstance(session, ChatSession) and session.prefix is not None:
+            return session.prefix
+        return self.prefixes.slot()
 
     def _history(self, session: ChatSession | None, image_hash: str) -> list[ChatTurn]:
         """The turns to continue from: the session's, unless they were about another image."""
@@ -276,7 +293,7 @@ class ChatHandlers:
         """Asks the last question again (with sampling, a different answer)."""
         if not isinstance(session, ChatSession) or not session.turns:
             raise user_error("There is no answer to regenerate yet: ask a question first.")
-        earlier = ChatSession(session.image_hash, session.turns[:-1])
+        earlier = session.undone()
         knobs = _chat_knobs(decoding, max_new_tokens, temperature, top_p, repetition_penalty)
         yield from self.converse(image, session.turns[-1].question, exemplars, instruction, earlier, knobs)
 
