@@ -49,6 +49,7 @@ MODEL_FLAGS = (
     "llm_precision",
     "device",
     "models_file",
+    "weight_cache",
 )
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
