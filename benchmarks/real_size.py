@@ -12,6 +12,7 @@ baseline a user copies from the model card (fp32 transformers, no feature cache)
     python benchmarks/real_size.py                       # everything, ~30 min on 2 cores
     python benchmarks/real_size.py --configs dynamic-int8 --repeats 1
     python benchmarks/real_size.py --device cuda --configs fp16,int8,nf4 --batch 8   # see gpu.sh
+    python benchmarks/real_size.py --serving    # start-up, CLI, 8 concurrent captions, chat turns
 """
 
 from __future__ import annotations
@@ -547,6 +548,96 @@ def run_all(args: argparse.Namespace) -> None:
     print(write_results(args, rows, bandwidth))
 
 
+# The serving columns (issue 20): each comes from its own script, run here on the same checkpoint
+# one after another, its own files written next to this table's.
+SERVING_SCRIPTS = ("cold_start.py", "chat_turns.py", "concurrent_captions.py", "caption_profile.py")
+
+
+def run_serving(args: argparse.Namespace) -> None:
+    workdir = Path(args.workdir).expanduser()
+    captioner_dir, _ = build_checkpoints(workdir, args.layers_divisor, args.device)
+    out = Path(args.out)
+    for script in SERVING_SCRIPTS:
+        print(f"== {script}", flush=True)
+        extra = ["--precision", "dynamic-int8"] if script != "cold_start.py" else []
+        command = [sys.executable, str(ROOT / "benchmarks" / script), "--model", str(captioner_dir), *extra]
+        result = subprocess.run([*command, "--out", str(out)], check=False)
+        if result.returncode != 0:
+            print(f"{script} failed (status {result.returncode}); its columns stay empty", flush=True)
+    print(write_serving(out))
+
+
+def write_serving(out: Path) -> str:
+    """One table from the serving scripts' JSON files: the app against the naive baseline."""
+
+    def read(name: str) -> dict:
+        path = out / f"{name}.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    cold, chat, concurrent = read("cold_start"), read("chat_turns"), read("concurrent_captions")
+    starts = cold.get("rows", {})
+    turns = chat.get("results", {})
+    modes = concurrent.get("modes", {})
+
+    def cell(value, unit: str = "") -> str:
+        return "" if value is None else f"{value}{unit}"
+
+    def eight(mode: str) -> str:
+        row = modes.get(mode, {})
+        if not row:
+            return ""
+        return f"{row.get('concurrent_s')} s ({row.get('ratio_to_one_alone')}x one alone)"
+
+    app = [
+        "app, dynamic-int8",
+        cell(starts.get("app-first", {}).get("seconds")),
+        cell(starts.get("app-second", {}).get("seconds")),
+        cell(starts.get("cli-second", {}).get("seconds")),
+        cell(starts.get("cli-second", {}).get("peak_anon_gb")),
+        eight("batched"),
+        cell(turns.get("reuse", {}).get("turn1_s")),
+        cell(turns.get("reuse", {}).get("turn2_s")),
+    ]
+    before = [
+        "app, dynamic-int8, no cache / batching / reuse",
+        "",
+        cell(starts.get("app-first", {}).get("seconds")),
+        cell(starts.get("cli-first", {}).get("seconds")),
+        cell(starts.get("cli-first", {}).get("peak_anon_gb")),
+        eight("one-at-a-time"),
+        cell(turns.get("no_reuse", {}).get("turn1_s")),
+        cell(turns.get("no_reuse", {}).get("turn2_s")),
+    ]
+    naive = [
+        "naive (model card script, fp32)",
+        "",
+        "",
+        cell(starts.get("model-card", {}).get("seconds")),
+        cell(starts.get("model-card", {}).get("peak_anon_gb")),
+        "",
+        "",
+        "",
+    ]
+    lines = [
+        "# Real size: start-up and serving (blip2-opt-2.7b architecture, random weights)",
+        "",
+        "Columns from `python benchmarks/real_size.py --serving` (one run, one checkpoint, one after "
+        "another): starts and the CLI from cold_start.md, 8 concurrent captions from "
+        "concurrent_captions.md, chat turns from chat_turns.md, profile in caption_profile.md. "
+        "'no cache / batching / reuse' is the app as before issue 20 where the same run can show it: "
+        "its start without the weight cache is the first start (which writes the cache), its CLI "
+        "run the first one, 8 captions one at a time, chat turns without prefix reuse.",
+        "",
+        "| | first start s | second start s | CLI one photo s (end to end) | CLI peak RssAnon GB "
+        "| 8 concurrent 20-token captions | chat turn 1 s | chat turn 2 s |",
+        "|---|---:|---:|---:|---:|---|---:|---:|",
+        *["| " + " | ".join(row) + " |" for row in (app, before, naive)],
+    ]
+    text = "\n".join(lines) + "\n"
+    (out / "real_size_serving.md").write_text(text)
+    return text
+
+
 def bytes_read_per_token(language_model) -> int:
     """Weight bytes one decoding step must read: every Linear layer of the language model, the LM
     head included (an embedding table is only looked up, one row per token, unless it is tied to
@@ -663,6 +754,11 @@ def main() -> None:
     parser.add_argument(
         "--layers-divisor", type=int, default=1, help="shrink layer counts (smoke tests only)"
     )
+    parser.add_argument(
+        "--serving",
+        action="store_true",
+        help="start-up and serving columns instead (cold_start, chat_turns, concurrent_captions, caption_profile)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--itm", help=argparse.SUPPRESS)
@@ -674,6 +770,8 @@ def main() -> None:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         print(json.dumps(worker(args)))
+    elif args.serving:
+        run_serving(args)
     else:
         run_all(args)
 
