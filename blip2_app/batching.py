@@ -16,7 +16,7 @@ runs each group of compatible requests as one engine call, and hands every waiti
 result or its own error. A group whose call fails is run again one request at a time, so a bad
 request fails alone. Requests that arrive while a batch runs wait for the next one.
 
-Compatible means the same decoding settings; prompts may differ (left padding keeps each row's
+Compatible means the same decoding settings (those `generate` receives); prompts may differ (left padding keeps each row's
 result equal to its own: tests/test_parity.py). Sampled requests, and every request of a model
 whose batched rows depend on each other (`exact_batches`), call the engine directly, as before.
 """
@@ -234,7 +234,9 @@ class TextBatcher:
 
     @staticmethod
     def _key(job: TextJob) -> Hashable:
-        return job.generation  # prompt-independent: the prompts of one call may differ
+        # What reaches `generate`, so knobs a decoding ignores (a seed or a top_p with greedy
+        # search) do not split a batch; the prompts of one call may differ.
+        return tuple(sorted(job.generation.generate_kwargs().items()))
 
     def _run(self, jobs: list[TextJob]) -> list[list[Generated]]:
         images, prompts = [job.image for job in jobs], [job.prompt for job in jobs]

@@ -206,7 +206,8 @@ def test_incompatible_settings_in_one_batch_each_get_their_own_result(counted_ap
     url, engine, sizes = counted_app
     requests = [
         ("short", GREEDY),
-        ("detailed", GREEDY),  # another prompt, the same decoding: same engine call
+        # Another prompt, and knobs greedy search ignores: the same engine call.
+        ("detailed", {**GREEDY, "seed": 5, "top_p": 0.5}),
         ("short", {"decoding": "greedy", "max_new_tokens": 5}),
         ("short", {"decoding": "beam", "num_beams": 2, "max_new_tokens": 8}),
         # Sampling never joins a batch (one random stream per call): it calls the engine at once.
