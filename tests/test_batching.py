@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = [str(p) for p in sorted((ROOT / "assets" / "examples").glob("*.*"))[:5]]
 RANDOM_BYTES = str(ROOT / "tests" / "data" / "hostile" / "made_random_bytes.jpg")
 GREEDY = {"decoding": "greedy", "max_new_tokens": 8}
-# Long enough that every request of a test joins the first batch; the batch runs once it is full.
+# Long enough that every request of a test joins the first batch (batches hold 5 requests, and a
+# test sends at most 5 at once); a full batch runs at once.
 WAIT_MS = 5000
 
 
@@ -129,7 +130,7 @@ def counted_app():
     from blip2_app.ui import build_demo, launch_options
 
     settings = Settings(
-        model="tiny-random", port=free_port(), max_batch_size=4, batch_wait_ms=WAIT_MS, cache_entries=0
+        model="tiny-random", port=free_port(), max_batch_size=5, batch_wait_ms=WAIT_MS, cache_entries=0
     )
     engine = load_engine(settings)
     language_model = engine.text.loaded.model.language_model
@@ -177,27 +178,27 @@ def alone_caption(engine, photo: str, style: str = "short", **knobs) -> str:
 def test_concurrent_captions_run_as_one_batch_each_with_its_own_caption(counted_app):
     url, engine, sizes = counted_app
     sizes.clear()
-    calls = [((handle_file(photo), "short"), {**GREEDY, "api_name": "/caption"}) for photo in PHOTOS[:4]]
+    calls = [((handle_file(photo), "short"), {**GREEDY, "api_name": "/caption"}) for photo in PHOTOS]
     captions = sessions_at_once(url, calls)
-    assert sizes == [4], f"language model generate calls (batch sizes): {sizes}"
-    assert captions == [alone_caption(engine, photo, **GREEDY) for photo in PHOTOS[:4]]
+    assert sizes == [5], f"language model generate calls (batch sizes): {sizes}"
+    assert captions == [alone_caption(engine, photo, **GREEDY) for photo in PHOTOS]
     assert len(set(captions)) > 1  # the tiny model does read the image: a mix-up would show
 
 
 def test_answers_with_different_questions_share_a_batch(counted_app):
     url, engine, sizes = counted_app
-    questions = ["what?", "what colour is the big cat on the left of the sofa?", "why is it here?"]
+    questions = ["what?", "what colour is the big cat on the left of the sofa?", "why?", "who", "is it red?"]
     sizes.clear()
     calls = [
         ((handle_file(photo), question), {"decoding": "beam", "num_beams": 2, "api_name": "/answer"})
-        for photo, question in zip(PHOTOS, questions, strict=False)
+        for photo, question in zip(PHOTOS, questions, strict=True)
     ]
     answers = sessions_at_once(url, calls)
-    assert sizes == [3], f"language model generate calls (batch sizes): {sizes}"
+    assert sizes == [5], f"language model generate calls (batch sizes): {sizes}"
     handlers = ChatHandlers(engine, Settings(model="tiny-random"))
     expected = [
         handlers.answer(photo, question, decoding="beam", num_beams=2)
-        for photo, question in zip(PHOTOS, questions, strict=False)
+        for photo, question in zip(PHOTOS, questions, strict=True)
     ]
     assert answers == expected
 
@@ -210,7 +211,7 @@ def test_incompatible_settings_in_one_batch_each_get_their_own_result(counted_ap
         ("detailed", {**GREEDY, "seed": 5, "top_p": 0.5}),
         ("short", {"decoding": "greedy", "max_new_tokens": 5}),
         ("short", {"decoding": "beam", "num_beams": 2, "max_new_tokens": 8}),
-        # Sampling never joins a batch (one random stream per call): it calls the engine at once.
+        # Sampling runs alone (one random stream per call), in its turn within the batch.
         ("short", {"decoding": "nucleus", "seed": 3, "max_new_tokens": 8}),
     ]
     sizes.clear()
