@@ -42,6 +42,13 @@ class Settings:
     # default: an agent is one more client, and the model's tools then answer without a browser.
     mcp: bool = False
     concurrency: int = 1
+    # Caption and answer requests that arrive together run as one engine batch (batching.py): at
+    # most this many (1: one at a time), the first waiting `batch_wait_ms` for others to join.
+    max_batch_size: int = 8
+    batch_wait_ms: float = 30.0
+    # Batch at dynamic-int8 / int8 too, whose results then depend slightly on the batch-mates
+    # (activations are quantized per batch); off: at those precisions requests run one at a time.
+    batch_quantized: bool = False
     max_queue: int = 16
     cache_entries: int = 256
     cache_mb: int = 512
@@ -95,6 +102,7 @@ class Settings:
             raise SettingsError(f"port must be between 1 and 65535; got {self.port}.")
         positive = (
             "concurrency",
+            "max_batch_size",
             "max_queue",
             "max_image_pixels",
             "max_upload_mb",
@@ -120,6 +128,8 @@ class Settings:
             raise SettingsError(
                 f"available_memory_mb must be 0 (no check) or more; got {self.available_memory_mb}."
             )
+        if not 0 <= self.batch_wait_ms <= 10_000:  # also refuses NaN
+            raise SettingsError(f"batch_wait_ms must be from 0 to 10000; got {self.batch_wait_ms}.")
         for name in ("cache_entries", "cache_mb", "chat_prefix_mb"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be 0 (off) or more; got {getattr(self, name)}.")
@@ -236,6 +246,12 @@ def add_arguments(
         "mcp": "also serve caption, answer and gallery search as MCP tools for agents, at "
         "/gradio_api/mcp/ (off unless asked; every limit still holds)",
         "concurrency": "model requests run at the same time",
+        "max_batch_size": "caption and answer requests that arrive together run as one batch of at "
+        "most this many (1 = one at a time)",
+        "batch_wait_ms": "how long the first caption or answer request waits for others to join its "
+        "batch, in milliseconds (0-10000)",
+        "batch_quantized": "batch at the dynamic-int8 and int8 precisions too: faster with many "
+        "visitors, but each result then depends slightly on its batch-mates (off: one at a time)",
         "max_queue": "requests waiting at most; more get 'queue full'",
         "cache_entries": "vision-feature cache size in images (0 = off)",
         "cache_mb": "vision-feature cache size in MB",

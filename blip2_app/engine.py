@@ -274,6 +274,34 @@ class Engine:
     def default_generation(self) -> GenerationSettings:
         return self._require_text().entry.decoding
 
+    def caption_text(self, style: str = "short", prompt: str | None = None) -> str:
+        """The text a caption of `style` continues (the custom style's is `prompt`)."""
+        return caption_prompt(self._templates(), style, prompt)
+
+    def answer_text(self, question: str, short: bool = True, instruction: str = "") -> str:
+        """The prompt of one VQA turn with no history."""
+        return vqa_prompt(self._templates(), question, short=short, instruction=instruction)
+
+    def check_prompt(self, prompt: str, generation: GenerationSettings) -> None:
+        """InvalidRequestError if `prompt` does not fit beside the image and the new tokens."""
+        self._check_room([prompt], generation)
+
+    def complete(
+        self,
+        images: Sequence[ImageInput],
+        prompts: Sequence[str],
+        generation: GenerationSettings,
+        clean: Sequence[bool],
+    ) -> list[list[Generated]]:
+        """One prompt per image, as one batch (prompts may differ): `generation.num_captions`
+        texts each; `clean[i]` cleans an answer (captions are kept as written). What `caption`
+        and `answer` run, alone or batched with other visitors' requests (batching.py)."""
+        ids = self.generate_ids(images, prompts, generation)
+        return [
+            [self._decode(seq, prompt, clean=cleaned) for seq in per_image]
+            for per_image, prompt, cleaned in zip(ids, prompts, clean, strict=True)
+        ]
+
     def caption(
         self,
         images: Sequence[ImageInput] | ImageInput,
@@ -283,10 +311,9 @@ class Engine:
     ) -> list[list[Generated]]:
         """Captions for each image (a batch), `generation.num_captions` each."""
         generation = generation or self.default_generation()
-        text = caption_prompt(self._templates(), style, prompt)
+        text = self.caption_text(style, prompt)
         prepared = self.prepare(images)
-        ids = self.generate_ids(prepared, [text] * len(prepared), generation)
-        return [[self._decode(seq, text, clean=False) for seq in per_image] for per_image in ids]
+        return self.complete(prepared, [text] * len(prepared), generation, [False] * len(prepared))
 
     def answer(
         self,
@@ -298,9 +325,8 @@ class Engine:
     ) -> Generated:
         """One VQA turn, no history: `Question: {q} Short answer:` (or the chat form if not short)."""
         generation = generation or self._require_text().entry.answer_decoding
-        prompt = vqa_prompt(self._templates(), question, short=short, instruction=instruction)
-        ids = self.generate_ids([image], [prompt], generation.replace(num_captions=1))
-        return self._decode(ids[0][0], prompt, clean=True)
+        prompt = self.answer_text(question, short=short, instruction=instruction)
+        return self.complete([image], [prompt], generation.replace(num_captions=1), [True])[0][0]
 
     def answer_topk(
         self,
@@ -322,7 +348,7 @@ class Engine:
                 f"k must be a whole number from 1 to num_beams ({generation.num_beams}); got {k!r}."
             )
         generation = generation.replace(num_captions=k)
-        prompt = vqa_prompt(self._templates(), question, short=short, instruction=instruction)
+        prompt = self.answer_text(question, short=short, instruction=instruction)
         self._check_room([prompt], generation)
         prepared = self.prepare(image)[0]
         answers: dict[str, ScoredAnswer] = {}
@@ -341,9 +367,8 @@ class Engine:
     ) -> list[Generated]:
         """Several (image, question) pairs in one batch; prompts may differ in length."""
         generation = (generation or self._require_text().entry.answer_decoding).replace(num_captions=1)
-        prompts = [vqa_prompt(self._templates(), q) for q in questions]
-        ids = self.generate_ids(images, prompts, generation)
-        return [self._decode(seq[0], p, clean=True) for seq, p in zip(ids, prompts, strict=True)]
+        prompts = [self.answer_text(q) for q in questions]
+        return [texts[0] for texts in self.complete(images, prompts, generation, [True] * len(prompts))]
 
     def build_chat_prompt(
         self,

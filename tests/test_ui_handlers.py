@@ -461,19 +461,22 @@ PUBLIC |= {"answer_topk", "chat_edit", "more_like_this", "search_caption", "sear
 PUBLIC |= {"caption_batch", "match", "explain", "classify"}  # issue 17: the Batch and Explain tabs
 NO_MODEL_WORK = {"chat_undo", "chat_export", "set_min_score", "results_json", "download_gallery"}
 PUBLIC |= NO_MODEL_WORK
+BATCHED = {"caption", "answer"}  # issue 20: requests that arrive together run as one batch
 
 
 def test_demo_wiring_follows_the_contract(engine):
     from blip2_app.ui import build_demo
 
-    settings = Settings(model="tiny-random", concurrency=2, max_queue=5)
+    settings = Settings(model="tiny-random", concurrency=2, max_queue=5, max_batch_size=6)
     demo = build_demo(settings, engine)
     fns = list(demo.fns.values())
     public = {fn.api_name: fn for fn in fns if fn.api_visibility == "public"}
     assert set(public) == PUBLIC
     for name, fn in public.items():
         assert fn.queue, name
-        if name != "clear_gallery" and name not in NO_MODEL_WORK:  # model events share one limit
+        if name in BATCHED:  # up to --max-batch-size wait together, to run as one batch
+            assert (fn.concurrency_id, fn.concurrency_limit) == ("model-batched", 6), name
+        elif name != "clear_gallery" and name not in NO_MODEL_WORK:  # model events share one limit
             assert (fn.concurrency_id, fn.concurrency_limit) == ("model", 2), name
     private = [fn for fn in fns if fn.api_visibility != "public"]
     assert all(fn.api_visibility == "private" for fn in private)

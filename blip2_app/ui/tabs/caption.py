@@ -10,6 +10,7 @@ from typing import Any
 
 import gradio as gr
 
+from ...batching import TextBatcher
 from ...engine import Engine
 from ...generation import GenerationSettings
 from ...prompts import MAX_QUESTION_CHARS
@@ -25,10 +26,12 @@ STYLES = [("Short", "short"), ("Detailed", "detailed"), ("Custom prompt", "custo
 
 
 class CaptionHandlers:
-    """What the Caption tab's events call; holds only the engine (one instance per app)."""
+    """What the Caption tab's events call; holds the engine and the app's batcher, through which
+    captions are written together with other visitors' (one instance per app)."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, batcher: TextBatcher | None = None):
         self.engine = engine
+        self.batcher = batcher or TextBatcher.one_at_a_time(engine)
         self.models = LoadedModels.of(engine)
 
     def defaults(self) -> GenerationSettings:
@@ -39,7 +42,7 @@ class CaptionHandlers:
         prepared = one_image(self.engine, image)
         prompt = optional_text(prompt, "custom prompt", MAX_QUESTION_CHARS)
         generation = decoding.settings(self.defaults())
-        results = self.engine.caption(prepared, style, prompt if style == "custom" else None, generation)[0]
+        results = self.batcher.caption(prepared, style, prompt if style == "custom" else None, generation)
         return "\n".join(one_line(generated.text) for generated in results)
 
     # The events. Their parameters are the public API's (names and order), one per widget.
@@ -86,7 +89,7 @@ class CaptionHandlers:
 
 def build(context: TabContext) -> None:
     """The tab's widgets and events (inside `gr.Tabs`)."""
-    handlers = CaptionHandlers(context.engine)
+    handlers = CaptionHandlers(context.engine, context.batcher)
     with gr.Tab("Caption", id="caption", elem_id="tab-caption"):
         # Created before the examples (which write into it when cached), shown further down.
         output = gr.Textbox(
@@ -121,7 +124,7 @@ def build(context: TabContext) -> None:
         outputs=output,
         api_name="caption",
         api_description="Captions for one image, one per line.",
-        **context.model_event(handlers.caption),
+        **context.batched_model_event(handlers.caption),
     )
     style.change(lambda chosen: gr.Textbox(visible=chosen == "custom"), style, prompt, **UI_ONLY)
 

@@ -18,6 +18,7 @@ from typing import Any
 import gradio as gr
 
 from ...backends import AnswerDone
+from ...batching import TextBatcher
 from ...chat_prefix import PrefixBudget, PrefixSlot
 from ...config import Settings
 from ...engine import Engine
@@ -137,12 +138,14 @@ class ChatHandlers:
     """What the Chat tab's events call. One instance per app, shared by all sessions: it holds only
     the engine and the settings (read-only); each visitor's conversation is passed in and out."""
 
-    def __init__(self, engine: Engine, settings: Settings):
+    def __init__(self, engine: Engine, settings: Settings, batcher: TextBatcher | None = None):
         self.engine = engine
         self.settings = settings
         self.models = LoadedModels.of(engine)
         # Every session's cached chat prefix counts against this one budget (--chat-prefix-mb).
         self.prefixes = PrefixBudget(settings.chat_prefix_mb * 2**20) if settings.chat_prefix_mb else None
+        # Quick answers are batched with other visitors' captions and answers (batching.py).
+        self.batcher = batcher or TextBatcher.one_at_a_time(engine)
 
     def chat_defaults(self) -> GenerationSettings:
         # Sampling streams token by token (beam search can only show its final answer) and makes
@@ -159,7 +162,7 @@ class ChatHandlers:
         prepared = one_image(self.engine, image)
         if question is not None and not isinstance(question, str):
             raise InvalidRequestError("The question must be text.")
-        result = self.engine.answer(
+        result = self.batcher.answer(
             prepared,
             question or "",  # None reads as empty, and is refused as such
             decoding.settings(self.answer_defaults()),
@@ -403,7 +406,7 @@ class PromptWidgets:
 
 def build(context: TabContext) -> None:
     """The tab's widgets and events (inside `gr.Tabs`)."""
-    handlers = ChatHandlers(context.engine, context.settings)
+    handlers = ChatHandlers(context.engine, context.settings, context.batcher)
     with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
         state = gr.State(None, time_to_live=context.state_ttl)
         with gr.Row(equal_height=False):
@@ -580,7 +583,7 @@ def _quick_answer(context: TabContext, handlers: ChatHandlers, prompt: PromptWid
         outputs=output,
         api_name="answer",
         api_description="One visual question, answered without chat history.",
-        **context.model_event(handlers.answer),
+        **context.batched_model_event(handlers.answer),
     )
     topk_button.click(
         inputs=[prompt.image, question, k],

@@ -2,7 +2,9 @@
 
 Model events (they run the model) share one concurrency group, whose size is `--concurrency`, and
 book the GPU time their handler declares (`@gpu`, ui/zerogpu.py): both come from
-`TabContext.model_event`. Every other event is UI plumbing: private, and off the queue
+`TabContext.model_event`. Caption and answer events (`TabContext.batched_model_event`) have a
+group of their own, `--max-batch-size` wide, so requests that arrive together can wait together
+and run as one engine batch (blip2_app/batching.py; one batch runs at a time). Every other event is UI plumbing: private, and off the queue
 (`UI_ONLY`) when it does not touch the model.
 """
 
@@ -10,17 +12,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import ModuleType
 from typing import Any, TypeVar
 
 import gradio as gr
 
+from ...batching import BatchLimits, TextBatcher
 from ...config import Settings
 from ...engine import Engine
 from ..engine_view import LoadedModels
 from ..zerogpu import booked, declared_gpu_seconds
 
 MODEL_GROUP = "model"
+BATCHED_GROUP = "model-batched"  # caption and answer requests, which wait to run as one batch
+MODEL_GROUPS = (MODEL_GROUP, BATCHED_GROUP)
 IMAGE_SOURCES = ["upload", "clipboard", "webcam"]
 UI_ONLY: dict[str, Any] = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
 # Private events that cost real CPU without the model (re-encoding 200 thumbnails: 0.6-0.8 s) wait
@@ -71,6 +77,24 @@ class TabContext:
             "concurrency_id": MODEL_GROUP,
         }
 
+    @cached_property
+    def batcher(self) -> TextBatcher:
+        """The app's one caption-and-answer batcher (see blip2_app/batching.py)."""
+        limits = BatchLimits(self.settings.max_batch_size, self.settings.batch_wait_ms / 1000)
+        return TextBatcher(self.engine, limits, batch_quantized=self.settings.batch_quantized)
+
+    def batched_model_event(self, handler: Callable[..., Any]) -> dict[str, Any]:
+        """`model_event`, for a handler that generates through `batcher`: up to `--max-batch-size`
+        such requests are let in at once, to wait for each other there. Where the batcher cannot
+        batch (a vLLM server, a batch-dependent precision) the event is an ordinary model event."""
+        if not self.batcher.batches or self.settings.max_batch_size == 1:
+            return self.model_event(handler)
+        return {
+            "fn": self.on_gpu(handler),
+            "concurrency_limit": self.settings.max_batch_size,
+            "concurrency_id": BATCHED_GROUP,
+        }
+
 
 def unbooked_handlers(demo: gr.Blocks) -> list[str]:
     """Handlers that declare GPU time but were wired without `TabContext.model_event`."""
@@ -78,6 +102,6 @@ def unbooked_handlers(demo: gr.Blocks) -> list[str]:
         getattr(block_fn.fn, "__qualname__", "?")
         for block_fn in demo.fns.values()
         if block_fn.fn is not None
-        and block_fn.concurrency_id != MODEL_GROUP
+        and block_fn.concurrency_id not in MODEL_GROUPS
         and declared_gpu_seconds(block_fn.fn) is not None
     ]
