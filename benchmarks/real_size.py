@@ -586,7 +586,7 @@ def write_serving(out: Path) -> str:
         row = modes.get(mode, {})
         if not row:
             return ""
-        return f"{row.get('concurrent_s')} s ({row.get('ratio_to_one_alone')}x one alone)"
+        return f"{row.get('concurrent_total_s')} s ({row.get('ratio')}x one alone, {row.get('identical')} identical)"
 
     app = [
         "app, dynamic-int8",
