@@ -107,7 +107,8 @@ def test_a_changed_checkpoint_misses_and_replaces_its_old_entry(cache_dir, tmp_p
 def test_a_damaged_entry_is_removed_and_the_checkpoint_loaded(cache_dir, images, caplog):
     first = load(cache_dir)
     [entry] = entries(cache_dir)
-    (entry / weight_cache.TENSORS).write_bytes(b"not safetensors")
+    shards = json.loads((entry / weight_cache.MANIFEST).read_text())["shards"]
+    (entry / shards[-1]).write_bytes(b"not safetensors")
     second = load(cache_dir)
     assert "unreadable" in caplog.text
     assert any("written to the weight cache" in n for n in second.text.loaded.notes)
@@ -117,14 +118,18 @@ def test_a_damaged_entry_is_removed_and_the_checkpoint_loaded(cache_dir, images,
 def test_an_entry_missing_tensors_is_not_used(cache_dir, caplog):
     load(cache_dir)
     [entry] = entries(cache_dir)
-    manifest = json.loads((entry / weight_cache.MANIFEST).read_text())
     from safetensors.torch import load_file, save_file
 
-    tensors = load_file(entry / weight_cache.TENSORS)
-    dropped = next(k for k in tensors if k.endswith("layernorm.weight") or k.endswith("layer_norm.weight"))
-    del tensors[dropped]
-    save_file(tensors, entry / weight_cache.TENSORS)
-    (entry / weight_cache.MANIFEST).write_text(json.dumps(manifest))
+    shards = json.loads((entry / weight_cache.MANIFEST).read_text())["shards"]
+    for shard in shards:
+        tensors = load_file(entry / shard)
+        dropped = [k for k in tensors if k.endswith(("layernorm.weight", "layer_norm.weight"))]
+        if dropped:
+            del tensors[dropped[0]]
+            save_file(tensors, entry / shard)
+            break
+    else:
+        pytest.fail("no layer norm weight in the cache")
     second = load(cache_dir)
     assert "lacks" in caplog.text
     assert any("written to the weight cache" in n for n in second.text.loaded.notes)
