@@ -153,7 +153,8 @@ class LoadedModel:
                 dtypes["qint8"] = len(packed)
             components[component] = {
                 "requested": getattr(self.precisions, component),
-                "parameters": sum(p.numel() for p in params) + sum(q.weight().numel() for q in packed),
+                "parameters": sum(p.numel() for p in params)
+                + sum(quantization.packed_parameters(q) for q in packed),
                 "bytes": sum(p.numel() * p.element_size() for p in params)
                 + sum(quantization.packed_bytes(q) for q in packed),
                 "dtypes": dict(dtypes),

@@ -86,3 +86,24 @@ def test_dynamic_int8_itc_equals_torchs_quantization_of_the_same_model(load_tiny
     expected = reference.itc(images, texts)
     torch.testing.assert_close(quantized.itc(images, texts), expected, rtol=0, atol=1e-5)
     assert linears and not torch.equal(expected, load_tiny("tiny-random-itm").itc(images, texts))
+
+
+def test_the_model_report_reads_sizes_without_unpacking_a_layer(monkeypatch):
+    """`layer.weight()` unpacks fbgemm's packed weight: the Model tab did it for every layer on
+    every visit (70 s at real size). Sizes now come from the layer's shape."""
+    loaded = load_engine(
+        Settings(model="tiny-random", precision="dynamic-int8", retrieval_model="none")
+    ).text.loaded
+    layers = [m for m in loaded.model.modules() if quantization.is_dynamic_int8(m)]
+    expected = [
+        (layer.weight().numel() + (layer.bias().numel() if layer.bias() is not None else 0), layer)
+        for layer in layers
+    ]
+
+    def unpacks(self):
+        raise AssertionError("unpacked a layer")
+
+    monkeypatch.setattr(quantization.DynamicLinear, "weight", unpacks)
+    assert loaded.report()["components"]["llm"]["parameters"] > 0
+    for numel, layer in expected:
+        assert quantization.packed_parameters(layer) == numel
