@@ -12,10 +12,11 @@ import hashlib
 import json
 import logging
 import mmap
+import shutil
 import time
 import warnings
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -321,11 +322,16 @@ def _cached_stream_load(
             model,
             f"Read from the weight cache in {took:.1f}s: {entry.path} ({entry.size_bytes / 1e9:.2f} GB).",
         )
-    model = stream_load(model_class, location, files, precisions, shared, device)
-    if model is None:
-        return None, ""
-    cache.store(entry, model, skip_prefix="vision_model." if shared is not None else None)
-    if not entry.exists:
+    pending = cache.begin(entry)
+    model = stream_load(
+        model_class, location, files, precisions, shared, device, record=pending.record if pending else None
+    )
+    skip = "vision_model." if shared is not None else None
+    if model is None or pending is None or not cache.finish(pending, model, skip):
+        if pending is not None:
+            shutil.rmtree(pending.folder, ignore_errors=True)
+        if model is None:
+            return None, ""
         return (
             model,
             "The weight cache could not be written (see the server log): the next start quantizes again.",
@@ -393,6 +399,7 @@ def stream_load(
     precisions: ComponentPrecisions,
     shared_vision: torch.nn.Module | None = None,
     device: torch.device | None = None,
+    record: Callable[[str, dict[str, torch.Tensor]], None] | None = None,
 ) -> Any | None:
     """Load tensor by tensor, casting or quantizing each as it is read, so peak memory is the final
     model plus one tensor (a 15 GB fp32 checkpoint never sits in memory in full). On a GPU each
@@ -401,11 +408,12 @@ def stream_load(
     The model is built without initialising its weights: untouched storage costs no resident
     memory. Returns None when the checkpoint's tensor names do not match the model's (e.g. an
     old format transformers renames while loading); the caller then uses transformers' loader.
+    `record(name, int8 parts)` gets each Linear layer quantized while streaming (the weight cache).
     """
     plan = _plan_stream_load(model_class, location, files, shared_vision)
     if plan is None:
         return None
-    stream = _TensorStream(plan, precisions, device)
+    stream = _TensorStream(plan, precisions, device, record=record)
     if shared_vision is not None:
         stream.loaded_ids |= {id(t) for t in [*shared_vision.parameters(), *shared_vision.buffers()]}
     stream.read_checkpoint()
@@ -491,8 +499,11 @@ class _TensorStream:
     untied_tables: dict[torch.nn.Module, tuple[Path, str]] = field(default_factory=dict)
     # Tensors holding checkpoint values: `initialize_weights` must not overwrite them.
     loaded_ids: set[int] = field(default_factory=set)
+    record: Callable[[str, dict[str, torch.Tensor]], None] | None = None
     # Layers being quantized on every core while the next tensors are read: (name, job).
-    quantizing: deque[tuple[str, Future[torch.nn.Module]]] = field(default_factory=deque)
+    quantizing: deque[tuple[str, Future[tuple[torch.nn.Module, dict[str, torch.Tensor]]]]] = field(
+        default_factory=deque
+    )
     workers: int = field(default_factory=lambda: max(1, torch.get_num_threads()))
     pool: ThreadPoolExecutor = field(init=False)
 
@@ -510,11 +521,19 @@ class _TensorStream:
             while self.quantizing:
                 self._place_quantized()
 
+    def _quantize(self, layer: torch.nn.Linear) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+        if self.record is None:
+            return quantization.dynamic_int8(layer), {}
+        return quantization.quantize_with_parts(layer)
+
     def _place_quantized(self) -> None:
         name, job = self.quantizing.popleft()
+        layer, parts = job.result()
+        if self.record is not None:
+            self.record(name, parts)
         parent_name, _, child = name.rpartition(".")
         model = self.plan.model
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, job.result())
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
 
     def _read_tensor(self, handle: Any, path: Path, key: str) -> None:
         model = self.plan.model
@@ -553,7 +572,7 @@ class _TensorStream:
         parts[attr] = tensor
         if "weight" in parts and ("bias" in parts or cast(torch.nn.Linear, owner).bias is None):
             layer = _fp32_linear(cast(torch.nn.Linear, owner), parts)
-            self.quantizing.append((owner_name, self.pool.submit(quantization.dynamic_int8, layer)))
+            self.quantizing.append((owner_name, self.pool.submit(self._quantize, layer)))
             del self.pending[owner_name]
 
 

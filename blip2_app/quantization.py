@@ -109,18 +109,28 @@ def is_dynamic_int8(module: torch.nn.Module) -> TypeGuard[PackedLinear]:
     return isinstance(module, PackedLinear)
 
 
-def int8_parts(layer: DynamicLinear) -> dict[str, torch.Tensor]:
-    """What a dynamic int8 layer is made of (int8 rows, scales, zero points, bias): storable."""
-    weight = layer.weight()
+def int8_parts_of(weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """A qint8 weight (and bias) as storable tensors: int8 rows, scales, zero points, bias."""
     parts = {
         "rows": weight.int_repr(),
         "scales": weight.q_per_channel_scales().float(),
         "zero_points": weight.q_per_channel_zero_points().to(torch.int8),
     }
-    bias = layer.bias()
     if bias is not None:
-        parts["bias"] = bias.detach()
+        parts["bias"] = bias.detach().float()
     return parts
+
+
+def int8_parts(layer: DynamicLinear) -> dict[str, torch.Tensor]:
+    """What a packed layer is made of, unpacked once (`weight()` and `bias()` unpack each)."""
+    weight, bias = layer._weight_bias()
+    return int8_parts_of(weight, bias)
+
+
+def quantize_with_parts(linear: torch.nn.Linear) -> tuple[PackedLinear, dict[str, torch.Tensor]]:
+    """`dynamic_int8`, and the int8 parts taken before packing (no unpacking to store them)."""
+    weight = quantize_weight(linear.weight.detach().float())
+    return packed_linear(weight, linear.bias), int8_parts_of(weight, linear.bias)
 
 
 def from_int8_parts(parts: dict[str, torch.Tensor]) -> PackedLinear:

@@ -43,7 +43,7 @@ FORMAT_VERSION = 1
 # Quantizing a small checkpoint takes less than reading a cache entry would save: not worth disk.
 MIN_CHECKPOINT_BYTES = 256 * 1024 * 1024
 MANIFEST = "manifest.json"
-SHARD_BYTES = 256 * 1024 * 1024  # written a shard at a time: see _write_shards
+SHARD_BYTES = 64 * 1024 * 1024  # written a shard at a time: see PendingEntry
 DYNAMIC_INT8, INT8_EMBEDDING, BF16_EMBEDDING = "dynamic-int8", "int8-embedding", "bf16-embedding"
 INT8_PARTS = ("rows", "scales", "zero_points", "bias")
 
@@ -142,30 +142,49 @@ class WeightCache:
         return fingerprint
 
     # ------------------------------------------------------------------ store
-    def store(self, entry: CacheEntry, model: torch.nn.Module, skip_prefix: str | None) -> None:
-        """Write `model` as `entry` (atomically), then drop older entries of the same checkpoint.
-        A failure (disk full, read-only) is logged: the app runs on, the next start quantizes."""
-        started = time.perf_counter()
+    def begin(self, entry: CacheEntry) -> PendingEntry | None:
+        """A staging folder for `entry`, to which the loader hands int8 layers as it makes them
+        (`PendingEntry.record`); `finish` writes the rest. None when the folder cannot be made."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{entry.key}-", dir=self.root))
-            try:
-                manifest = _write_shards(model, skip_prefix, staging)
-                manifest["checkpoint"] = entry.checkpoint
-                (staging / MANIFEST).write_text(json.dumps(manifest))
-                os.replace(staging, entry.path)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+        except OSError as error:
+            log.warning("Could not write the weight cache in %s: %s", self.root, error)
+            return None
+        return PendingEntry(entry, staging)
+
+    def finish(self, pending: PendingEntry, model: torch.nn.Module, skip_prefix: str | None) -> bool:
+        """Write what `record` did not get, rename the entry into place, drop older entries of the
+        same checkpoint. A failure (disk full, read-only) is logged and leaves nothing behind: the
+        app runs on and the next start quantizes again."""
+        entry, started = pending.entry, time.perf_counter()
+        try:
+            if pending.failure is not None:
+                raise pending.failure
+            for tensors in _module_tensors(model, skip_prefix, pending.manifest, set(pending.recorded)):
+                pending.add(tensors)
+            pending.flush()
+            pending.manifest["checkpoint"] = entry.checkpoint
+            (pending.folder / MANIFEST).write_text(json.dumps(pending.manifest))
+            os.replace(pending.folder, entry.path)
         except (OSError, RuntimeError) as error:
             log.warning("Could not write the weight cache %s: %s", entry.path, error)
-            return
+            return False
+        finally:
+            shutil.rmtree(pending.folder, ignore_errors=True)
         self._drop_older(entry)
         log.info(
-            "Wrote the weight cache %s (%.2f GB) in %.1fs",
+            "Wrote the weight cache %s (%.2f GB); its last part in %.1fs",
             entry.path,
             entry.size_bytes / 1e9,
             time.perf_counter() - started,
         )
+        return True
+
+    def store(self, entry: CacheEntry, model: torch.nn.Module, skip_prefix: str | None) -> bool:
+        """Write a loaded model as `entry` in one go (int8 layers unpacked one at a time)."""
+        pending = self.begin(entry)
+        return pending is not None and self.finish(pending, model, skip_prefix)
 
     def _drop_older(self, entry: CacheEntry) -> None:
         for other in self.root.iterdir():
@@ -218,8 +237,55 @@ class WeightCache:
         return model
 
 
+class PendingEntry:
+    """An entry being written: safetensors shards of about SHARD_BYTES in a staging folder, and
+    the manifest so far. Shards are written as tensors come (a whole model at once would be a
+    second copy of it in memory: 8.2 GB peak instead of 4.2 on OPT-2.7B)."""
+
+    def __init__(self, entry: CacheEntry, folder: Path):
+        self.entry, self.folder = entry, folder
+        self.manifest: dict[str, Any] = {
+            "format": FORMAT_VERSION,
+            "kinds": {},
+            "module_aliases": {},
+            "tensor_aliases": {},
+            "shards": [],
+        }
+        self.recorded: list[str] = []
+        self.failure: BaseException | None = None
+        self._shard: dict[str, torch.Tensor] = {}
+
+    def record(self, name: str, parts: dict[str, torch.Tensor]) -> None:
+        """An int8 layer's parts, from the loader as it quantizes; a failure is kept for `finish`
+        (the load itself goes on)."""
+        if self.failure is not None:
+            return
+        try:
+            self.add({f"{name}.{part}": tensor for part, tensor in parts.items()})
+        except (OSError, RuntimeError) as error:
+            self.failure = error
+            return
+        self.manifest["kinds"][name] = DYNAMIC_INT8
+        self.recorded.append(name)
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._shard.update(tensors)
+        if sum(t.numel() * t.element_size() for t in self._shard.values()) >= SHARD_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._shard and self.manifest["shards"]:
+            return
+        from safetensors.torch import save_file
+
+        name = f"shard-{len(self.manifest['shards']):05d}.safetensors"
+        save_file(self._shard, str(self.folder / name))
+        self.manifest["shards"].append(name)
+        self._shard.clear()
+
+
 def _module_tensors(
-    model: torch.nn.Module, skip_prefix: str | None, manifest: dict[str, Any]
+    model: torch.nn.Module, skip_prefix: str | None, manifest: dict[str, Any], recorded: set[str]
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Each module's own tensors under unique names, one module at a time (an int8 layer's rows
     are unpacked only when its turn comes), recording in `manifest` the special modules (int8
@@ -241,6 +307,8 @@ def _module_tensors(
         prefix = f"{name}." if name else ""
         if quantization.is_dynamic_int8(module):
             kinds[name] = DYNAMIC_INT8
+            if name in recorded:  # written while loading
+                continue
             yield {prefix + part: t.contiguous() for part, t in quantization.int8_parts(module).items()}
             continue
         if isinstance(module, quantization.Int8Embedding):
@@ -258,35 +326,6 @@ def _module_tensors(
             tensors[prefix + attr] = tensor.detach().contiguous()
         if tensors:
             yield tensors
-
-
-def _write_shards(model: torch.nn.Module, skip_prefix: str | None, folder: Path) -> dict[str, Any]:
-    """The model as safetensors shards of about SHARD_BYTES: writing it whole would first unpack
-    every int8 layer (a second copy of the model in memory: 8.2 GB peak instead of 4.2 on OPT-2.7B)."""
-    from safetensors.torch import save_file
-
-    manifest: dict[str, Any] = {
-        "format": FORMAT_VERSION,
-        "kinds": {},
-        "module_aliases": {},
-        "tensor_aliases": {},
-        "shards": [],
-    }
-    shard: dict[str, torch.Tensor] = {}
-
-    def flush() -> None:
-        name = f"shard-{len(manifest['shards']):05d}.safetensors"
-        save_file(shard, str(folder / name))
-        manifest["shards"].append(name)
-        shard.clear()
-
-    for tensors in _module_tensors(model, skip_prefix, manifest):
-        shard.update(tensors)
-        if sum(t.numel() * t.element_size() for t in shard.values()) >= SHARD_BYTES:
-            flush()
-    if shard or not manifest["shards"]:
-        flush()
-    return manifest
 
 
 def _fill(model: torch.nn.Module, folder: Path, manifest: dict[str, Any]) -> set[int]:
