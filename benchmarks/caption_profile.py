@@ -12,7 +12,6 @@ bytes read per token over the measured read bandwidth (as in real_size.py).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -23,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from report_files import write_report  # noqa: E402
 
 TOKENS = 20
 INT8_MATMUL = ("quantized::linear_dynamic",)  # dynamic-int8 Linear layers: where weights are read
@@ -146,11 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         "step_op_seconds": {k: round(v, 4) for k, v in sorted(step_ops.items(), key=lambda kv: -kv[1])},
         "step_op_seconds_total": round(profiled, 4),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "caption_profile.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "caption_profile.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, "caption_profile", report, markdown(report))
     return 0
 
 

@@ -13,7 +13,6 @@ issue measures).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -27,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from report_files import write_report  # noqa: E402
 from startup_time import free_port, healthz_status  # noqa: E402
 
 TOKENS = 20
@@ -162,11 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         "weight_cache_gb": round(cache_bytes / 1e9, 2),
         "rows": rows,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cold_start.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "cold_start.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, "cold_start", report, markdown(report))
     return 0
 
 

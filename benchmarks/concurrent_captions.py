@@ -35,8 +35,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import running_app as harness  # noqa: E402  (tests/running_app.py: starts app.py on a free port)
+from report_files import write_report  # noqa: E402
 
 TOKENS = 20
 FORCED = {
@@ -213,11 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "modes": results,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "concurrent_captions.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "concurrent_captions.md").write_text(markdown(result))
-    print(markdown(result))
+    write_report(args.out, "concurrent_captions", result, markdown(result))
     return 0
 
 
