@@ -33,18 +33,12 @@ from typing import Generic, TypeVar
 
 from .engine import Engine, Generated, PreparedImage
 from .generation import GenerationSettings
-from .precisions import DYNAMIC_INT8
+from .precisions import BATCH_DEPENDENT_PRECISIONS
 
 log = logging.getLogger(__name__)
 
 J = TypeVar("J")
 R = TypeVar("R")
-
-# Precisions whose batched rows depend on their batch-mates. fbgemm's dynamic int8 quantizes the
-# activations with one scale per tensor, the whole batch's (on the tiny model 3 of 8 greedy
-# captions changed in a batch of 8); bitsandbytes' int8 picks its fp16 outlier columns over the
-# whole batch.
-BATCH_DEPENDENT_PRECISIONS = frozenset({DYNAMIC_INT8, "int8"})
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from .checkpoints import (
 )
 from .errors import CheckpointUnreachableError, ModelLoadError
 from .precisions import (
+    BATCH_DEPENDENT_PRECISIONS,
     COMPONENT_MODULES,
     COMPONENTS,
     DYNAMIC_INT8,
@@ -120,6 +121,10 @@ class LoadedModel:
         return hashlib.sha256(
             json.dumps({k: config.get(k) for k in keys}, sort_keys=True).encode()
         ).hexdigest()
+
+    def batch_dependent(self, *components: str) -> bool:
+        """Whether a row's result in these components depends on the rest of its batch."""
+        return any(getattr(self.precisions, c) in BATCH_DEPENDENT_PRECISIONS for c in components)
 
     def component_dtype(self, component: str) -> torch.dtype:
         """The floating dtype computations in `component` run in (activations' dtype)."""

@@ -14,6 +14,11 @@ PRECISIONS = ("fp32", "bf16", "fp16", "int8", "nf4", "dynamic-int8")
 QUANTIZED = ("int8", "nf4")  # bitsandbytes, applied by transformers while loading
 DYNAMIC_INT8 = "dynamic-int8"  # torch's dynamic int8 Linear (fbgemm, CPU), applied by stream_load
 COMPONENTS = ("vision", "qformer", "llm")
+# Precisions whose batched rows depend on their batch-mates. fbgemm's dynamic int8 quantizes the
+# activations with one scale per tensor, the whole batch's (on the tiny model 3 of 8 greedy
+# captions changed in a batch of 8); bitsandbytes' int8 picks its fp16 outlier columns over the
+# whole batch.
+BATCH_DEPENDENT_PRECISIONS = frozenset({DYNAMIC_INT8, "int8"})
 # Top-level module names of each component, for every BLIP-2 / InstructBLIP / ITM class.
 COMPONENT_MODULES: dict[str, tuple[str, ...]] = {
     "vision": ("vision_model",),

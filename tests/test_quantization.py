@@ -83,7 +83,9 @@ def test_dynamic_int8_itc_equals_torchs_quantization_of_the_same_model(load_tiny
     for module in model.modules():
         if type(module) is torch.nn.Embedding:  # tables of a dynamic-int8 component are kept in bf16
             module.to(torch.bfloat16).__class__ = quantization.Bf16Embedding
-    expected = reference.itc(images, texts)
+    # One image at a time, as the app encodes images at dynamic-int8 (its activation scales are
+    # per batch: see the test below).
+    expected = torch.cat([reference.itc([image], texts) for image in images])
     torch.testing.assert_close(quantized.itc(images, texts), expected, rtol=0, atol=1e-5)
     assert linears and not torch.equal(expected, load_tiny("tiny-random-itm").itc(images, texts))
 
@@ -107,3 +109,28 @@ def test_the_model_report_reads_sizes_without_unpacking_a_layer(monkeypatch):
     assert loaded.report()["components"]["llm"]["parameters"] > 0
     for numel, layer in expected:
         assert quantization.packed_parameters(layer) == numel
+
+
+def test_at_dynamic_int8_an_images_tokens_do_not_depend_on_the_images_beside_it(images):
+    """fbgemm quantizes activations with one scale for the whole batch, so the vision encoder and
+    Q-Former run one image at a time at dynamic-int8: an image's cached image tokens (and so its
+    greedy caption) are the same whichever images it came with."""
+    engine = load_engine(Settings(model="tiny-random", precision="dynamic-int8", retrieval_model="none"))
+    backend = engine.text
+    prepared = engine.prepare(images)
+    alone = backend._language_inputs(prepared[:1], [""])
+    engine.cache.clear()
+    together = backend._language_inputs(prepared, [""] * len(prepared))
+    assert torch.equal(together[0], alone[0])
+    engine.cache.clear()
+    batched_vision = engine.vision.vision_embeds(backend.loaded, prepared)
+    engine.cache.clear()
+    assert torch.equal(engine.vision.vision_embeds(backend.loaded, prepared[:1])[0], batched_vision[0])
+
+
+def test_at_dynamic_int8_retrieval_features_of_an_image_do_not_depend_on_its_gallery(images):
+    engine = load_engine(Settings(model="tiny-random-itm", precision="dynamic-int8"))
+    together = engine.image_features(images)
+    engine.cache.clear()
+    alone = engine.image_features(images[2:3])
+    assert torch.equal(alone.projections[0], together.projections[2])

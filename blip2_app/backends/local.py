@@ -96,6 +96,7 @@ class LocalBackend(CheckpointText):
                 ("language_inputs", id(model)),
                 images,
                 lambda batch: project(query_outputs(model, self.vision.vision_embeds(loaded, batch))),
+                one_at_a_time=loaded.batch_dependent("vision", "qformer"),
             )
         # InstructBLIP's Q-Former reads the instruction too: only the vision encoder is cached.
         image_embeds = self.vision.vision_embeds(loaded, images)
