@@ -8,6 +8,7 @@ own precision: fp32, bf16, fp16, int8 or nf4 (bitsandbytes; 0.50 runs both on CP
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -111,7 +112,14 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
     load_seconds: float = 0.0
     checkpoint_path: str = ""
-    vision_fingerprint: str = ""
+    # The vision fingerprint is computed when first asked (hashing 4 GB of vision weights takes
+    # seconds, and only a retrieval model that may share the encoder needs it).
+    fingerprint_source: Callable[[], str] | None = field(default=None, repr=False, compare=False)
+
+    @functools.cached_property
+    def vision_fingerprint(self) -> str:
+        """sha256 of the vision encoder's stored tensors ("" without safetensors files)."""
+        return self.fingerprint_source() if self.fingerprint_source is not None else ""
 
     @property
     def pixel_signature(self) -> str:
@@ -240,18 +248,22 @@ def load_model(
             warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
             processor = processor_class.from_pretrained(location)
             files = weight_files(location)
-            fingerprint = ""
-            if files:
-                fingerprint = (
+
+            @functools.cache
+            def fingerprint() -> str:
+                if not files:
+                    return ""
+                return (
                     cache.vision_fingerprint(files, vision_fingerprint)
                     if cache
                     else vision_fingerprint(files)
                 )
+
             shared = None
             if (
                 share_vision_with is not None
-                and fingerprint
-                and fingerprint == share_vision_with.vision_fingerprint
+                and share_vision_with.vision_fingerprint
+                and fingerprint() == share_vision_with.vision_fingerprint
             ):
                 shared = share_vision_with.model.vision_model
                 notes.append(
@@ -297,7 +309,7 @@ def load_model(
         notes=notes,
         load_seconds=time.perf_counter() - started,
         checkpoint_path=location,
-        vision_fingerprint=fingerprint,
+        fingerprint_source=fingerprint,
     )
     log.info("Loaded %s in %.1fs: %s", entry.name, loaded.load_seconds, precisions.as_dict())
     return loaded

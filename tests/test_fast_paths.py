@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from blip2_app import quantization
+from blip2_app import loading, quantization
 from blip2_app.backends.local import LocalBackend
 from blip2_app.config import Settings
 from blip2_app.engine import Engine
@@ -180,3 +180,16 @@ def test_a_stored_untied_lm_head_is_quantized_from_its_own_weights(tmp_path, ima
     error = (head.weight().dequantize() - reference.lm_head.weight.detach()).abs()
     assert (error <= scales / 2 + 1e-6).all()
     assert len(Engine(LocalBackend(loaded)).caption(images[:1], generation=GREEDY)[0][0].token_ids) > 0
+
+
+def test_vision_weights_are_hashed_only_when_a_retrieval_model_may_share_them(monkeypatch):
+    """Hashing the vision weights (4 GB at real size, 7 s) decides sharing; a captioner loaded
+    alone never needs it."""
+    hashed = []
+    real = loading.vision_fingerprint
+    monkeypatch.setattr(loading, "vision_fingerprint", lambda files: hashed.append(files) or real(files))
+    load_engine(Settings(model="tiny-random", retrieval_model="none", weight_cache="off"))
+    assert hashed == []
+    engine = load_engine(Settings(model="tiny-random", weight_cache="off"))
+    assert len(hashed) == 2  # the captioner's and the retrieval model's, once each
+    assert engine.matcher.model.vision_model is engine.text.loaded.model.vision_model

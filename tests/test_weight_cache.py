@@ -142,7 +142,9 @@ def test_a_cache_that_cannot_be_written_leaves_nothing_behind(cache_dir, monkeyp
     monkeypatch.setattr("safetensors.torch.save_file", disk_full)
     engine = load(cache_dir)
     assert any("could not be written" in n for n in engine.text.loaded.notes)
-    assert [p.name for p in cache_dir.iterdir()] == ["fingerprints.json"]  # no entry, no staging folder
+    assert [
+        p.name for p in cache_dir.iterdir() if p.name != "fingerprints.json"
+    ] == []  # no entry, no staging
     assert len(engine.caption(images[:1], generation=GREEDY)[0][0].token_ids) > 0
 
 
