@@ -340,12 +340,25 @@ def _cached_stream_load(
             f"Read from the weight cache in {took:.1f}s: {entry.path} ({entry.size_bytes / 1e9:.2f} GB).",
         )
     pending = cache.begin(entry)
-    model = stream_load(
-        model_class, location, files, precisions, shared, device, record=pending.record if pending else None
-    )
+    try:
+        model = stream_load(
+            model_class,
+            location,
+            files,
+            precisions,
+            shared,
+            device,
+            record=pending.record if pending else None,
+        )
+    except BaseException:
+        if pending is not None:  # no half entry, no writer thread left waiting
+            pending.close()
+            shutil.rmtree(pending.folder, ignore_errors=True)
+        raise
     skip = "vision_model." if shared is not None else None
     if model is None or pending is None or not cache.finish(pending, model, skip):
         if pending is not None:
+            pending.close()
             shutil.rmtree(pending.folder, ignore_errors=True)
         if model is None:
             return None, ""

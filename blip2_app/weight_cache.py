@@ -20,8 +20,10 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import shutil
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -164,6 +166,9 @@ class WeightCache:
             for tensors in _module_tensors(model, skip_prefix, pending.manifest, set(pending.recorded)):
                 pending.add(tensors)
             pending.flush()
+            pending.close()
+            if pending.failure is not None:
+                raise pending.failure
             pending.manifest["checkpoint"] = entry.checkpoint
             (pending.folder / MANIFEST).write_text(json.dumps(pending.manifest))
             os.replace(pending.folder, entry.path)
@@ -171,6 +176,7 @@ class WeightCache:
             log.warning("Could not write the weight cache %s: %s", entry.path, error)
             return False
         finally:
+            pending.close()
             shutil.rmtree(pending.folder, ignore_errors=True)
         self._drop_older(entry)
         log.info(
@@ -254,17 +260,18 @@ class PendingEntry:
         self.recorded: list[str] = []
         self.failure: BaseException | None = None
         self._shard: dict[str, torch.Tensor] = {}
+        # Shards are written by a thread of their own, so the disk works while the cores quantize;
+        # one full shard waits at most (its memory is bounded to two shards).
+        self._writes: queue.Queue[tuple[str, dict[str, torch.Tensor]] | None] = queue.Queue(maxsize=1)
+        self._writer = threading.Thread(target=self._write_shards, name="weight-cache-writer", daemon=True)
+        self._writer.start()
 
     def record(self, name: str, parts: dict[str, torch.Tensor]) -> None:
         """An int8 layer's parts, from the loader as it quantizes; a failure is kept for `finish`
         (the load itself goes on)."""
         if self.failure is not None:
             return
-        try:
-            self.add({f"{name}.{part}": tensor for part, tensor in parts.items()})
-        except (OSError, RuntimeError) as error:
-            self.failure = error
-            return
+        self.add({f"{name}.{part}": tensor for part, tensor in parts.items()})
         self.manifest["kinds"][name] = DYNAMIC_INT8
         self.recorded.append(name)
 
@@ -276,12 +283,26 @@ class PendingEntry:
     def flush(self) -> None:
         if not self._shard and self.manifest["shards"]:
             return
+        name = f"shard-{len(self.manifest['shards']):05d}.safetensors"
+        self.manifest["shards"].append(name)
+        self._writes.put((name, self._shard))
+        self._shard = {}
+
+    def close(self) -> None:
+        """Wait for the shards handed over so far to be written (or to fail)."""
+        if self._writer.is_alive():
+            self._writes.put(None)
+            self._writer.join()
+
+    def _write_shards(self) -> None:
         from safetensors.torch import save_file
 
-        name = f"shard-{len(self.manifest['shards']):05d}.safetensors"
-        save_file(self._shard, str(self.folder / name))
-        self.manifest["shards"].append(name)
-        self._shard.clear()
+        while (job := self._writes.get()) is not None:
+            if self.failure is None:
+                try:
+                    save_file(job[1], str(self.folder / job[0]))
+                except (OSError, RuntimeError) as error:
+                    self.failure = error
 
 
 def _module_tensors(

@@ -176,3 +176,13 @@ def test_the_model_tab_says_where_the_cache_is_and_what_this_start_did(cache_dir
     assert f"`{cache_dir}`" in report and "written to the weight cache" in report
     off = model_report_markdown(engine.info(), engine, settings.replace(weight_cache="off"))
     assert "Off (`--weight-cache off`)" in off
+
+
+def test_a_load_that_fails_midway_leaves_no_staging_folder(cache_dir, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a layer could not be quantized")
+
+    monkeypatch.setattr(quantization, "quantize_with_parts", broken)
+    with pytest.raises(RuntimeError, match="could not be quantized"):
+        load(cache_dir)
+    assert [p.name for p in cache_dir.iterdir() if p.name != "fingerprints.json"] == []
