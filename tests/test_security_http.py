@@ -29,8 +29,10 @@ PHOTO = str(sorted((ROOT / "assets" / "examples").glob("*.*"))[0])
 HOSTILE = ROOT / "tests" / "data" / "hostile"
 UPLOAD_MB = 2
 CANARY = "canary-" + uuid.uuid4().hex  # in the server's environment: must never come back
+# --max-batch-size 1: captions run one at a time, as --concurrency 1 says (batched, up to 8 run
+# at once in their own group, and the bounded-queue test below could not fill the queue).
 ARGS = [
-    "--max-upload-mb", str(UPLOAD_MB), "--concurrency", "1", "--max-queue", "2",
+    "--max-upload-mb", str(UPLOAD_MB), "--concurrency", "1", "--max-queue", "2", "--max-batch-size", "1",
     "--max-sessions", "3", "--max-galleries", "2", "--upload-ttl-minutes", "0.05",
 ]  # fmt: skip
 
