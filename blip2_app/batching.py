@@ -33,7 +33,7 @@ from typing import Generic, TypeVar
 
 from .engine import Engine, Generated, PreparedImage
 from .generation import GenerationSettings
-from .precisions import BATCH_DEPENDENT_PRECISIONS
+from .precisions import COMPONENTS
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def exact_batches(engine: Engine) -> bool:
     loaded = engine.text.loaded if engine.text is not None else None
     if loaded is None:
         return False
-    return not BATCH_DEPENDENT_PRECISIONS & set(loaded.precisions.as_dict().values())
+    return not loaded.batch_dependent(*COMPONENTS)
 
 
 class TextBatcher:

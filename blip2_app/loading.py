@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import mmap
-import shutil
 import time
 import warnings
 from collections import Counter, deque
@@ -350,18 +349,14 @@ def _cached_stream_load(
             device,
             record=pending.record if pending else None,
         )
-    except BaseException:
+        skip = "vision_model." if shared is not None else None
+        written = model is not None and pending is not None and cache.finish(pending, model, skip)
+    finally:
         if pending is not None:  # no half entry, no writer thread left waiting
-            pending.close()
-            shutil.rmtree(pending.folder, ignore_errors=True)
-        raise
-    skip = "vision_model." if shared is not None else None
-    if model is None or pending is None or not cache.finish(pending, model, skip):
-        if pending is not None:
-            pending.close()
-            shutil.rmtree(pending.folder, ignore_errors=True)
-        if model is None:
-            return None, ""
+            pending.abandon()
+    if model is None:
+        return None, ""
+    if not written:
         return (
             model,
             "The weight cache could not be written (see the server log): the next start quantizes again.",

@@ -71,7 +71,7 @@ class CacheEntry:
 
     @property
     def size_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.path.iterdir()) if self.path.is_dir() else 0
+        return _folder_bytes(self.path)
 
 
 class WeightCache:
@@ -91,9 +91,7 @@ class WeightCache:
         """Bytes of all entries (fingerprints aside)."""
         if not self.root.is_dir():
             return 0
-        return sum(
-            f.stat().st_size for entry in self.root.iterdir() if entry.is_dir() for f in entry.iterdir()
-        )
+        return sum(_folder_bytes(entry) for entry in self.root.iterdir() if entry.is_dir())
 
     # ------------------------------------------------------------------ keys
     @staticmethod
@@ -163,7 +161,7 @@ class WeightCache:
         try:
             if pending.failure is not None:
                 raise pending.failure
-            for tensors in _module_tensors(model, skip_prefix, pending.manifest, set(pending.recorded)):
+            for tensors in _module_tensors(model, skip_prefix, pending.manifest, pending.recorded):
                 pending.add(tensors)
             pending.flush()
             pending.close()
@@ -176,8 +174,7 @@ class WeightCache:
             log.warning("Could not write the weight cache %s: %s", entry.path, error)
             return False
         finally:
-            pending.close()
-            shutil.rmtree(pending.folder, ignore_errors=True)
+            pending.abandon()  # after the rename: nothing left to remove
         self._drop_older(entry)
         log.info(
             "Wrote the weight cache %s (%.2f GB); its last part in %.1fs",
@@ -186,11 +183,6 @@ class WeightCache:
             time.perf_counter() - started,
         )
         return True
-
-    def store(self, entry: CacheEntry, model: torch.nn.Module, skip_prefix: str | None) -> bool:
-        """Write a loaded model as `entry` in one go (int8 layers unpacked one at a time)."""
-        pending = self.begin(entry)
-        return pending is not None and self.finish(pending, model, skip_prefix)
 
     def _drop_older(self, entry: CacheEntry) -> None:
         for other in self.root.iterdir():
@@ -220,12 +212,7 @@ class WeightCache:
             model = skeleton()
             filled = _fill(model, entry.path, manifest)
         except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
-            log.warning(
-                "The weight cache %s is unreadable (%s): removing it and loading the checkpoint.",
-                entry.path,
-                error,
-            )
-            shutil.rmtree(entry.path, ignore_errors=True)
+            _discard(entry, f"is unreadable ({error})")
             return None
         if shared_vision is not None:
             model.vision_model = shared_vision
@@ -233,12 +220,7 @@ class WeightCache:
         # The skeleton's tensors are allocated but hold no values: each must have been replaced.
         missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if id(t) not in filled]
         if missing:
-            log.warning(
-                "The weight cache %s lacks %s: removing it and loading the checkpoint.",
-                entry.path,
-                missing[:3],
-            )
-            shutil.rmtree(entry.path, ignore_errors=True)
+            _discard(entry, f"lacks {missing[:3]}")
             return None
         return model
 
@@ -257,7 +239,7 @@ class PendingEntry:
             "tensor_aliases": {},
             "shards": [],
         }
-        self.recorded: list[str] = []
+        self.recorded: set[str] = set()
         self.failure: BaseException | None = None
         self._shard: dict[str, torch.Tensor] = {}
         # Shards are written by a thread of their own, so the disk works while the cores quantize;
@@ -273,7 +255,7 @@ class PendingEntry:
             return
         self.add({f"{name}.{part}": tensor for part, tensor in parts.items()})
         self.manifest["kinds"][name] = DYNAMIC_INT8
-        self.recorded.append(name)
+        self.recorded.add(name)
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         self._shard.update(tensors)
@@ -287,6 +269,11 @@ class PendingEntry:
         self.manifest["shards"].append(name)
         self._writes.put((name, self._shard))
         self._shard = {}
+
+    def abandon(self) -> None:
+        """Stop writing and remove the staging folder (what `finish` renamed is not there)."""
+        self.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     def close(self) -> None:
         """Wait for the shards handed over so far to be written (or to fail)."""
@@ -419,6 +406,15 @@ def _set_tensor(model: torch.nn.Module, key: str, value: torch.Tensor) -> torch.
         value = torch.nn.Parameter(value, requires_grad=False)
     owner._parameters[attr] = value
     return value
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir()) if folder.is_dir() else 0
+
+
+def _discard(entry: CacheEntry, why: str) -> None:
+    log.warning("The weight cache %s %s: removing it and loading the checkpoint.", entry.path, why)
+    shutil.rmtree(entry.path, ignore_errors=True)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
