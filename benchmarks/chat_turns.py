@@ -8,7 +8,13 @@ included: its feature cache is emptied first, as for a new photo) and turn 2 (th
 turn 1's own answer; the image features are cached, as in the app) without reuse, then the same
 two turns with a fresh chat prefix slot, which turn 2 reuses. Each answer is forced to 10 new
 tokens (min_new_tokens = max_new_tokens, greedy), so random weights cannot change the work done.
-Also recorded: the positions turn 2 prefills, the prefill's own seconds (its forward pass), the
+
+`--answers natural` (the default) makes each answer a fixed English sentence, as a trained model
+writes: a hook on the language model's output puts all the weight on the sentence's next token
+(the forward pass itself is unchanged). Random weights otherwise write token runs that the
+tokenizer reads back differently when they return as history text, which stops prefix reuse at
+the first answer; a trained model's answers read back to their own ids. `--answers model` keeps
+the model's own (random) tokens. Also recorded: the positions turn 2 prefills, the prefill's own seconds (its forward pass), the
 bytes the kept prefix holds, and whether both ways wrote the same tokens. Writes
 <out>/chat_turns.{json,md}.
 """
@@ -29,7 +35,16 @@ sys.path.insert(0, str(ROOT))
 
 TOKENS = 10
 QUESTIONS = ("what is in the image?", "what colour is it?")
+# What a trained model might answer (each at least TOKENS tokens long for OPT's tokenizer).
+NATURAL_ANSWERS = (
+    "an astronaut in a white space suit standing in front of a flag on a launch pad",
+    "white, with a blue and red flag on the left side of the picture behind him",
+)
 MODES = ("no_reuse", "reuse")
+ANSWER_KINDS = {
+    "natural": "a fixed English sentence, as a trained model writes",
+    "model": "the model's own tokens",
+}
 
 
 def forced(engine):
@@ -60,18 +75,53 @@ class ForwardClock:
         return length, after - start
 
 
-def one_chat(engine, image, prefix) -> dict:
+class ScriptedAnswer:
+    """Makes greedy decoding write `ids` (one per forward pass since the last `start`): the
+    language model's logits at the last position are replaced by a one-hot of the next id."""
+
+    def __init__(self, language_model):
+        self.ids: list[int] = []
+        self.step = 0
+        self.handle = language_model.register_forward_hook(self._steer, with_kwargs=True)
+
+    def start(self, ids: list[int]) -> None:
+        self.ids, self.step = ids, 0
+
+    def _steer(self, module, args, kwargs, output) -> None:
+        if self.step < len(self.ids):
+            logits = output.logits[:, -1, :]
+            logits.fill_(-1e4)
+            logits[:, self.ids[self.step]] = 1e4
+        self.step += 1
+
+
+def natural_ids(engine) -> list[list[int]]:
+    """The first TOKENS ids of each natural answer, as the tokenizer reads it after 'Answer:'."""
+    tokenizer = engine.text.tokenizer
+    scripts = [
+        tokenizer(" " + answer, add_special_tokens=False).input_ids[:TOKENS] for answer in NATURAL_ANSWERS
+    ]
+    assert all(len(ids) == TOKENS for ids in scripts), "each natural answer needs TOKENS tokens"
+    return scripts
+
+
+def one_chat(engine, image, prefix, answers: str = "natural") -> dict:
     """Turn 1 then turn 2 (after turn 1's own answer): seconds, turn 2's prefill, the answers."""
     from blip2_app.prompts import ChatTurn
 
     generation = forced(engine)
-    clock = ForwardClock(engine.text.loaded.model.language_model)
+    language_model = engine.text.loaded.model.language_model
+    clock = ForwardClock(language_model)
+    script = ScriptedAnswer(language_model) if answers == "natural" else None
+    scripts = natural_ids(engine) if script is not None else []
     result: dict = {}
     history: list = []
     try:
         engine.cache.clear()  # turn 1 is a new photo: the vision encoder runs
         for number, question in enumerate(QUESTIONS, start=1):
             clock.passes.clear()
+            if script is not None:
+                script.start(scripts[number - 1])
             started = time.perf_counter()
             events = list(engine.chat_stream(image, question, history, generation=generation, prefix=prefix))
             result[f"turn{number}_s"] = time.perf_counter() - started
@@ -82,6 +132,8 @@ def one_chat(engine, image, prefix) -> dict:
             history.append(ChatTurn(question, events[-1].text))
     finally:
         clock.handle.remove()
+        if script is not None:
+            script.handle.remove()
     result["kept_prefix_bytes"] = prefix.held.nbytes if prefix is not None and prefix.held else 0
     return result
 
@@ -104,11 +156,12 @@ def run(args: argparse.Namespace) -> dict:
     budget = PrefixBudget(2**40)  # no eviction here: one chat at a time
 
     for mode in MODES:  # warm-up: first calls of each shape pick kernels and grow the allocator
-        one_chat(engine, image, budget.slot() if mode == "reuse" else None)
+        one_chat(engine, image, budget.slot() if mode == "reuse" else None, args.answers)
     runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
     for _ in range(args.repeats):  # alternating, so a change in the machine's load hits both
         for mode in MODES:
-            runs[mode].append(one_chat(engine, image, budget.slot() if mode == "reuse" else None))
+            slot = budget.slot() if mode == "reuse" else None
+            runs[mode].append(one_chat(engine, image, slot, args.answers))
 
     summary: dict = {}
     for mode, results in runs.items():
@@ -136,6 +189,7 @@ def run(args: argparse.Namespace) -> dict:
         "load_avg": round(os.getloadavg()[0], 2),
         "repeats": args.repeats,
         "new_tokens_per_turn": TOKENS,
+        "answers": args.answers,
         "load_s": round(load_s, 1),
         "same_answers": same,
         "results": summary,
@@ -161,15 +215,19 @@ def write(results: dict, out: Path) -> None:
         [
             "# Chat turns with and without prefix reuse",
             "",
-            f"`python benchmarks/chat_turns.py --model {results['model']} --precision {results['precision']}`, "
+            f"`python benchmarks/chat_turns.py --model {results['model']} --precision {results['precision']} "
+            f"--answers {results['answers']}`, "
             f"{results['measured_at']}: {results['device']}, {results['threads']} threads, torch "
             f"{results['torch']}, transformers {results['transformers']}, load average "
             f"{results['load_avg']} at the end. Medians of {results['repeats']} runs of each, alternating; "
-            f"{results['new_tokens_per_turn']} new tokens forced per turn (greedy); turn 1 runs the vision "
-            "encoder, turn 2 reads its cached features.",
+            f"{results['new_tokens_per_turn']} new tokens forced per turn (greedy; answers: "
+            f"{ANSWER_KINDS[results['answers']]}); turn 1 runs the vision encoder, turn 2 reads its cached "
+            "features.",
             "",
             *rows,
             "",
+            f"With reuse, turn 2 is {reuse['turn1_s'] - reuse['turn2_s']:.2f} s faster than turn 1 "
+            f"(without: {plain['turn1_s'] - plain['turn2_s']:.2f} s). "
             f"Turn 2 saves {plain['turn2_s'] - reuse['turn2_s']:.2f} s with reuse "
             f"({plain['turn2_prefill_positions']} -> {reuse['turn2_prefill_positions']} positions prefilled). "
             f"Same greedy answers both ways: {'yes' if results['same_answers'] else 'no'}.",
@@ -186,6 +244,9 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder (or a registry name)")
     parser.add_argument("--precision", default="auto", help="as the app's --precision [auto]")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--answers", choices=sorted(ANSWER_KINDS), default="natural", help="what each answer's tokens are"
+    )
     parser.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads (0: its choice)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()

@@ -386,13 +386,30 @@ def test_the_chat_turns_benchmark_runs_on_the_tiny_model(tmp_path):
     spec = importlib.util.spec_from_file_location("chat_turns", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    args = argparse.Namespace(model="tiny-random", precision="auto", repeats=1, threads=0)
+    args = argparse.Namespace(model="tiny-random", precision="auto", repeats=1, threads=0, answers="natural")
     results = bench.run(args)
     bench.write(results, tmp_path)
     plain, reuse = results["results"]["no_reuse"], results["results"]["reuse"]
-    assert reuse["turn2_prefill_positions"] < plain["turn2_prefill_positions"]
+    # With natural answers (as a trained model writes) all of turn 1 is reused: its prompt and its
+    # answer but the last token, which was never fed; only the new question is prefilled.
+    reused = plain["turn1_prefill_positions"] + bench.TOKENS - 1
+    assert reuse["turn2_prefill_positions"] == plain["turn2_prefill_positions"] - reused
     assert reuse["turn1_prefill_positions"] == plain["turn1_prefill_positions"]
     assert reuse["kept_prefix_bytes"] > 0 == plain["kept_prefix_bytes"]
     assert results["same_answers"] is True
     assert json.loads((tmp_path / "chat_turns.json").read_text()) == results
     assert "| reuse |" in (tmp_path / "chat_turns.md").read_text()
+
+
+def test_the_benchmark_s_natural_answers_are_what_the_chat_writes(engine, photo):
+    """The scripted answers reach the chat as the intended sentences (the hook steers greedy)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "chat_turns.py"
+    spec = importlib.util.spec_from_file_location("chat_turns", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.one_chat(engine, photo, None, "natural")
+    for number, ids in enumerate(bench.natural_ids(engine), start=1):
+        assert result[f"turn{number}_answer"] == engine.text.tokenizer.decode(ids).strip()
