@@ -91,13 +91,25 @@ def heatmap_seconds(engine, repeats: int) -> dict[str, float]:
     return {"median_s": statistics.median(times), "repeats": repeats}
 
 
-def run(label: str, settings: Settings, count: int, tokens: int, batch_size: int, repeats: int) -> dict:
+def run(
+    label: str,
+    settings: Settings,
+    count: int,
+    tokens: int,
+    batch_size: int,
+    heatmap_repeats: int,
+    repeats: int = 3,
+) -> dict:
     engine = load_engine(settings)
-    row: dict = {"setup": label, "model": settings.model}
-    row["caption_1"] = caption_rates(engine, 1, tokens, batch_size)
-    row["caption_n"] = caption_rates(engine, count, tokens, batch_size)
+    row: dict = {
+        "setup": label,
+        "model": settings.model,
+        "precisions": engine.text.loaded.precisions.as_dict() if engine.text else None,
+    }
+    row["caption_1"] = caption_rates(engine, 1, tokens, batch_size, repeats)
+    row["caption_n"] = caption_rates(engine, count, tokens, batch_size, repeats)
     if engine.matcher is not None:
-        row["heatmap"] = heatmap_seconds(engine, repeats)
+        row["heatmap"] = heatmap_seconds(engine, heatmap_repeats)
     print(json.dumps(row), flush=True)
     return row
 
@@ -109,7 +121,7 @@ def markdown(rows: list[dict], real_size_run: bool) -> str:
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads as set by the app. "
         "Greedy, output length forced. `single`: one `engine.caption` call per image (50 calls of "
         "/caption); `batched`: the Batch tab's path (`--batch-size` images per generate call). "
-        "Medians of 3 runs each. The build machine is shared with other jobs, so rows of one image "
+        "Medians of 3 runs each (real size: one run). The build machine is shared with other jobs, so rows of one image "
         "vary by up to 2x between runs (both ways do the same work there); read the 50-image rows.",
         "",
         "| setup | images | batch size | new tokens | single img/s | batched img/s | speed-up | heatmap (s, CPU) |",
@@ -144,7 +156,17 @@ def main() -> None:
     parser.add_argument(
         "--workdir", default=os.environ.get("BLIP2_BENCH_DIR", "~/.cache/blip2-studio/real-size")
     )
-    parser.add_argument("--precision", default="bf16", help="precision for the real-size rows")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        help="precision for the real-size rows (auto: the app's, dynamic-int8 on CPU)",
+    )
+    parser.add_argument(
+        "--real-size-images",
+        type=int,
+        default=50,
+        help="images of the real-size many-image row (one run of each way: about 4 s per image on 2 cores)",
+    )
     args = parser.parse_args()
 
     rows = [
@@ -163,7 +185,17 @@ def main() -> None:
 
         captioner, itm = build_checkpoints(Path(args.workdir).expanduser(), layers_divisor=1)
         settings = Settings(model=str(captioner), retrieval_model=str(itm), precision=args.precision)
-        rows.append(run(f"real size, {args.precision}", settings, 8, 10, args.batch_size, 1))
+        rows.append(
+            run(
+                f"real size, {args.precision}",
+                settings,
+                args.real_size_images,
+                10,
+                args.batch_size,
+                1,
+                repeats=1,
+            )
+        )
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "_real_size" if args.real_size else ""
     (RESULTS / f"batch_explain{suffix}.json").write_text(json.dumps(rows, indent=2) + "\n")
