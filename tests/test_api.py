@@ -48,6 +48,7 @@ ENDPOINTS |= {
     "/results_json",
     "/download_gallery",
     "/load_gallery",
+    "/search_images",  # API-only: the stateless gallery search agents call (MCP)
 }
 
 
@@ -93,6 +94,7 @@ def test_public_endpoints_are_exactly_the_contract(client):
     assert first["/match"] == ["image", "text"]
     assert first["/explain"] == ["image", "text"]
     assert first["/classify"][:3] == ["image", "labels", "template"]
+    assert first["/search_images"][:3] == ["images", "query", "top_k"]
     optional = {p["parameter_name"] for p in info["named_endpoints"]["/caption"]["parameters"][2:]}
     assert optional == {
         p["parameter_name"]

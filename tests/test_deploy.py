@@ -264,7 +264,7 @@ def test_handlers_book_a_zerogpu_when_spaces_is_present(load_tiny, monkeypatch):
     for name in (
         *("caption", "answer", "chat", "regenerate", "index_gallery", "text_search", "image_search"),
         *("answer_topk", "edit_last", "more_like_this", "caption_search", "combined_search", "load_gallery"),
-        *("caption_batch", "match", "explain", "classify"),
+        *("caption_batch", "match", "explain", "classify", "search_images"),
     ):
         declared = declared_gpu_seconds(functions[name].__wrapped__)  # by @gpu, where the handler is
         assert declared is not None and functions[name].gpu_seconds == declared, name

@@ -5,13 +5,16 @@ score, the combined query with a negative text, gallery archives (round trip bet
 gradio_client sessions, another model's gallery refused, hostile archives refused with the
 session's gallery kept), chat undo / edit / export with the prompt checked, /answer_topk against
 /answer. MCP on the tiny random model: a real MCP client (the `mcp` SDK) lists the tools and gets
-a caption; with --mcp off nothing answers on the MCP route; the body limit still holds.
+a caption; with --mcp off nothing answers on the MCP route; the body limit still holds; the
+stateless gallery search (`search_images`) ranks a list of images as a brute-force cosine does,
+through the MCP client and gradio_client, with its limits.
 
 Skipped only when the bundled demo checkpoint is missing (as tests/test_demo_model.py).
 """
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import base64
 import contextlib
@@ -26,6 +29,7 @@ import gradio as gr
 import httpx
 import pytest
 from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 
 from blip2_app.config import Settings
 from blip2_app.gallery import GalleryArchiveError, read_archive
@@ -435,7 +439,7 @@ def test_mcp_client_lists_the_tools_and_gets_a_caption():
     engine = load_engine(settings)
     with serving(settings, engine) as url:
         names, caption = asyncio.run(mcp_tools_and_caption(url + "gradio_api/mcp/", data_url(PHOTO)))
-        assert {"caption", "answer", "answer_topk", "match", "classify"} <= set(names)
+        assert {"caption", "answer", "answer_topk", "match", "classify", "search_images"} <= set(names)
         assert not {"chat", "text_search", "index_gallery", "chat_undo"} & set(names), "session-bound"
         assert caption == Client(url, verbose=False).predict(handle_file(PHOTO), "short", api_name="/caption")
         # The MCP route sits behind the same middleware: a body over the limit is refused there.
@@ -482,3 +486,100 @@ def test_answer_topk_on_the_vllm_backend_is_refused_with_a_sentence_before_any_r
     with pytest.raises(UnsupportedDecodingError, match="Scored top-k answers come from beam search"):
         engine.answer_topk(PHOTO, "what is it?", 2)
     assert len(sent) == before
+
+
+# --------------------------------------------------------------------------- /search_images (MCP)
+PHOTOS = [str(p) for p in sorted((ROOT / "assets" / "examples").glob("*.*"))]
+
+
+async def mcp_call(url: str, tool: str, arguments: dict):
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamablehttp_client
+
+    async with streamablehttp_client(url) as (read, write, _), ClientSession(read, write) as session:
+        await session.initialize()
+        return await session.call_tool(tool, arguments)
+
+
+def brute_force_ranking(engine, images: list[str], text: str) -> list[tuple[int, float]]:
+    """(position, ITC cosine) of every image, best first: max over the queries of the cosine,
+    straight from the engine's features, no index in between."""
+    projections = engine.image_features(images).projections.numpy()  # (n, queries, dim)
+    query = engine.text_features([text])[0].numpy()
+    cosines = (projections @ query).max(axis=1)
+    return sorted(((i, float(c)) for i, c in enumerate(cosines)), key=lambda pc: -pc[1])
+
+
+def test_mcp_search_images_ranks_a_list_of_images_as_brute_force_cosine():
+    pytest.importorskip("mcp")
+    settings = app_settings("tiny-random", "--mcp")
+    engine = load_engine(settings)
+    text = "a cat on a sofa"
+    expected = brute_force_ranking(engine, PHOTOS, text)
+    with serving(settings, engine) as url:
+        arguments = {"images": [data_url(p) for p in PHOTOS], "query": text, "top_k": len(PHOTOS)}
+        result = asyncio.run(mcp_call(url + "gradio_api/mcp/", "search_images", arguments))
+        assert not result.isError, result
+        record = ast.literal_eval(result.content[0].text)
+        got = [(hit["index"], hit["cosine"]) for hit in record["results"]]
+        assert [i for i, _ in got] == [i for i, _ in expected]
+        assert [c for _, c in got] == pytest.approx([c for _, c in expected], abs=1e-4)
+        assert [hit["rank"] for hit in record["results"]] == list(range(1, len(PHOTOS) + 1))
+        assert [hit["name"] for hit in record["results"]] == [f"image {i}" for i, _ in expected]
+        # A minimum score leaves out exactly the results under it, and counts them.
+        p = [hit["p"] for hit in record["results"]]
+        arguments |= {"min_score": (p[1] + p[2]) / 2, "score": "p"}
+        record = ast.literal_eval(
+            asyncio.run(mcp_call(url + "gradio_api/mcp/", "search_images", arguments)).content[0].text
+        )
+        assert [hit["index"] for hit in record["results"]] == [expected[0][0], expected[1][0]]
+        assert record["hidden_below_minimum"] == len(PHOTOS) - 2
+        # Nothing is kept between calls: the session-bound gallery search is not a tool, and a
+        # call without images is refused rather than searching the last call's images.
+        result = asyncio.run(
+            mcp_call(url + "gradio_api/mcp/", "search_images", {"images": [], "query": text})
+        )
+        assert result.isError and "Please choose one or more images" in result.content[0].text
+
+
+def test_search_images_endpoint_and_its_limits(tmp_path):
+    settings = app_settings("tiny-random", "--max-gallery-images", "3")
+    engine = load_engine(settings)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    photos = PHOTOS[:3]
+    with serving(settings, engine) as url:
+        client = Client(url, verbose=False)
+        files = [handle_file(p) for p in photos]
+        record = client.predict(
+            files, "a rocket", top_k=3, rerank=True, rerank_k=2, api_name="/search_images"
+        )
+        expected = brute_force_ranking(engine, photos, "a rocket")
+        results = record["results"]
+        assert {hit["index"] for hit in results} == {0, 1, 2}
+        assert {hit["name"] for hit in results} == {Path(p).name for p in photos}
+        # With ITM re-ranking, the best two by ITC come first, sorted by their ITM probability.
+        head = results[:2]
+        assert {hit["index"] for hit in head} == {expected[0][0], expected[1][0]}
+        assert head[0]["itm"] >= head[1]["itm"] and results[2]["itm"] is None
+        assert results[2]["index"] == expected[2][0]
+        # An example image alone: itself left out of its results.
+        by_image = client.predict(
+            [handle_file(p) for p in photos], "", image=handle_file(photos[0]), api_name="/search_images"
+        )
+        assert [hit["index"] for hit in by_image["results"]] and 0 not in [
+            h["index"] for h in by_image["results"]
+        ]
+        # Limits, each with its sentence; the session keeps no gallery.
+        with pytest.raises(AppError, match="4 files were sent; index at most 3 images at a time"):
+            client.predict([handle_file(p) for p in PHOTOS[:4]], "a rocket", api_name="/search_images")
+        with pytest.raises(AppError, match=r"images\[1\] \(notes.txt\) could not be read"):
+            client.predict(
+                [handle_file(photos[0]), handle_file(str(notes))], "a rocket", api_name="/search_images"
+            )
+        with pytest.raises(AppError, match="Image URLs are not fetched by this server"):
+            client.predict(["https://example.com/cat.png"], "a cat", api_name="/search_images")
+        with pytest.raises(AppError, match="The search text is 5,000 characters long; the limit is 500"):
+            client.predict([handle_file(photos[0])], "x" * 5000, api_name="/search_images")
+        with pytest.raises(AppError, match="The gallery is empty"):
+            client.predict("a rocket", api_name="/search_text")

@@ -459,6 +459,7 @@ PUBLIC = {"caption", "answer", "chat", "index_gallery", "search_text", "search_i
 # Issue 18: the new controls' endpoints; those doing no model work stay out of the model group.
 PUBLIC |= {"answer_topk", "chat_edit", "more_like_this", "search_caption", "search_combined", "load_gallery"}
 PUBLIC |= {"caption_batch", "match", "explain", "classify"}  # issue 17: the Batch and Explain tabs
+PUBLIC |= {"search_images"}  # issue 18: the stateless gallery search (API-only, an MCP tool)
 NO_MODEL_WORK = {"chat_undo", "chat_export", "set_min_score", "results_json", "download_gallery"}
 PUBLIC |= NO_MODEL_WORK
 BATCHED = {"caption", "answer"}  # issue 20: requests that arrive together run as one batch

@@ -39,7 +39,7 @@ from typing import Any
 import gradio as gr
 from gradio import component_meta
 from gradio.context import LocalContext
-from gradio.data_classes import FileData
+from gradio.data_classes import FileData, GradioRootModel
 from gradio.processing_utils import encode_pil_to_bytes, hash_bytes
 from gradio.utils import NamedString, get_upload_folder, is_in_or_equal
 from gradio_client.utils import is_http_url_like
@@ -76,6 +76,22 @@ def _uploaded_path(path: str) -> str:
     if "\0" in path or not is_in_or_equal(os.path.realpath(path), os.path.realpath(get_upload_folder())):
         raise user_error(NOT_UPLOADED)
     return path
+
+
+class FilesOrDataUrls(GradioRootModel):
+    """`ImageList`'s payload: uploaded files and `data:` URL strings, in any mix."""
+
+    root: list[FileData | str]
+
+
+def _data_url_or_upload(item: FileData | str) -> str:
+    if isinstance(item, FileData):
+        return _uploaded_path(str(item.path))
+    if item.lstrip()[:5].lower() == "data:":
+        return item  # load_image checks the size in its header before decoding
+    if is_http_url_like(item.strip()):
+        raise user_error(NO_URLS)
+    raise user_error(f"Send each image as a file (handle_file) or a data: URL; got {_short(item)}.")
 
 
 @contextlib.contextmanager
@@ -127,6 +143,35 @@ with _no_pyi_stubs():
                 raise user_error(NO_URLS)
             return await super().async_move_resource_to_block_cache(url_or_file_path)
 
+    class ImageList(ImageFiles):
+        """`ImageFiles` that also takes `data:` URLs (strings) for images, as MCP clients send them.
+
+        Gradio 6.31's MCP server cannot pass a list of files: it turns `data:` strings into files
+        only at fixed places (not list items), and the `$ref` in a file list's schema breaks the
+        SDK's argument check. So this input is described as a list of strings, and takes uploaded
+        files (gradio_client's `handle_file`) and `data:` URLs alike; URLs are refused as everywhere.
+        """
+
+        is_template = True
+
+        def __init__(self, **kwargs: Any):
+            super().__init__(file_count="multiple", type="filepath", **kwargs)
+            self.data_model = FilesOrDataUrls
+
+        def api_info(self) -> dict[str, Any]:
+            return {
+                "type": "array",
+                "items": {
+                    "type": "string",
+                    "description": "an image as a data: URL (base64) or an uploaded file",
+                },
+            }
+
+        def preprocess(self, payload: Any) -> list[str] | None:
+            if payload is None:
+                return None
+            return [_data_url_or_upload(item) for item in getattr(payload, "root", payload)]
+
     class ResultGallery(gr.Gallery):
         """A `gr.Gallery` that writes the PIL images it shows atomically.
 
@@ -173,6 +218,11 @@ def image_files(**kwargs: Any) -> ImageFiles:
     one generic sentence when a single file has an unusual extension; here the file types only
     guide the browser's file picker and each file is decoded, and reported on, by itself."""
     return ImageFiles(file_count="multiple", type="filepath", **kwargs)
+
+
+def image_list(**kwargs: Any) -> ImageList:
+    """Several images as paths or `data:` URLs: the input of a tool agents call (see `ImageList`)."""
+    return ImageList(**kwargs)
 
 
 def named_number(component: gr.Slider | gr.Number, name: str) -> gr.Slider | gr.Number:

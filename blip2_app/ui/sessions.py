@@ -38,7 +38,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 # Gradio's MCP server (--mcp) lists an endpoint as a tool unless its function carries another
 # `_mcp_type` (gradio/mcp.py, list_tools). It calls every tool with the State's default value,
 # never a kept one: a chat or a gallery cannot live across tool calls, so such endpoints are not
-# offered to agents (docs/deploy.md, "MCP").
+# offered to agents (docs/deploy.md, "MCP"). Agents search images with /search_images instead,
+# which takes the images with the query and keeps nothing (ui/tabs/search_images.py).
 NOT_AN_MCP_TOOL = "session"
 
 

@@ -155,7 +155,7 @@ class RetrievalHandlers:
             session = None
         session = session if isinstance(session, GallerySession) else GallerySession(side=self.thumbnail_side)
         describe = flag(caption_images, "caption_images")
-        paths = self._file_list(files)
+        paths = self.file_list(files)
         if request is not None and not session.owner:
             session.owner = request_address(request)
         with self.galleries.use(session):  # from here on, no other request can empty this gallery
@@ -189,7 +189,7 @@ class RetrievalHandlers:
             status += f" {over} not added: the gallery is full."
         return status
 
-    def _file_list(self, files: Any) -> list[Any]:
+    def file_list(self, files: Any) -> list[Any]:
         if files is None or files == []:
             raise user_error("Please choose one or more images to index first.")
         paths = [files] if isinstance(files, (str, dict)) else files
@@ -215,6 +215,15 @@ class RetrievalHandlers:
         self, query: Any, top_k: Any, rerank: Any, rerank_k: Any, session: Any
     ) -> tuple[list[SearchHit], GallerySession]:
         gallery = self._require_gallery(session)
+        text, count, reranked = self.text_query(query, top_k, rerank, rerank_k)
+        with self.galleries.use(gallery):
+            self._require_gallery(gallery)  # evicted while this request waited?
+            return Gallery(self.engine, gallery.index, images=gallery).search_text(
+                text, count, reranked
+            ), gallery
+
+    def text_query(self, query: Any, top_k: Any, rerank: Any, rerank_k: Any) -> tuple[str, int, int]:
+        """A text search's checked inputs: the text, top_k, and how many to re-rank by ITM (0: none)."""
         if not isinstance(query, str):
             raise InvalidRequestError("The search text must be text.")
         text = clean_text(query, "search text", MAX_QUERY_CHARS)
@@ -227,11 +236,7 @@ class RetrievalHandlers:
                 f"Only the first {MAX_RETRIEVAL_TEXT_TOKENS} tokens of the search text are read (BLIP-2's "
                 f"text length); the last {overflow} were left out."
             )
-        with self.galleries.use(gallery):
-            self._require_gallery(gallery)  # evicted while this request waited?
-            return Gallery(self.engine, gallery.index, images=gallery).search_text(
-                text, count, reranked
-            ), gallery
+        return text, count, reranked
 
     def _image_hits(self, image: Any, top_k: Any, session: Any) -> tuple[list[SearchHit], GallerySession]:
         gallery = self._require_gallery(session)
@@ -596,6 +601,10 @@ def build(context: TabContext) -> None:
                 gallery = _gallery_column(handlers.gallery_limit)
             with gr.Column(scale=6, min_width=300):
                 search = _search_column()
+        # /search_images (API-only; its module builds on these handlers, hence the late import).
+        from . import search_images
+
+        search_images.wire(context, handlers)
     gallery.index.click(
         inputs=[gallery.files, gallery.describe, state],
         outputs=[gallery.status, state],
