@@ -49,6 +49,15 @@ def session_bound(fn: F) -> F:
     return fn
 
 
+def takes_a_file_list(fn: F) -> F:
+    """Marks an event handler whose input is a list of files: not an MCP tool either.
+
+    Gradio 6.31's MCP server cannot pass one (docs/deploy.md, "MCP"), so such a tool would be
+    listed and fail on every call; agents caption one image at a time with `caption`."""
+    fn._mcp_type = "file-list"  # type: ignore[attr-defined]  # read by gradio/mcp.py
+    return fn
+
+
 @dataclass
 class ChatSession:
     """The conversation about one image: earlier turns are sent back to the model as context."""

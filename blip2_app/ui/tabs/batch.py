@@ -23,7 +23,7 @@ from ...prompts import MAX_QUESTION_CHARS
 from ..components import image_files, named_choice
 from ..decoding import DecodingInputs
 from ..errors import guarded, user_error
-from ..sessions import MAX_GALLERY_IMAGES
+from ..sessions import MAX_GALLERY_IMAGES, takes_a_file_list
 from ..validation import optional_text
 from ..zerogpu import gpu
 from .caption import STYLES, CaptionHandlers
@@ -56,6 +56,7 @@ class BatchHandlers:
         return batch.from_paths(found, [Path(p).name for p in found], self.limits)
 
     # The event. Its parameters are the public API's (names and order), one per widget.
+    @takes_a_file_list
     @gpu(seconds=300)
     @guarded("captioning the batch")
     def caption_batch(
