@@ -150,3 +150,26 @@ def test_examples_follow_the_model(tmp_path):
         PHOTOS_LABEL,
         False,
     )
+
+
+def test_the_drawn_shapes_benchmark_runs_on_the_tiny_model(tmp_path):
+    """benchmarks/drawn_shapes.py (its shapes-demo results are committed): the drawings are one
+    brush colour on white, and the result files hold one row per drawing and per-shape rates."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("drawn_shapes", ROOT / "benchmarks" / "drawn_shapes.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    drawing = np.asarray(bench.draw("triangle", "blue", 90, 160))
+    colours = {tuple(p) for p in drawing.reshape(-1, 3)}
+    assert colours <= {(255, 255, 255), COLOURS["blue"]} and len(colours) == 2  # aliased strokes
+    # apex up: the top row of the triangle is narrower than its bottom row
+    rows = np.flatnonzero((drawing != 255).any(axis=(1, 2)))
+    width = [(drawing[row] != 255).any(axis=1).sum() for row in (rows[0], rows[-1])]
+    assert width[0] < width[1]
+    assert bench.main(["--model", "tiny-random", "--limit", "3", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "drawn_shapes.json").read_text())
+    assert [row["shape"] for row in result["drawings"]] == ["circle"] * 3
+    assert result["by_shape"]["circle"]["drawings"] == 3
+    assert "| circle | 3 |" in (tmp_path / "drawn_shapes.md").read_text()

@@ -418,6 +418,7 @@ def build(context: TabContext) -> None:
         state = gr.State(None, time_to_live=context.state_ttl)
         # Created here, shown in the conversation column: examples with a question fill it too.
         message = gr.Textbox(
+            label="Question",  # not shown here; the examples' table heads its column with it
             show_label=False,
             placeholder="Ask a question about the image…",
             max_length=MAX_QUESTION_CHARS,
