@@ -69,6 +69,23 @@ class Family:
 
 
 @dataclass(frozen=True)
+class Example:
+    """A picture the app offers while its model is loaded, and optionally a question to ask about it
+    (the Chat tab puts it in the message box)."""
+
+    image: str  # a file; relative in a registry file, resolved like checkpoint folders
+    question: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.image, str) or not self.image:
+            raise ValueError(f"an example's image must be a file path; got {self.image!r}")
+        if not isinstance(self.question, str):
+            raise ValueError(f"an example's question must be text; got {self.question!r}")
+        if not Path(self.image).is_file():
+            raise ValueError(f"example image {self.image} does not exist")
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     name: str
     checkpoint: str
@@ -82,6 +99,9 @@ class ModelEntry:
     answer_decoding: GenerationSettings
     templates: PromptTemplates | None
     notice: str | None = None  # shown as a banner above every tab while this model is loaded
+    # The model's own example pictures, shown instead of the bundled photos (the demo model's
+    # drawings: it knows coloured shapes, not astronauts); empty = the photos.
+    examples: tuple[Example, ...] = ()
 
     @property
     def is_tiny(self) -> bool:
@@ -142,6 +162,7 @@ class Registry:
             answer_decoding=self.answer_decoding.replace(**spec.get("answer_decoding", {})),
             templates=templates,
             notice=spec.get("notice"),
+            examples=_examples(name, spec.get("examples", [])),
         )
 
     def names(self) -> list[str]:
@@ -195,19 +216,55 @@ class Registry:
 
 
 def _resolve_folders(data: Any, base: Path) -> Any:
-    """A registry file with its relative checkpoint folders made absolute against `base` (the
-    repository root for the built-in file, the file's own folder for a user's file), so the
-    bundled demo model loads whatever the working directory."""
+    """A registry file with its relative checkpoint folders and example images made absolute
+    against `base` (the repository root for the built-in file, the file's own folder for a user's
+    file), so the bundled demo model and its pictures load whatever the working directory."""
     if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
         return data
     models = {}
     for name, spec in data["models"].items():
-        checkpoint = spec.get("checkpoint") if isinstance(spec, dict) else None
-        if isinstance(checkpoint, str) and looks_like_path(checkpoint):
-            path = Path(checkpoint).expanduser()
-            spec = {**spec, "checkpoint": str(path if path.is_absolute() else (base / path).resolve())}
+        if isinstance(spec, dict):
+            checkpoint = spec.get("checkpoint")
+            if isinstance(checkpoint, str) and looks_like_path(checkpoint):
+                spec = {**spec, "checkpoint": _absolute(checkpoint, base)}
+            if isinstance(spec.get("examples"), list):
+                spec = {**spec, "examples": [_example_resolved(item, base) for item in spec["examples"]]}
         models[name] = spec
     return {**data, "models": models}
+
+
+def _absolute(path: str, base: Path) -> str:
+    resolved = Path(path).expanduser()
+    return str(resolved if resolved.is_absolute() else (base / resolved).resolve())
+
+
+def _example_resolved(item: Any, base: Path) -> Any:
+    """One example with its image path made absolute (anything malformed is left to `_examples`)."""
+    if isinstance(item, str) and item:
+        return _absolute(item, base)
+    if isinstance(item, dict) and isinstance(item.get("image"), str) and item["image"]:
+        return {**item, "image": _absolute(item["image"], base)}
+    return item
+
+
+def _examples(name: str, value: Any) -> tuple[Example, ...]:
+    """An entry's `"examples"`: a list of image paths or of {"image": path, "question": text}."""
+    if not isinstance(value, list):
+        raise ValueError(f"model {name!r}: examples must be a list of images; got {value!r}")
+    examples = []
+    for item in value:
+        if isinstance(item, str):
+            item = {"image": item}
+        if not isinstance(item, Mapping) or set(item) - {"image", "question"} or "image" not in item:
+            raise ValueError(
+                f'model {name!r}: each example is an image path or {{"image": path, "question": text}}; '
+                f"got {item!r}"
+            )
+        try:
+            examples.append(Example(item["image"], item.get("question", "")))
+        except ValueError as error:
+            raise ValueError(f"model {name!r}: {error}") from error
+    return tuple(examples)
 
 
 def _precision_by_device(value: Any) -> dict[str, str | dict[str, str]]:

@@ -2,12 +2,15 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from blip2_app.errors import ModelLoadError
 from blip2_app.loading import checkpoint_location
-from blip2_app.registry import Registry
+from blip2_app.registry import REPO_ROOT, Example, Registry
+from blip2_app.training import examples as examples_module
 
 
 def test_builtin_names_and_families():
@@ -88,3 +91,72 @@ def test_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
     with pytest.raises(ModelLoadError, match="not a BLIP-2 model we know"):
         registry.resolve(str(tmp_path))
+
+
+# --------------------------------------------------------------------------- example pictures
+def test_the_demo_model_names_its_own_example_pictures():
+    registry = Registry.load()
+    examples = registry.resolve("shapes-demo").examples
+    assert 4 <= len(examples) <= 6
+    for example in examples:
+        path = Path(example.image)
+        # relative in registry.json, resolved against the repository root, and there
+        assert path.is_absolute() and path.is_file() and path.parent == REPO_ROOT / "assets" / "shapes-paint"
+        assert example.question.endswith("?")
+    assert any(e.question == "what colour is the triangle?" for e in examples)
+    # the others keep the photos
+    assert registry.resolve("tiny-random").examples == () == registry.resolve("blip2-opt-2.7b").examples
+
+
+def test_the_demo_pictures_are_the_paint_renderers_and_can_be_made_again():
+    """registry.json lists what blip2_app.training.examples makes, and the PNGs are its renders."""
+    raw = json.loads((REPO_ROOT / "blip2_app" / "registry.json").read_text())["models"]["shapes-demo"]
+    assert raw["examples"] == examples_module.registry_examples()
+    assert examples_module.main(["--check"]) == 0
+    for picture in examples_module.pictures():
+        assert picture.scene.style == "paint"  # the independent renderer, never used for training
+        assert all(obj.colour in picture.name for obj in picture.scene.objects)
+
+
+def test_a_users_models_file_names_examples_relative_to_itself(tmp_path):
+    (tmp_path / "pics").mkdir()
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "pics" / "red.png")
+    models = tmp_path / "models.json"
+    spec = {
+        "checkpoint": "tiny:blip2-opt",
+        "family": "blip2-opt",
+        "examples": ["pics/red.png", {"image": "pics/red.png", "question": "what colour is it?"}],
+    }
+    models.write_text(json.dumps({"models": {"mine": spec}}))
+    examples = Registry.load([models]).resolve("mine").examples
+    assert examples == (
+        Example(str(tmp_path / "pics" / "red.png")),
+        Example(str(tmp_path / "pics" / "red.png"), "what colour is it?"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("examples", "message"),
+    [
+        (["pics/missing.png"], "model 'mine': example image .*missing.png does not exist"),
+        ("pics/red.png", "model 'mine': examples must be a list"),
+        ([{"picture": "pics/red.png"}], "each example is an image path or"),
+        ([{"image": "pics/red.png", "question": 3}], "an example's question must be text"),
+        ([""], "an example's image must be a file path"),
+    ],
+)
+def test_bad_examples_are_refused_on_load(tmp_path, examples, message):
+    (tmp_path / "pics").mkdir()
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "pics" / "red.png")
+    models = tmp_path / "models.json"
+    models.write_text(
+        json.dumps(
+            {
+                "models": {
+                    "mine": {"checkpoint": "tiny:blip2-opt", "family": "blip2-opt", "examples": examples}
+                }
+            }
+        )
+    )
+    with pytest.raises(ModelLoadError, match=message):
+        Registry.load([models])

@@ -491,7 +491,9 @@ def test_demo_wiring_follows_the_contract(engine):
         if fn.api_name == "regenerate"
     )
     previews = [fn for fn in queued if fn.concurrency_id == "ui-work"]
-    assert previews and all(fn.api_name.startswith("gallery_preview") for fn in previews)
+    # and the Draw tabs' first step (the drawing decoded into the image input, tabs/drawing.py)
+    assert previews and all(fn.api_name.startswith(("gallery_preview", "use_drawing")) for fn in previews)
+    assert sum(fn.api_name.startswith("use_drawing") for fn in previews) == 6  # caption + 5 chat buttons
     assert all(fn.concurrency_limit == 1 for fn in previews)
     assert demo._queue.max_size == 5 and demo.api_open is False
     assert demo.delete_cache is not None

@@ -17,6 +17,12 @@ turn wrong types (a string, NaN, infinity) into that sentence instead of an inte
 
 `ResultGallery` writes result images atomically (Gradio rewrites a shared file in place).
 
+`SafeSketchpad` is a sketchpad (Gradio's `ImageEditor` with no upload source) that hands the handler the path of the
+uploaded composite only, checked like `SafeImage`'s, instead of decoding background, layers and
+composite with Pillow; the handler decodes it with the safe decoder (ui/tabs/drawing.py). Its
+`accept_blobs` server function (which stores any caller's bytes under any id, with no limit) is not
+offered.
+
 `SafeImage` and `ImageFiles` are subclasses, not patched instances: Gradio rebuilds a component
 from its class for a session whenever an event returns an update for it (clicking an example
 does), and a patched instance would then turn back into a plain, decoding `gr.Image`. They are
@@ -38,6 +44,7 @@ from typing import Any
 
 import gradio as gr
 from gradio import component_meta
+from gradio.components.image_editor import EditorData
 from gradio.context import LocalContext
 from gradio.data_classes import FileData, GradioRootModel
 from gradio.processing_utils import encode_pil_to_bytes, hash_bytes
@@ -206,6 +213,32 @@ with _no_pyi_stubs():
                     handle.write(data)
                 os.replace(staging, target)
             return (str(target), caption) if isinstance(item, (tuple, list)) else str(target)
+
+    class SafeSketchpad(gr.ImageEditor):
+        """A sketchpad (an ImageEditor with no upload source) whose value reaches the handler as the
+        path of its composite, never decoded."""
+
+        is_template = True  # shown by Gradio's own ImageEditor widget
+
+        def preprocess(self, payload: EditorData | None) -> str | None:  # type: ignore[override]
+            if payload is None or payload.composite is None:
+                return None  # nothing drawn (or only blobs by id, which this component never keeps)
+            composite = payload.composite
+            if composite.path and composite.path.lstrip()[:5].lower() == "data:":
+                return composite.path  # load_image checks the size in its header before decoding
+            if composite.path:
+                return _uploaded_path(str(composite.path))
+            if composite.url:
+                raise user_error(NO_URLS)
+            return None
+
+        def accept_blobs(self, data: Any) -> None:  # not a @server function here: see the module doc
+            raise user_error("This drawing component takes uploaded files only.")
+
+        async def async_move_resource_to_block_cache(self, url_or_file_path: Any) -> str | None:
+            if isinstance(url_or_file_path, str) and is_http_url_like(url_or_file_path):
+                raise user_error(NO_URLS)
+            return await super().async_move_resource_to_block_cache(url_or_file_path)
 
 
 def safe_image(**kwargs: Any) -> SafeImage:

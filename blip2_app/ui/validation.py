@@ -47,6 +47,24 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+EMPTY_DRAWING = "The drawing is empty: draw something first (or switch to the Upload tab)."
+BLANK_LEVEL = 250  # every channel of every pixel at least this: nothing drawn on the white canvas
+
+
+def one_drawing(engine: Engine, drawing: Any) -> PreparedImage:
+    """A sketchpad's drawing (the path or data URL of its composite) as an image: decoded by the
+    same safe decoder and limits as an upload, its transparent canvas flattened onto white (the
+    decoder does that for every image with alpha); refused when nothing is drawn."""
+    if drawing is None or (isinstance(drawing, str) and not drawing.strip()):
+        raise user_error(EMPTY_DRAWING)
+    if not isinstance(drawing, str):
+        raise InvalidRequestError("A drawing must be sent as an image file.")
+    prepared = engine.prepare(drawing)[0]
+    if min(low for low, _ in prepared.image.getextrema()) >= BLANK_LEVEL:
+        raise user_error(EMPTY_DRAWING)
+    return prepared
+
+
 def one_image(engine: Engine, image: Any) -> PreparedImage:
     """The single image an endpoint takes, decoded safely (errors name what is wrong with it)."""
     if image is None or (isinstance(image, str) and not image.strip()):

@@ -1,7 +1,8 @@
 """The Caption tab: captions for one image, every decoding knob at hand.
 
 Public endpoint: `/caption (image, style, prompt, decoding, num_beams, ..., seed)` -> one caption
-per line.
+per line. The image is uploaded, an example (the model's own or the photos: tabs/examples.py) or
+drawn on the Draw tab, which the button's first step turns into the image (tabs/drawing.py).
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ from ...batching import TextBatcher
 from ...engine import Engine
 from ...generation import GenerationSettings
 from ...prompts import MAX_QUESTION_CHARS
-from ..components import named_choice, safe_image
+from ..components import named_choice
 from ..decoding import DecodingInputs, decoding_choice, seed_number, slider
 from ..engine_view import LoadedModels
 from ..errors import guarded
 from ..validation import one_image, one_line, optional_text
 from ..zerogpu import gpu
-from .common import IMAGE_SOURCES, UI_ONLY, TabContext
+from .common import UI_ONLY, TabContext
+from .drawing import image_slot
+from .examples import examples_for
 
 STYLES = [("Short", "short"), ("Detailed", "detailed"), ("Custom prompt", "custom")]
 
@@ -103,8 +106,13 @@ def build(context: TabContext) -> None:
         )
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=300):
-                image = safe_image(label="Image", sources=IMAGE_SOURCES, height=340, elem_id="caption-image")
-                _examples(context, handlers, image, output)
+                slot = image_slot(
+                    context.engine,
+                    "caption",
+                    "Image",
+                    height=340,
+                    examples=lambda image: _examples(context, handlers, image, output),
+                )
             with gr.Column(scale=6, min_width=300):
                 style = named_choice(
                     gr.Radio(STYLES, value="short", label="Style", info=_style_info(context)), "style"
@@ -119,8 +127,9 @@ def build(context: TabContext) -> None:
                 knobs = _decoding_widgets(handlers.defaults(), context.unsupported)
                 button = gr.Button("Write caption", variant="primary", elem_id="caption-button")
                 output.render()
-    button.click(
-        inputs=[image, style, prompt, *knobs],
+    # On the Draw tab the drawing first becomes the image (tabs/drawing.py); /caption is unchanged.
+    button.click(**slot.first_step()).success(
+        inputs=[slot.image, style, prompt, *knobs],
         outputs=output,
         api_name="caption",
         api_description="Captions for one image, one per line.",
@@ -138,15 +147,17 @@ def _style_info(context: TabContext) -> str | None:
 
 
 def _examples(context: TabContext, handlers: CaptionHandlers, image: gr.Image, output: gr.Textbox) -> None:
-    if not context.examples:
+    """The model's own example pictures, or the photos (tabs/examples.py)."""
+    examples = examples_for(context)
+    if not examples.images:
         return
     cached = context.settings.cache_examples == "lazy"
     gr.Examples(
-        [[path] for path in context.examples],
+        [[path] for path in examples.images],
         inputs=[image],
         outputs=[output] if cached else None,
         fn=context.on_gpu(handlers.example_caption) if cached else None,
-        label="Example photos (public domain / CC0)",
+        label=examples.label,
         examples_per_page=8,
         elem_id="caption-examples",
         api_visibility="private",

@@ -4,7 +4,8 @@ Public endpoints: `/chat` (streaming; the conversation is kept per session),
 `/answer (image, question, short_answer, instruction, decoding, num_beams, max_new_tokens)`,
 `/answer_topk (image, question, k)`, `/chat_undo ()`, `/chat_edit` (streaming, /chat's parameters)
 and `/chat_export (fmt)`. "Regenerate" is a private model event; "Edit last question" only copies
-the question back into the box (no server work).
+the question back into the box (no server work). The image may be drawn (tabs/drawing.py): every
+button that reads it first turns a drawing on the Draw tab into the image.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ...errors import InvalidRequestError
 from ...generation import GenerationSettings
 from ...prompts import MAX_QUESTION_CHARS, ChatTurn, clean_text, context_notes
 from ..blocks import check_raw_value
-from ..components import named_number, safe_image
+from ..components import named_number
 from ..decoding import DecodingInputs, decoding_choice, slider
 from ..downloads import write_download
 from ..engine_view import EMPTY_ANSWER, LoadedModels
@@ -35,7 +36,9 @@ from ..sessions import ChatSession, session_bound, turn_messages
 from ..sessions import message as chat_message
 from ..validation import flag, one_image, one_line, optional_text, whole_number
 from ..zerogpu import gpu
-from .common import IMAGE_SOURCES, UI_ONLY, TabContext
+from .common import UI_ONLY, TabContext
+from .drawing import ImageSlot, image_slot
+from .examples import examples_for
 
 MAX_EXEMPLARS = 8
 MAX_EXEMPLAR_ROWS = 64  # rows accepted from the Dataframe (empty ones are skipped)
@@ -398,10 +401,14 @@ class ChatHandlers:
 class PromptWidgets:
     """The left column: the image and everything that shapes the prompt and the decoding."""
 
-    image: gr.Image
+    slot: ImageSlot  # the image input (what the endpoints read) and the drawing
     instruction: gr.Textbox
     exemplars: gr.Dataframe
     knobs: list[gr.components.Component]  # decoding, max_new_tokens, temperature, top_p, repetition
+
+    @property
+    def image(self) -> gr.Image:
+        return self.slot.image
 
 
 def build(context: TabContext) -> None:
@@ -409,24 +416,53 @@ def build(context: TabContext) -> None:
     handlers = ChatHandlers(context.engine, context.settings, context.batcher)
     with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
         state = gr.State(None, time_to_live=context.state_ttl)
+        # Created here, shown in the conversation column: examples with a question fill it too.
+        message = gr.Textbox(
+            label="Question",  # not shown here; the examples' table heads its column with it
+            show_label=False,
+            placeholder="Ask a question about the image…",
+            max_length=MAX_QUESTION_CHARS,
+            scale=5,
+            container=False,
+            elem_id="chat-message",
+            render=False,
+        )
         with gr.Row(equal_height=False):
             with gr.Column(scale=4, min_width=300):
-                prompt = _prompt_column(context, handlers.chat_defaults())
+                prompt = _prompt_column(context, handlers.chat_defaults(), message)
             with gr.Column(scale=6, min_width=300):
-                _conversation(context, handlers, prompt, state)
+                _conversation(context, handlers, prompt, message, state)
                 _quick_answer(context, handlers, prompt)
 
 
-def _prompt_column(context: TabContext, defaults: GenerationSettings) -> PromptWidgets:
-    image = safe_image(label="Image to talk about", sources=IMAGE_SOURCES, height=300, elem_id="chat-image")
-    if context.examples:
-        gr.Examples(
-            [[path] for path in context.examples],
-            inputs=[image],
-            label="Example photos",
-            examples_per_page=8,
-            api_visibility="private",
-        )
+def _examples(context: TabContext, image: gr.Image, message: gr.Textbox) -> None:
+    """The model's own example pictures, each with its question (into the message box), or the
+    photos (tabs/examples.py)."""
+    examples = examples_for(context)
+    if not examples.images:
+        return
+    with_questions = examples.has_questions
+    gr.Examples(
+        [
+            [path, question] if with_questions else [path]
+            for path, question in zip(examples.images, examples.questions, strict=True)
+        ],
+        inputs=[image, message] if with_questions else [image],
+        label=examples.label,
+        examples_per_page=8,
+        api_visibility="private",
+        elem_id="chat-examples",
+    )
+
+
+def _prompt_column(context: TabContext, defaults: GenerationSettings, message: gr.Textbox) -> PromptWidgets:
+    slot = image_slot(
+        context.engine,
+        "chat",
+        "Image to talk about",
+        height=300,
+        examples=lambda image: _examples(context, image, message),
+    )
     captioner = context.models.captioner
     with gr.Accordion("Prompt: few-shot examples", open=False):
         instruction = gr.Textbox(
@@ -459,13 +495,11 @@ def _prompt_column(context: TabContext, defaults: GenerationSettings) -> PromptW
             temperature = slider("temperature", defaults.temperature, "Temperature", 0.01)
             top_p = slider("top_p", defaults.top_p, "Top-p", 0.01)
         repetition = slider("repetition_penalty", defaults.repetition_penalty, "Repetition penalty", 0.05)
-    return PromptWidgets(
-        image, instruction, exemplars, [decoding, max_tokens, temperature, top_p, repetition]
-    )
+    return PromptWidgets(slot, instruction, exemplars, [decoding, max_tokens, temperature, top_p, repetition])
 
 
 def _conversation(
-    context: TabContext, handlers: ChatHandlers, prompt: PromptWidgets, state: gr.State
+    context: TabContext, handlers: ChatHandlers, prompt: PromptWidgets, message: gr.Textbox, state: gr.State
 ) -> None:
     """The chatbot, its input row and buttons, and their events."""
     chatbot = gr.Chatbot(
@@ -478,14 +512,7 @@ def _conversation(
         elem_id="chatbot",
     )
     with gr.Row(elem_id="chat-input-row"):
-        message = gr.Textbox(
-            show_label=False,
-            placeholder="Ask a question about the image…",
-            max_length=MAX_QUESTION_CHARS,
-            scale=5,
-            container=False,
-            elem_id="chat-message",
-        )
+        message.render()
         send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
     with gr.Row():
         regenerate = gr.Button("↻ Regenerate", size="sm", elem_id="chat-regenerate")
@@ -503,8 +530,10 @@ def _conversation(
     # Carries the question from the box (cleared at once) to the streaming event.
     pending = gr.Textbox(visible=False)
 
-    gr.on(
-        [message.submit, send.click],
+    # Each button's first step puts a drawing into the image input when the Draw tab is open
+    # (tabs/drawing.py); the public events after it read the image input as always.
+    first_step = prompt.slot.first_step
+    gr.on([message.submit, send.click], **first_step()).success(
         handlers.show_question,
         inputs=[message, state],
         outputs=[message, pending, chatbot],
@@ -517,7 +546,7 @@ def _conversation(
         show_progress="minimal",
         **context.model_event(handlers.chat),
     )
-    regenerate.click(
+    regenerate.click(**first_step()).success(
         inputs=[prompt.image, prompt.exemplars, prompt.instruction, *prompt.knobs, state],
         outputs=[chatbot, state],
         api_visibility="private",
@@ -533,7 +562,7 @@ def _conversation(
         concurrency_limit=None,  # no model work
     )
     edit.click(handlers.last_question, state, message, **UI_ONLY)
-    replace.click(
+    replace.click(**first_step()).success(
         handlers.show_edit, inputs=[message, state], outputs=[message, pending, chatbot], **UI_ONLY
     ).then(
         inputs=[prompt.image, pending, prompt.exemplars, prompt.instruction, *prompt.knobs, state],
@@ -577,15 +606,14 @@ def _quick_answer(context: TabContext, handlers: ChatHandlers, prompt: PromptWid
             k = named_number(gr.Slider(1, MAX_TOPK, value=3, step=1, label="Answers (k)"), "k")
             topk_button = gr.Button("Top answers with scores", elem_id="answer-topk-button")
         topk_output = gr.JSON(label="Beam search's best answers, best first", elem_id="answer-topk-output")
-    gr.on(
-        [button.click, question.submit],
+    gr.on([button.click, question.submit], **prompt.slot.first_step()).success(
         inputs=[prompt.image, question, short, prompt.instruction, decoding, beams, max_tokens],
         outputs=output,
         api_name="answer",
         api_description="One visual question, answered without chat history.",
         **context.batched_model_event(handlers.answer),
     )
-    topk_button.click(
+    topk_button.click(**prompt.slot.first_step()).success(
         inputs=[prompt.image, question, k],
         outputs=topk_output,
         api_name="answer_topk",
