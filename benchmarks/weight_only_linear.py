@@ -51,10 +51,9 @@ def build(shapes: list[tuple[int, int]], copies: int) -> list[list[dict]]:
                     "fp32": linear,
                     "dynamic-int8": quantization.dynamic_int8(linear),
                     "int8-weight-only": weight_only,
-                    "kernel-forced": lambda x, w=weight_only: (
-                        torch.ops.aten._weight_int8pack_mm(x.bfloat16(), w.rows, w.unit_scales).float()
-                        * w.scales
-                    ),
+                    "kernel-forced": lambda x, w=weight_only: torch.ops.aten._weight_int8pack_mm(
+                        x.bfloat16(), w.rows, w.kernel_scales
+                    ).float(),
                 }
             )
         layers.append(layer)

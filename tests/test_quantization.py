@@ -138,11 +138,13 @@ def test_at_dynamic_int8_retrieval_features_of_an_image_do_not_depend_on_its_gal
 
 
 # --------------------------------------------------------------------------- int8-weight-only
-def bf16_reference(layer: quantization.WeightOnlyInt8Linear, inputs: torch.Tensor) -> torch.Tensor:
+def bf16_reference(layer: quantization.WeightOnlyInt8Linear, inputs: torch.Tensor, kernel: bool):
     """What the layer computes, in fp32 from the stored parts: bf16-rounded inputs times the exact
-    int8 rows, each output channel scaled, plus the bias."""
-    out = inputs.bfloat16().float() @ layer.rows.float().T * layer.scales
-    return out if layer.bias is None else out + layer.bias
+    int8 rows, each output channel scaled (by the bf16-rounded scale on the kernel's path), and
+    the bias; returned without and with the bias."""
+    scales = layer.kernel_scales.float() if kernel else layer.scales
+    product = inputs.bfloat16().float() @ layer.rows.float().T * scales
+    return product, product if layer.bias is None else product + layer.bias
 
 
 @pytest.mark.parametrize("in_features", [48, 40])  # 40: not a multiple of 16, never the kernel
@@ -157,9 +159,10 @@ def test_the_weight_only_layer_equals_its_int8_rows_times_scales(in_features, ro
     with torch.no_grad():
         out = layer(inputs)
     assert out.shape == (2, rows, 40) and out.dtype == torch.float32
-    reference = bf16_reference(layer, inputs)
-    # The only rounding left is the bf16 product's (8 bits): relative 2^-8 at most.
-    torch.testing.assert_close(out, reference, rtol=0, atol=reference.abs().max().item() * 2**-8)
+    kernel = layer.uses_kernel and 2 * rows <= quantization.KERNEL_MAX_ROWS  # 2 sequences
+    product, reference = bf16_reference(layer, inputs, kernel)
+    # The only rounding left is the bf16 product's (8 significant bits): 2^-9 of it at most.
+    torch.testing.assert_close(out, reference, rtol=0, atol=product.abs().max().item() * 2**-8)
     # Against the int8 weight in fp32 with unrounded inputs: the inputs' bf16 rounding on top.
     dequantized = inputs @ (layer.rows.float() * layer.scales[:, None]).T + (linear.bias if bias else 0)
     torch.testing.assert_close(out, dequantized, rtol=0, atol=dequantized.abs().max().item() * 1e-2)
