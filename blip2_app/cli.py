@@ -4,6 +4,11 @@ over the same engine (`match`, `explain`, `classify`, `index` and `search` on th
 `evaluate` is `blip2_app.training.evaluate` (caption, VQA and retrieval metrics on a dataset); its
 arguments are that module's own.
 
+`caption` of one or two images and `ask`, left at `--precision auto` on a CPU, run at
+int8-weight-only when the model's CPU default is dynamic-int8 (`one_shot_precision`, decision 0009):
+the same int8 weights, read from the weight cache without fbgemm's packing, which would cost more
+than such a job saves.
+
 Failures the user can fix (a missing file, a folder given for a file, a bad index or model name,
 an unreadable image) print one line, `error: ...`, on stderr and exit with status 2; anything else
 is a bug and keeps its traceback.
@@ -24,10 +29,12 @@ from .config import Settings, add_arguments
 from .errors import UserFacingError
 from .generation import DECODINGS
 from .images import ImageDecodeError
+from .precisions import DYNAMIC_INT8, INT8_WEIGHT_ONLY
 
 if TYPE_CHECKING:  # the engine imports torch: only once a command needs it
     from .engine import Engine, PreparedImage
     from .generation import GenerationSettings
+    from .registry import Registry
 
 EXIT_USER_ERROR = 2
 # What a person can fix: UserFacingError (ImageDecodeError, ModelLoadError, IndexFormatError... are
@@ -52,6 +59,10 @@ MODEL_FLAGS = (
     "weight_cache",
 )
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# Jobs of at most this many images run at int8-weight-only (decision 0009). At real size (OPT-2.7B,
+# 2 cores) packing for fbgemm costs ~15 s once per start, and a weight-only caption is estimated
+# ~5 s slower than a packed one: break-even near 3 images, so 2 keeps a margin.
+ONE_SHOT_MAX_IMAGES = 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -125,21 +136,60 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _engine(args: argparse.Namespace, retrieval: bool) -> Engine:
-    """The engine a command needs: the captioning model alone, or the retrieval partner of
-    --model alone (startup.retrieval_model_for: a retrieval model is its own partner)."""
+def one_shot_precision(settings: Settings, cpu_default: object, images: int, device_type: str) -> str:
+    """The `--precision` a captioning job runs at: int8-weight-only for a job of at most
+    ONE_SHOT_MAX_IMAGES images on a CPU, when the user left `--precision` (and every component's)
+    at auto, the model's CPU default (`cpu_default`, from the registry) is dynamic-int8 and the
+    weight cache is on (without it each run would quantize again); otherwise `settings.precision`.
+    The server never comes here: it keeps fbgemm, faster per caption once packed."""
+    if (
+        settings.precision == "auto"
+        and not any(settings.precision_overrides.values())
+        and settings.backend == "local"
+        and device_type == "cpu"
+        and settings.weight_cache != "off"
+        and 0 < images <= ONE_SHOT_MAX_IMAGES
+        and cpu_default in ("auto", DYNAMIC_INT8)
+    ):
+        return INT8_WEIGHT_ONLY
+    return settings.precision
+
+
+def _engine(args: argparse.Namespace, retrieval: bool, images: int = 0) -> Engine:
+    """The engine a command needs: the captioning model alone (for a job of `images` images;
+    0: many or unknown), or the retrieval partner of --model alone
+    (startup.retrieval_model_for: a retrieval model is its own partner)."""
     from .registry import Registry
     from .startup import load_engine, resolve_model, retrieval_model_for
 
     settings = Settings.from_namespace(args)
-    if not retrieval:
-        return load_engine(settings.replace(retrieval_model="none"))
     registry = Registry.load([settings.models_file] if settings.models_file else [])
+    if not retrieval:
+        if images and settings.precision == "auto":
+            settings = settings.replace(precision=_one_shot(settings, registry, images))
+        return load_engine(settings.replace(retrieval_model="none"), registry)
     entry = resolve_model(registry, settings.model, "--model")
     partner = retrieval_model_for(entry)
     if partner is None:
         raise UserFacingError(f"{entry.name} has no retrieval model; pass one with --model.")
     return load_engine(settings.replace(model=partner), registry)
+
+
+def _one_shot(settings: Settings, registry: Registry, images: int) -> str:
+    """`one_shot_precision` for this machine and model; a model that does not resolve here keeps
+    auto (load_engine then reports it, or starts on --fallback-model)."""
+    import torch
+
+    from .startup import resolve_model
+
+    try:
+        entry = resolve_model(registry, settings.model, "--model")
+    except UserFacingError:
+        return settings.precision
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return one_shot_precision(settings, entry.precision.get("cpu", "auto"), images, device.split(":")[0])
 
 
 def _image_files(paths: Sequence[str]) -> None:
@@ -166,7 +216,7 @@ def _caption(args: argparse.Namespace) -> None:
         if Path(path).is_dir():
             raise UserFacingError(f"{path} is a folder: pass --format csv|jsonl|txt to caption folders.")
     _image_files(args.images)
-    engine = _engine(args, retrieval=False)
+    engine = _engine(args, retrieval=False, images=len(args.images))
     generation = _generation(engine, args)
     style = "custom" if args.prompt is not None else args.style
     for path in args.images:
@@ -196,7 +246,7 @@ def _generation(engine: Engine, args: argparse.Namespace) -> GenerationSettings:
 
 def _ask(args: argparse.Namespace) -> None:
     _image_files([args.image])
-    engine = _engine(args, retrieval=False)
+    engine = _engine(args, retrieval=False, images=1)
     answer = engine.answer(_prepare(engine, args.image), args.question)
     print(json.dumps({"image": args.image, **answer.as_dict()}) if args.json else answer.text)
 

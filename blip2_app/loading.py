@@ -42,6 +42,8 @@ from .precisions import (
     COMPONENT_MODULES,
     COMPONENTS,
     DYNAMIC_INT8,
+    INT8_LINEAR_PRECISIONS,
+    INT8_WEIGHT_ONLY,
     PRESETS,
     QUANTIZED,
     ComponentPrecisions,
@@ -86,10 +88,13 @@ def resolve_precisions(
         raise ModelLoadError(f"Unknown precision preset {name!r}; choose from auto, {', '.join(PRESETS)}.")
     chosen.update({k: v for k, v in (overrides or {}).items() if v})
     notes = []
-    if device.type != "cpu" and DYNAMIC_INT8 in chosen.values():
-        raise ModelLoadError("dynamic-int8 runs on CPU only; on a GPU use fp16, int8 or nf4.")
+    for cpu_only in sorted(INT8_LINEAR_PRECISIONS & set(chosen.values())):
+        if device.type != "cpu":
+            raise ModelLoadError(f"{cpu_only} runs on CPU only; on a GPU use fp16, int8 or nf4.")
     if DYNAMIC_INT8 in chosen.values():
         quantization.check_quantized_ops()
+    if INT8_WEIGHT_ONLY in chosen.values():
+        quantization.check_weight_only_ops()
     if device.type == "cpu":
         for component, value in chosen.items():
             if value == "fp16":
@@ -136,7 +141,7 @@ class LoadedModel:
     def component_dtype(self, component: str) -> torch.dtype:
         """The floating dtype computations in `component` run in (activations' dtype)."""
         precision = getattr(self.precisions, component)
-        if precision == DYNAMIC_INT8:
+        if precision in INT8_LINEAR_PRECISIONS:
             return torch.float32
         if precision in QUANTIZED:
             return torch.bfloat16 if self.device.type == "cpu" else torch.float16
@@ -150,20 +155,20 @@ class LoadedModel:
             if not modules:
                 continue
             params = [p for m in modules for p in (m.parameters() if isinstance(m, torch.nn.Module) else [m])]
-            packed = [  # dynamic-int8 layers keep their int8 weights outside .parameters()
+            packed = [  # int8 layers keep their int8 weights outside .parameters()
                 sub
                 for m in modules
                 if isinstance(m, torch.nn.Module)
                 for sub in m.modules()
-                if quantization.is_dynamic_int8(sub)
+                if quantization.is_int8_linear(sub)
             ]
             linear_types = Counter(
                 _linear_kind(sub) for m in modules if isinstance(m, torch.nn.Module) for sub in m.modules()
             )
             linear_types.pop(None, None)
             dtypes = Counter(str(p.dtype).replace("torch.", "") for p in params)
-            if packed:
-                dtypes["qint8"] = len(packed)
+            for layer in packed:
+                dtypes["qint8" if quantization.is_dynamic_int8(layer) else "int8"] += 1
             components[component] = {
                 "requested": getattr(self.precisions, component),
                 "parameters": sum(p.numel() for p in params)
@@ -189,6 +194,8 @@ def _linear_kind(module: torch.nn.Module) -> str | None:
     """Class name of a Linear-like layer (nn.Linear, bitsandbytes, torch dynamic int8), else None."""
     if quantization.is_dynamic_int8(module):
         return "DynamicInt8Linear"
+    if isinstance(module, quantization.WeightOnlyInt8Linear):
+        return "WeightOnlyInt8Linear"
     return type(module).__name__ if isinstance(module, torch.nn.Linear) else None
 
 
@@ -323,15 +330,24 @@ def _cached_stream_load(
     device: torch.device,
     cache: WeightCache | None,
 ) -> tuple[Any | None, str]:
-    """stream_load, through the weight cache when it pays (a large checkpoint, dynamic-int8 on
-    CPU); also returns a sentence for the Model tab saying what the cache did."""
+    """stream_load, through the weight cache when it pays (a large checkpoint, dynamic-int8 or
+    int8-weight-only on CPU); also returns a sentence for the Model tab saying what the cache did."""
     entry = None
-    if cache is not None and device.type == "cpu" and DYNAMIC_INT8 in precisions.as_dict().values():
+    if (
+        cache is not None
+        and device.type == "cpu"
+        and INT8_LINEAR_PRECISIONS & set(precisions.as_dict().values())
+    ):
         entry = cache.entry_for(model_class, files, precisions, shares_vision=shared is not None)
     if cache is None or entry is None:
         return stream_load(model_class, location, files, precisions, shared, device), ""
     started = time.perf_counter()
-    model = cache.load(entry, lambda: _skeleton(model_class, location), shared)
+    model = cache.load(
+        entry,
+        lambda: _skeleton(model_class, location),
+        shared,
+        weight_only=lambda name: _precision_of(precisions, name) == INT8_WEIGHT_ONLY,
+    )
     if model is not None:
         took = time.perf_counter() - started
         return (
@@ -384,14 +400,14 @@ def _load_with_transformers(
         precision = getattr(precisions, component)
         for name in COMPONENT_MODULES[component]:
             part = getattr(model, name, None)
-            if precision == DYNAMIC_INT8 and isinstance(part, torch.nn.Module):
+            if precision in INT8_LINEAR_PRECISIONS and isinstance(part, torch.nn.Module):
                 part.float()
-                quantization.quantize_linears(part)
+                quantization.quantize_linears(part, weight_only=precision == INT8_WEIGHT_ONLY)
             elif precision in FLOAT_DTYPES and isinstance(part, torch.nn.Parameter):
                 part.data = part.data.to(FLOAT_DTYPES[precision])
             elif precision in FLOAT_DTYPES and isinstance(part, torch.nn.Module):
                 part.to(FLOAT_DTYPES[precision])
-            elif precision == DYNAMIC_INT8 and isinstance(part, torch.nn.Parameter):
+            elif precision in INT8_LINEAR_PRECISIONS and isinstance(part, torch.nn.Parameter):
                 part.data = part.data.float()
     return model
 
@@ -546,7 +562,11 @@ class _TensorStream:
             while self.quantizing:
                 self._place_quantized()
 
-    def _quantize(self, layer: torch.nn.Linear) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    def _quantize(
+        self, layer: torch.nn.Linear, precision: str
+    ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+        if precision == INT8_WEIGHT_ONLY:  # its parts are its own tensors: no copy to record them
+            return quantization.weight_only_with_parts(layer)
         if self.record is None:
             return quantization.dynamic_int8(layer), {}
         return quantization.quantize_with_parts(layer)
@@ -556,6 +576,7 @@ class _TensorStream:
         layer, parts = job.result()
         if self.record is not None:
             self.record(name, parts)
+        self.loaded_ids |= {id(t) for t in layer.buffers()}  # a weight-only layer's: not to initialise
         parent_name, _, child = name.rpartition(".")
         model = self.plan.model
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
@@ -565,12 +586,16 @@ class _TensorStream:
         owner_name, _, attr = key.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
         precision = _precision_of(self.precisions, key)
-        if precision == DYNAMIC_INT8 and type(owner) is torch.nn.Embedding:
+        if precision in INT8_LINEAR_PRECISIONS and type(owner) is torch.nn.Embedding:
             self._read_dynamic_int8_table(handle, path, key, owner, attr)
             return
         tensor = handle.get_tensor(key)
-        if precision == DYNAMIC_INT8 and type(owner) is torch.nn.Linear and key not in self.plan.tie_sources:
-            self._collect_linear_part(owner_name, owner, attr, tensor)
+        if (
+            precision in INT8_LINEAR_PRECISIONS
+            and type(owner) is torch.nn.Linear
+            and key not in self.plan.tie_sources
+        ):
+            self._collect_linear_part(owner_name, owner, attr, tensor, precision)
             return
         dtype = FLOAT_DTYPES.get(precision, torch.float32)
         if not tensor.is_floating_point():
@@ -590,14 +615,14 @@ class _TensorStream:
         self.loaded_ids.add(id(_assign(owner, attr, _read_cast(handle, key, torch.bfloat16))))
 
     def _collect_linear_part(
-        self, owner_name: str, owner: torch.nn.Module, attr: str, tensor: torch.Tensor
+        self, owner_name: str, owner: torch.nn.Module, attr: str, tensor: torch.Tensor, precision: str
     ) -> None:
         """Quantizes the layer once its weight and (if it has one) bias have both arrived."""
         parts = self.pending.setdefault(owner_name, {})
         parts[attr] = tensor
         if "weight" in parts and ("bias" in parts or cast(torch.nn.Linear, owner).bias is None):
             layer = _fp32_linear(cast(torch.nn.Linear, owner), parts)
-            self.quantizing.append((owner_name, self.pool.submit(self._quantize, layer)))
+            self.quantizing.append((owner_name, self.pool.submit(self._quantize, layer, precision)))
             del self.pending[owner_name]
 
 
@@ -645,8 +670,10 @@ def _quantize_remaining_linears(
     # An LM head tied to its embedding table is quantized now, with the table (one int8 copy for
     # both); then every Linear layer not quantized while streaming.
     for component, names in COMPONENT_MODULES.items():
-        if getattr(precisions, component) != DYNAMIC_INT8:
+        precision = getattr(precisions, component)
+        if precision not in INT8_LINEAR_PRECISIONS:
             continue
+        weight_only = precision == INT8_WEIGHT_ONLY
         for name in names:
             part = getattr(model, name, None)
             if isinstance(part, torch.nn.Module) and part is not shared_vision:
@@ -655,11 +682,11 @@ def _quantize_remaining_linears(
                     source = untied_tables.pop(language_model.get_input_embeddings(), None)
                     with _row_reader(source) as read_rows:
                         if (
-                            not quantization.quantize_tied_head(language_model, read_rows)
+                            not quantization.quantize_tied_head(language_model, read_rows, weight_only)
                             and source is not None
                         ):
                             raise ModelLoadError(f"{location}: the LM head is not tied to {source[1]}.")
-                quantization.quantize_linears(part)
+                quantization.quantize_linears(part, weight_only)
     if untied_tables:
         raise ModelLoadError(
             f"{location}: tied tables left unread: {sorted(k for _, k in untied_tables.values())}."

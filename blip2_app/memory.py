@@ -28,7 +28,7 @@ from .checkpoints import (
 )
 from .config import Settings
 from .errors import ModelLoadError
-from .precisions import DYNAMIC_INT8, ComponentPrecisions
+from .precisions import DYNAMIC_INT8, INT8_LINEAR_PRECISIONS, INT8_WEIGHT_ONLY, ComponentPrecisions
 
 if TYPE_CHECKING:
     import torch
@@ -55,7 +55,7 @@ _STORED_BYTES = {
     "BOOL": 1,
 }
 _FLOAT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # the float precisions of precisions.py
-_QUANTIZED_WEIGHT_BYTES = {"int8": 1.0, "nf4": 0.5, DYNAMIC_INT8: 1.0}
+_QUANTIZED_WEIGHT_BYTES = {"int8": 1.0, "nf4": 0.5, DYNAMIC_INT8: 1.0, INT8_WEIGHT_ONLY: 1.0}
 
 Tensor = tuple[str, str, tuple[int, ...]]  # name, stored dtype (safetensors), shape: a TensorInfo
 
@@ -163,7 +163,7 @@ def estimate_weight_bytes(
             total += count * _FLOAT_BYTES[precision]
         elif len(shape) == 2 and "embed" not in name:  # a Linear weight: quantized
             total += count * _QUANTIZED_WEIGHT_BYTES[precision]
-        elif precision == DYNAMIC_INT8:
+        elif precision in INT8_LINEAR_PRECISIONS:
             total += count * (2 if len(shape) == 2 else 4)  # embeddings bf16, norms and biases fp32
         else:
             total += count * load_bytes

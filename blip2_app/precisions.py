@@ -10,15 +10,19 @@ from dataclasses import dataclass
 
 from .errors import ModelLoadError
 
-PRECISIONS = ("fp32", "bf16", "fp16", "int8", "nf4", "dynamic-int8")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "nf4", "dynamic-int8", "int8-weight-only")
 QUANTIZED = ("int8", "nf4")  # bitsandbytes, applied by transformers while loading
 DYNAMIC_INT8 = "dynamic-int8"  # torch's dynamic int8 Linear (fbgemm, CPU), applied by stream_load
+# The same int8 rows and scales as dynamic-int8, multiplied as they are (no fbgemm packing) and
+# with activations not quantized: for one-shot CLI runs (decision 0009), CPU only.
+INT8_WEIGHT_ONLY = "int8-weight-only"
+INT8_LINEAR_PRECISIONS = frozenset({DYNAMIC_INT8, INT8_WEIGHT_ONLY})  # int8 rows per channel, fp32 around
 COMPONENTS = ("vision", "qformer", "llm")
 # Precisions whose batched rows depend on their batch-mates. fbgemm's dynamic int8 quantizes the
 # activations with one scale per tensor, the whole batch's (on the tiny model 3 of 8 greedy
 # captions changed in a batch of 8); bitsandbytes' int8 picks its fp16 outlier columns over the
-# whole batch.
-BATCH_DEPENDENT_PRECISIONS = frozenset({DYNAMIC_INT8, "int8"})
+# whole batch. int8-weight-only picks its kernel by the number of rows in a call.
+BATCH_DEPENDENT_PRECISIONS = frozenset({DYNAMIC_INT8, INT8_WEIGHT_ONLY, "int8"})
 # Top-level module names of each component, for every BLIP-2 / InstructBLIP / ITM class.
 COMPONENT_MODULES: dict[str, tuple[str, ...]] = {
     "vision": ("vision_model",),
@@ -71,4 +75,12 @@ PRESETS: dict[str, ComponentPrecisions] = {
     # CPU: int8 weights per output channel, activations quantized on the fly (fbgemm VNNI kernels).
     # The fastest CPU path measured (benchmarks/results/real_size.md) and the smallest in memory.
     "dynamic-int8": ComponentPrecisions(DYNAMIC_INT8, DYNAMIC_INT8, DYNAMIC_INT8),
+    # CPU, one-shot: dynamic-int8's weights read from the weight cache without packing them.
+    "int8-weight-only": ComponentPrecisions(INT8_WEIGHT_ONLY, INT8_WEIGHT_ONLY, INT8_WEIGHT_ONLY),
 }
+
+
+def cache_key_precisions(precisions: ComponentPrecisions) -> dict[str, str]:
+    """The precisions a weight cache entry is keyed by: int8-weight-only stores what dynamic-int8
+    stores (the same int8 rows and scales), so the two share one entry."""
+    return {c: DYNAMIC_INT8 if p == INT8_WEIGHT_ONLY else p for c, p in precisions.as_dict().items()}

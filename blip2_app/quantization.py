@@ -1,8 +1,11 @@
-"""Dynamic int8 on CPU: the one module that touches torch's quantized ops (torch.ao, fbgemm).
+"""Int8 on CPU: the one module that touches torch's quantized ops (torch.ao, fbgemm, and the
+weight-only int8 kernel `aten._weight_int8pack_mm`).
 
 torch 2.13 says `quantize_per_channel` and qint8 tensors are deprecated and will be removed; when
 that happens, `check_quantized_ops` raises at start-up (and in CI) instead of the app silently
-running fp32. Measured alternatives are slower here today (issue 20): fbgemm stays.
+running fp32. Measured alternatives are slower per token here today (issue 20): fbgemm stays for
+the server; the weight-only layers (`WeightOnlyInt8Linear`, decision 0009) serve one-shot CLI runs,
+which cannot afford fbgemm's packing at start.
 
 A layer is int8 weights per output channel (symmetric, the observer of torch's
 `per_channel_dynamic_qconfig`), activations quantized per call. `quantize_weight` and
@@ -57,6 +60,33 @@ def check_quantized_ops() -> None:
         )
 
 
+def check_weight_only_ops() -> None:
+    """Quantize one small layer to a weight-only int8 layer and compare it with fp32, through both
+    of its paths (torch's kernel for a few rows, dequantizing for many); raise rather than fall
+    back silently when torch's weight-only int8 kernel is gone or wrong."""
+    generator = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(64, 32)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(32, 64, generator=generator) * 0.1)
+    error = 0.0
+    try:
+        quantized = weight_only_int8(layer)
+        for rows in (1, KERNEL_MAX_ROWS + 1):
+            inputs = torch.randn(rows, 64, generator=generator)
+            with torch.no_grad():
+                error = max(error, (quantized(inputs) - layer(inputs)).abs().max().item())
+    except (RuntimeError, AttributeError, NotImplementedError) as failure:
+        raise QuantizedOpsUnavailableError(
+            f"torch {torch.__version__}: its weight-only int8 kernel (aten._weight_int8pack_mm) no "
+            f"longer works ({failure}); choose --precision dynamic-int8, fp32 or bf16."
+        ) from failure
+    if not error < 0.05:  # int8 and bf16 rounding of this layer is ~0.01; nan fails too
+        raise QuantizedOpsUnavailableError(
+            f"torch {torch.__version__}: its weight-only int8 kernel is off by {error:.3g} from fp32; "
+            "choose --precision dynamic-int8, fp32 or bf16."
+        )
+
+
 def quantize_weight(weight: torch.Tensor) -> torch.Tensor:
     """fp32 [out, in] -> qint8 per output channel, the same values as torch's `from_float`."""
     observer = QCONFIG.weight()
@@ -95,13 +125,13 @@ def dynamic_int8(linear: torch.nn.Linear) -> PackedLinear:
     return packed_linear(quantize_weight(linear.weight.detach().float()), linear.bias)
 
 
-def quantize_linears(module: torch.nn.Module) -> None:
-    """Every plain nn.Linear under `module` becomes dynamic int8, in place."""
+def quantize_linears(module: torch.nn.Module, weight_only: bool = False) -> None:
+    """Every plain nn.Linear under `module` becomes dynamic int8 (or weight-only int8), in place."""
     for name, child in list(module.named_children()):
         if type(child) is torch.nn.Linear:
-            setattr(module, name, dynamic_int8(child))
+            setattr(module, name, weight_only_int8(child) if weight_only else dynamic_int8(child))
         else:
-            quantize_linears(child)
+            quantize_linears(child, weight_only)
 
 
 def is_dynamic_int8(module: torch.nn.Module) -> TypeGuard[PackedLinear]:
@@ -138,13 +168,123 @@ def from_int8_parts(parts: dict[str, torch.Tensor]) -> PackedLinear:
     return packed_linear(weight, parts.get("bias"))
 
 
-def packed_bytes(layer: PackedLinear) -> int:
-    """int8 weights, a scale (fp64) and zero point (int32) per row, an fp32 bias: read off the
-    layer's shape, since `layer.weight()` unpacks it (reporting OPT-2.7B that way took 70 s)."""
-    return layer.in_features * layer.out_features + 12 * layer.out_features + 4 * layer.bias_numel
+# --------------------------------------------------------------------------- weight-only int8
+# torch's weight-only kernel is fast for a few rows (decoding: one row per sequence) and slow for
+# many (a ViT-g layer at 257 rows: 1.4x dequantizing and multiplying in bf16, measured in decision
+# 0009); above this many rows the layer dequantizes instead.
+KERNEL_MAX_ROWS = 64
+# torch 2.13's CPU kernel crashes or returns garbage (nan) unless in_features is a multiple of 16
+# (measured: 16, 32, ... 272 right; 4, 8, 12, 24, 36, 40, 50, 60 wrong); other layers dequantize.
+KERNEL_IN_FEATURES_MULTIPLE = 16
+# ... and crashes on int8 rows that do not start at a multiple of 16 bytes (4 rows or more); the
+# weight cache aligns what it stores to 64 (weight_cache.ALIGNMENT), as torch's allocator does.
+KERNEL_ALIGNMENT = 64
 
 
-def packed_parameters(layer: PackedLinear) -> int:
+class WeightOnlyInt8Linear(torch.nn.Module):
+    """A Linear layer of int8 weights with one fp32 scale per output channel (the rows and scales
+    of `quantize_weight`, so of the dynamic-int8 layers too), used as they are: nothing is packed,
+    so rows read from the weight cache stay memory-mapped. Activations are not quantized: each
+    call multiplies bf16 inputs by the exact int8 rows (fp32 accumulation), scales each output
+    channel (torch's kernel: by the scale rounded to bf16, in its bf16 result; dequantizing: in
+    fp32) and returns fp32; everything around the layer stays fp32. Few operations per call: at
+    one row each is a noticeable share of the layer's time."""
+
+    rows: torch.Tensor  # buffers, declared so the type checker knows them
+    scales: torch.Tensor
+    kernel_scales: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, rows: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = rows.shape
+        self.register_buffer("rows", rows)
+        self.register_buffer("scales", scales.float())
+        self.register_buffer("kernel_scales", scales.to(torch.bfloat16))  # the kernel takes its input's dtype
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self.bias_numel = 0 if bias is None else bias.numel()
+        self.uses_kernel = (
+            self.in_features % KERNEL_IN_FEATURES_MULTIPLE == 0
+            and rows.is_contiguous()
+            and rows.data_ptr() % KERNEL_ALIGNMENT == 0
+        )
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        flat = inputs.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        # The kernel has no gradient: inputs that need one (Grad-CAM) take the dequantizing path.
+        if (
+            self.uses_kernel
+            and flat.shape[0] <= KERNEL_MAX_ROWS
+            and not flat.requires_grad
+            and flat.data_ptr() % KERNEL_ALIGNMENT == 0
+        ):
+            product = torch.ops.aten._weight_int8pack_mm(flat, self.rows, self.kernel_scales)
+        else:  # int8 values are exact in bf16
+            product = torch.nn.functional.linear(flat, self.rows.to(torch.bfloat16)).float() * self.scales
+        # One operation to fp32, with the bias when there is one.
+        out = product.float() if self.bias is None else torch.add(self.bias, product)
+        return out.view(*inputs.shape[:-1], self.out_features)
+
+    def weight(self) -> torch.Tensor:
+        """The dequantized fp32 weight; a method, as on torch's dynamic int8 Linear, so that code
+        asking a layer for its input dtype (`engine.input_dtype`) treats both kinds alike."""
+        return self.rows.float() * self.scales.unsqueeze(1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        )
+
+
+def weight_only_from_parts(parts: dict[str, torch.Tensor]) -> WeightOnlyInt8Linear:
+    """Stored int8 parts (the weight cache's, those of `int8_parts_of`) as a weight-only layer,
+    without copying the rows. The quantizer is symmetric: a zero point other than 0 is not ours."""
+    if parts["zero_points"].any():
+        raise ValueError("int8 rows with non-zero zero points (not symmetric)")
+    return WeightOnlyInt8Linear(parts["rows"], parts["scales"], parts.get("bias"))
+
+
+def weight_only_with_parts(linear: torch.nn.Linear) -> tuple[WeightOnlyInt8Linear, dict[str, torch.Tensor]]:
+    """The weight-only twin of `quantize_with_parts`: the same int8 rows and scales."""
+    parts = int8_parts_of(quantize_weight(linear.weight.detach().float()), linear.bias)
+    return weight_only_from_parts(parts), parts
+
+
+def weight_only_int8(linear: torch.nn.Linear) -> WeightOnlyInt8Linear:
+    return weight_only_with_parts(linear)[0]
+
+
+Int8Linear = PackedLinear | WeightOnlyInt8Linear
+
+
+def is_int8_linear(module: torch.nn.Module) -> TypeGuard[Int8Linear]:
+    """A dynamic int8 (packed) or weight-only int8 layer: both are int8 rows and scales."""
+    return isinstance(module, (PackedLinear, WeightOnlyInt8Linear))
+
+
+def layer_int8_parts(layer: Int8Linear) -> dict[str, torch.Tensor]:
+    """`int8_parts` of either kind of int8 layer (for the weight cache)."""
+    if isinstance(layer, WeightOnlyInt8Linear):
+        parts = {
+            "rows": layer.rows,
+            "scales": layer.scales,
+            "zero_points": torch.zeros(layer.out_features, dtype=torch.int8),
+        }
+        if layer.bias is not None:
+            parts["bias"] = layer.bias
+        return parts
+    return int8_parts(layer)
+
+
+def packed_bytes(layer: Int8Linear) -> int:
+    """int8 weights, their per-row scale and zero point (packed: fp64 and int32; weight-only: an
+    fp32 scale and a bf16 one), an fp32 bias: read off the layer's shape, since `layer.weight()`
+    unpacks a packed layer (reporting OPT-2.7B that way took 70 s)."""
+    per_row = 6 if isinstance(layer, WeightOnlyInt8Linear) else 12
+    return layer.in_features * layer.out_features + per_row * layer.out_features + 4 * layer.bias_numel
+
+
+def packed_parameters(layer: Int8Linear) -> int:
     return layer.in_features * layer.out_features + layer.bias_numel
 
 
@@ -180,13 +320,16 @@ RowReader = Callable[[int, int], torch.Tensor]  # (start, end) -> those rows of 
 
 
 def quantize_tied_head(
-    language_model: transformers.PreTrainedModel, read_rows: RowReader | None = None
+    language_model: transformers.PreTrainedModel,
+    read_rows: RowReader | None = None,
+    weight_only: bool = False,
 ) -> bool:
     """An LM head tied to the embedding table becomes dynamic-int8, quantized a block of rows at a
     time, and the table then reads the same int8 rows: the fp32 copy torch's `from_float` would
     make (515 MB on OPT-2.7B) never exists, and the table costs 1 byte per value. `read_rows`
     reads the table straight from the checkpoint when it was left unloaded (no bf16 copy either:
-    without it, that copy was the peak of the whole load). Returns whether the head was tied."""
+    without it, that copy was the peak of the whole load). With `weight_only` the head is a
+    weight-only int8 layer over the same rows. Returns whether the head was tied."""
     head, table = language_model.get_output_embeddings(), language_model.get_input_embeddings()
     if not (
         type(head) is torch.nn.Linear
@@ -211,7 +354,11 @@ def quantize_tied_head(
         )
     bias = None if head.bias is None else head.bias.detach().float()
     del head.weight, table.weight  # the bf16 table, when it was loaded: freed before packing
-    linear = packed_linear(per_channel_tensor(rows, scales, zero_points), bias)
+    linear: torch.nn.Module
+    if weight_only:
+        linear = WeightOnlyInt8Linear(rows, scales.float(), bias)
+    else:
+        linear = packed_linear(per_channel_tensor(rows, scales, zero_points), bias)
     language_model.set_output_embeddings(linear)
     language_model.set_input_embeddings(Int8Embedding(rows, scales.float()))
     return True

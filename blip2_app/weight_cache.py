@@ -10,7 +10,8 @@ remembered per file too (hashing 4 GB took 6 s).
 An entry's key is the checkpoint's identity (each file's path, size and modification time), the
 precisions, the model class, the versions of torch and transformers and FORMAT_VERSION: a changed
 checkpoint or upgrade misses the cache and writes a new entry; older entries of the same
-checkpoint are removed then. Entries are written to a temporary folder and renamed into place,
+checkpoint are removed then. int8-weight-only reads (and writes) the dynamic-int8 entry: the same
+int8 rows and scales, used unpacked and left memory-mapped (decision 0009). Entries are written to a temporary folder and renamed into place,
 so a killed start leaves no half entry. Off with `--weight-cache off`.
 """
 
@@ -37,17 +38,22 @@ import transformers
 from safetensors import SafetensorError
 
 from . import quantization
-from .precisions import ComponentPrecisions
+from .precisions import ComponentPrecisions, cache_key_precisions
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: every tensor starts at a multiple of ALIGNMENT bytes in its shard (padding tensors between).
+FORMAT_VERSION = 2
 # Quantizing a small checkpoint takes less than reading a cache entry would save: not worth disk.
 MIN_CHECKPOINT_BYTES = 256 * 1024 * 1024
 MANIFEST = "manifest.json"
 SHARD_BYTES = 64 * 1024 * 1024  # written a shard at a time: see PendingEntry
 DYNAMIC_INT8, INT8_EMBEDDING, BF16_EMBEDDING = "dynamic-int8", "int8-embedding", "bf16-embedding"
 INT8_PARTS = ("rows", "scales", "zero_points", "bias")
+# torch's weight-only int8 kernel crashes on rows that do not start at a multiple of 16 bytes
+# (measured, torch 2.13, 4 rows or more); mapped rows start where they are in the file.
+ALIGNMENT = 64
+PADDING = "__padding__."  # names of the filler tensors that align the next tensor
 
 
 def default_location() -> Path:
@@ -115,7 +121,7 @@ class WeightCache:
             "transformers": transformers.__version__,
             "class": model_class.__name__,
             "files": self._file_identity(files),
-            "precisions": precisions.as_dict(),
+            "precisions": cache_key_precisions(precisions),
             "shares_vision": shares_vision,  # such an entry holds no vision encoder
         }
         key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
@@ -203,14 +209,17 @@ class WeightCache:
         entry: CacheEntry,
         skeleton: Callable[[], torch.nn.Module],
         shared_vision: torch.nn.Module | None,
+        weight_only: Callable[[str], bool] = lambda name: False,
     ) -> torch.nn.Module | None:
-        """The cached model, or None when the entry is missing or unreadable (then it is removed)."""
+        """The cached model, or None when the entry is missing or unreadable (then it is removed).
+        The int8 layers for which `weight_only(name)` holds are weight-only layers over the mapped
+        file (nothing copied or packed); the others are packed for fbgemm."""
         if not entry.exists:
             return None
         try:
             manifest = json.loads((entry.path / MANIFEST).read_text())
             model = skeleton()
-            filled = _fill(model, entry.path, manifest)
+            filled = _fill(model, entry.path, manifest, weight_only)
         except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
             _discard(entry, f"is unreadable ({error})")
             return None
@@ -282,12 +291,10 @@ class PendingEntry:
             self._writer.join()
 
     def _write_shards(self) -> None:
-        from safetensors.torch import save_file
-
         while (job := self._writes.get()) is not None:
             if self.failure is None:
                 try:
-                    save_file(job[1], str(self.folder / job[0]))
+                    save_aligned(job[1], self.folder / job[0])
                 except (OSError, RuntimeError) as error:
                     self.failure = error
 
@@ -313,11 +320,12 @@ def _module_tensors(
             continue
         first_module[id(module)] = name
         prefix = f"{name}." if name else ""
-        if quantization.is_dynamic_int8(module):
+        if quantization.is_int8_linear(module):  # packed or weight-only: stored alike
             kinds[name] = DYNAMIC_INT8
             if name in recorded:  # written while loading
                 continue
-            yield {prefix + part: t.contiguous() for part, t in quantization.int8_parts(module).items()}
+            parts = quantization.layer_int8_parts(module)
+            yield {prefix + part: t.contiguous() for part, t in parts.items()}
             continue
         if isinstance(module, quantization.Int8Embedding):
             kinds[name] = INT8_EMBEDDING
@@ -336,11 +344,64 @@ def _module_tensors(
             yield tensors
 
 
-def _fill(model: torch.nn.Module, folder: Path, manifest: dict[str, Any]) -> set[int]:
+_DTYPE_NAMES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def save_aligned(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A safetensors file in which every tensor starts at a multiple of ALIGNMENT bytes, so that
+    tensors mapped from it (safetensors maps, it does not copy) are aligned as allocated ones are.
+    safetensors' own writer aligns to 8 bytes; the format allows a header padded with spaces and
+    needs tensors back to back, hence the filler tensors (PADDING), which readers skip."""
+    header: dict[str, Any] = {}
+    layout: list[torch.Tensor | int] = []  # tensors, and filler byte counts, in file order
+    offset = 0
+    for name, tensor in tensors.items():
+        gap = -offset % ALIGNMENT
+        if gap:
+            header[f"{PADDING}{len(layout)}"] = {
+                "dtype": "U8",
+                "shape": [gap],
+                "data_offsets": [offset, offset + gap],
+            }
+            layout.append(gap)
+            offset += gap
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": _DTYPE_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        layout.append(tensor)
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % ALIGNMENT)  # the data then starts aligned too
+    with open(path, "wb") as out:
+        out.write(len(text).to_bytes(8, "little") + text)
+        for item in layout:
+            if isinstance(item, int):
+                out.write(bytes(item))
+            elif item.numel():
+                out.write(item.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+def _fill(
+    model: torch.nn.Module, folder: Path, manifest: dict[str, Any], weight_only: Callable[[str], bool]
+) -> set[int]:
     """Rebuild the cached model in `model` (a skeleton of the same class, weights not initialised).
     Int8 layers are packed on every core while the next ones are read; a few in flight at most,
-    so the int8 rows read but not yet packed stay a few layers' worth. Returns the ids of the
-    tensors it put in place."""
+    so the int8 rows read but not yet packed stay a few layers' worth. Weight-only layers keep the
+    tensors safetensors maps from the file (no copy). Returns the ids of the tensors it put in place."""
     from safetensors import safe_open
 
     if manifest.get("format") != FORMAT_VERSION:
@@ -356,7 +417,7 @@ def _fill(model: torch.nn.Module, folder: Path, manifest: dict[str, Any]) -> set
             with safe_open(str(folder / shard), framework="pt") as handle:
                 keys = set(handle.keys())
                 for key in sorted(keys):
-                    if key not in keys:  # read with its layer already
+                    if key not in keys or key.startswith(PADDING):  # read with its layer already
                         continue
                     owner = key.rpartition(".")[0]
                     kind = kinds.get(owner)
@@ -364,6 +425,11 @@ def _fill(model: torch.nn.Module, folder: Path, manifest: dict[str, Any]) -> set
                         names = [f"{owner}.{p}" for p in INT8_PARTS if f"{owner}.{p}" in keys]
                         parts = {n.rpartition(".")[2]: handle.get_tensor(n) for n in names}
                         keys -= set(names)
+                        if weight_only(owner):
+                            layer = quantization.weight_only_from_parts(parts)
+                            _set_module(model, owner, layer)
+                            filled |= {id(t) for t in layer.buffers()}
+                            continue
                         packing.append((owner, pool.submit(quantization.from_int8_parts, parts)))
                         while len(packing) > 2 * workers:
                             _set_module(model, *_result(packing.popleft()))

@@ -175,3 +175,84 @@ def test_search_can_rerank_with_itm(tmp_path, load_tiny, capsys):
     (folder / shortlist[0]).write_bytes((PHOTOS / shortlist[1]).read_bytes())  # changed since indexing
     assert cli.main([*search, "--rerank", "3", "--images", str(folder)]) == 2
     assert "has changed since it was indexed" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- one-shot precision
+def one_shot(images=1, cpu_default="auto", device="cpu", **changes):
+    from blip2_app import cli
+    from blip2_app.config import Settings
+
+    return cli.one_shot_precision(Settings(**changes), cpu_default, images, device)
+
+
+def test_a_small_job_at_auto_on_a_cpu_runs_weight_only():
+    assert one_shot(images=1) == "int8-weight-only"
+    assert one_shot(images=2, cpu_default="dynamic-int8") == "int8-weight-only"
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        (dict(images=3), "auto"),  # more images: packing once pays (decision 0009)
+        (dict(images=0), "auto"),  # a folder job, count unknown
+        (dict(device="cuda"), "auto"),
+        (dict(cpu_default="fp32"), "auto"),  # the registry's own choice for this model (tiny-random)
+        (dict(cpu_default="bf16"), "auto"),
+        (dict(precision="dynamic-int8"), "dynamic-int8"),  # the user's choice stays
+        (dict(precision="fp32"), "fp32"),
+        (dict(llm_precision="bf16"), "auto"),  # a component chosen by hand: the preset stays auto
+        (dict(weight_cache="off"), "auto"),  # without the cache every run would quantize again
+        (dict(backend="vllm", vllm_url="http://127.0.0.1:1/v1"), "auto"),
+    ],
+)
+def test_other_jobs_keep_their_precision(case, expected):
+    assert one_shot(**case) == expected
+
+
+def test_the_cli_asks_the_registry_for_the_models_cpu_default(tmp_path):
+    """A checkpoint folder's CPU default is auto (dynamic-int8): a one-photo job goes weight-only;
+    tiny-random's registry default is fp32: it stays."""
+    from blip2_app import cli
+    from blip2_app.config import Settings
+    from blip2_app.registry import Registry
+    from blip2_app.testing import ensure_tiny_checkpoint
+
+    registry = Registry.load()
+    folder = str(ensure_tiny_checkpoint("blip2-opt"))
+    assert cli._one_shot(Settings(model=folder, device="cpu"), registry, 1) == "int8-weight-only"
+    assert cli._one_shot(Settings(model=folder, device="cpu"), registry, 5) == "auto"
+    assert cli._one_shot(Settings(model="tiny-random", device="cpu"), registry, 1) == "auto"
+    assert cli._one_shot(Settings(model=str(tmp_path / "missing"), device="cpu"), registry, 1) == "auto"
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["caption", "photo.jpg"], "int8-weight-only"),
+        (["caption", "a.jpg", "b.jpg", "c.jpg"], "auto"),
+        (["caption", "--precision", "dynamic-int8", "photo.jpg"], "dynamic-int8"),
+        (["ask", "photo.jpg", "what is it?"], "int8-weight-only"),
+    ],
+)
+def test_caption_and_ask_load_the_engine_at_the_one_shot_precision(monkeypatch, argv, expected):
+    """The commands hand load_engine the precision `one_shot_precision` chose (checkpoint folder:
+    CPU default auto, so dynamic-int8)."""
+    from blip2_app import cli, startup
+    from blip2_app.testing import ensure_tiny_checkpoint
+
+    loaded = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(settings, registry=None):
+        loaded.append(settings)
+        raise Stop
+
+    monkeypatch.setattr(startup, "load_engine", capture)
+    monkeypatch.setattr(cli, "_image_files", lambda paths: None)
+    folder = str(ensure_tiny_checkpoint("blip2-opt"))
+    args = cli._parser().parse_args([argv[0], "--model", folder, "--device", "cpu", *argv[1:]])
+    with pytest.raises(Stop):
+        {"caption": cli._caption, "ask": cli._ask}[argv[0]](args)
+    assert loaded[0].precision == expected and loaded[0].retrieval_model == "none"

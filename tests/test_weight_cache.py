@@ -27,9 +27,8 @@ def cache_dir(tmp_path, monkeypatch):
 
 def load(cache_dir, model="tiny-random", **changes):
     changes.setdefault("retrieval_model", "none")
-    return load_engine(
-        Settings(model=model, precision="dynamic-int8", weight_cache=str(cache_dir), **changes)
-    )
+    changes.setdefault("precision", "dynamic-int8")
+    return load_engine(Settings(model=model, weight_cache=str(cache_dir), **changes))
 
 
 def entries(cache_dir: Path) -> list[Path]:
@@ -139,7 +138,7 @@ def test_a_cache_that_cannot_be_written_leaves_nothing_behind(cache_dir, monkeyp
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("safetensors.torch.save_file", disk_full)
+    monkeypatch.setattr(weight_cache, "save_aligned", disk_full)
     engine = load(cache_dir)
     assert any("could not be written" in n for n in engine.text.loaded.notes)
     assert [
@@ -186,3 +185,69 @@ def test_a_load_that_fails_midway_leaves_no_staging_folder(cache_dir, monkeypatc
     with pytest.raises(RuntimeError, match="could not be quantized"):
         load(cache_dir)
     assert [p.name for p in cache_dir.iterdir() if p.name != "fingerprints.json"] == []
+
+
+# --------------------------------------------------------------------------- int8-weight-only
+def mapped_file(tensor: torch.Tensor) -> str | None:
+    """The file whose memory mapping holds `tensor`'s data (from /proc/self/maps), or None when it
+    lies in anonymous memory (a copy)."""
+    address = tensor.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if start <= address < end:
+            return fields[5] if len(fields) == 6 and fields[5].startswith("/") else None
+    return None
+
+
+@pytest.mark.parametrize("name", GENERATING_MODELS)
+def test_int8_weight_only_maps_the_dynamic_int8_entry_and_captions_as_without_the_cache(
+    cache_dir, images, name
+):
+    packed = load(cache_dir, name)  # writes the entry
+    weight_only = load(cache_dir, name, precision="int8-weight-only")
+    assert any("Read from the weight cache" in n for n in weight_only.text.loaded.notes)
+    assert len(entries(cache_dir)) == 1  # one entry serves both precisions
+    entry = entries(cache_dir)[0]
+    packed_layers = dict(packed.text.loaded.model.named_modules())
+    layers = [
+        (n, m)
+        for n, m in weight_only.text.loaded.model.named_modules()
+        if isinstance(m, quantization.WeightOnlyInt8Linear)
+    ]
+    assert layers and not any(
+        quantization.is_dynamic_int8(m) for m in weight_only.text.loaded.model.modules()
+    )
+    for layer_name, layer in layers:
+        assert torch.equal(layer.rows, quantization.int8_parts(packed_layers[layer_name])["rows"]), layer_name
+        # Not copied: the rows are the cache file's pages (anonymous memory does not grow by them).
+        assert str(entry) in (mapped_file(layer.rows) or ""), layer_name
+        assert layer.uses_kernel == (layer.in_features % 16 == 0), layer_name
+    uncached = load("off", name, precision="int8-weight-only")
+    assert weight_only.caption(images, generation=GREEDY) == uncached.caption(images, generation=GREEDY)
+
+
+def test_an_entry_written_at_int8_weight_only_loads_at_dynamic_int8_as_quantizing_does(cache_dir, images):
+    written = load(cache_dir, precision="int8-weight-only")
+    assert any("written to the weight cache" in n for n in written.text.loaded.notes)
+    read = load(cache_dir)
+    assert any("Read from the weight cache" in n for n in read.text.loaded.notes)
+    fresh = load("off")
+    assert_same_model(fresh.text.loaded.model, read.text.loaded.model)
+    assert read.caption(images[:2], generation=GREEDY) == fresh.caption(images[:2], generation=GREEDY)
+
+
+def test_every_stored_tensor_starts_aligned(cache_dir):
+    """Mapped rows start where they lie in the file, and torch's weight-only kernel crashes on rows
+    that are not 16-byte aligned: the cache aligns every tensor to weight_cache.ALIGNMENT."""
+    load(cache_dir)
+    shards = sorted(entries(cache_dir)[0].glob("*.safetensors"))
+    assert shards
+    for shard in shards:
+        data = shard.read_bytes()
+        header_size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_size])
+        assert (8 + header_size) % weight_cache.ALIGNMENT == 0
+        for key, info in header.items():
+            if key != "__metadata__" and not key.startswith(weight_cache.PADDING):
+                assert info["data_offsets"][0] % weight_cache.ALIGNMENT == 0, (shard.name, key)
