@@ -68,6 +68,12 @@ def test_configs_are_validated():
         TrainConfig.from_dict({"name": "x", "stage1": {"steps": 1, "batch_size": 1, "lr": 1, "momentum": 0}})
     with pytest.raises(ValueError, match="No training config"):
         TrainConfig.load("no-such-config")
+    # the language model's prompt-variety share follows stage 2's unless set apart
+    assert TrainConfig.from_dict({"name": "x", "prompt_variety": 0.25}).lm_prompt_variety == 0.25
+    apart = TrainConfig.from_dict({"name": "x", "prompt_variety": 0.25, "language_prompt_variety": 0.1})
+    assert (apart.prompt_variety, apart.lm_prompt_variety) == (0.25, 0.1)
+    with pytest.raises(ValueError, match="language_prompt_variety"):
+        TrainConfig.from_dict({"name": "x", "language_prompt_variety": 1.5})
 
 
 def test_losses_go_down(smoke):

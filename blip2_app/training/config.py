@@ -133,6 +133,10 @@ class TrainConfig:
     # Share of questions (LM pretraining and stage 2) that come with an instruction and / or
     # few-shot examples, as the chat tab can send them (`phases.varied_prompt`).
     prompt_variety: float = 0.0
+    # The same share for language-model pretraining alone when it differs from stage 2's (None: the
+    # same). The shipped recipe asks more of stage 2, whose question-aware Q-Former must find the
+    # question after the examples; the language model kept the share it was trained with.
+    language_prompt_variety: float | None = None
     # Stage 1 also matches phrases about one object (and their false twins): the randomised recipe.
     object_phrases: bool = False
 
@@ -170,6 +174,15 @@ class TrainConfig:
         ):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1.")
+        if self.language_prompt_variety is not None and not 0.0 <= self.language_prompt_variety <= 1.0:
+            raise ValueError("language_prompt_variety must be between 0 and 1 (or null).")
+
+    @property
+    def lm_prompt_variety(self) -> float:
+        """The prompt-variety share language-model pretraining uses."""
+        if self.language_prompt_variety is None:
+            return self.prompt_variety
+        return self.language_prompt_variety
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:

@@ -135,7 +135,7 @@ def train(
         config.lm_caption_fraction,
         config.lm_questions_per_text,
         config.chat_fraction,
-        config.prompt_variety,
+        config.lm_prompt_variety,
     )
     if not run("language", language, list(language.parameters())):
         return _stopped(report, started)
