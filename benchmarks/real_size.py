@@ -633,6 +633,14 @@ def write_serving(out: Path) -> str:
         "|---|---:|---:|---:|---:|---|---:|---:|",
         *["| " + " | ".join(row) + " |" for row in (app, before, naive)],
     ]
+    when = {"cold_start": cold.get("when"), "chat_turns": chat.get("measured_at")}
+    lines += [
+        "",
+        "When each script last ran (a script can be rerun alone; its columns then come from a later "
+        "run than the others'): "
+        + ", ".join(f"{name}.md {stamp}" for name, stamp in when.items() if stamp)
+        + "; concurrent_captions.md and caption_profile.md give theirs in their own text.",
+    ]
     packed = starts.get("cli-dynamic-int8", {})
     if packed:
         lines += [
