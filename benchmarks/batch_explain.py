@@ -15,6 +15,7 @@ generate call. Results: benchmarks/results/batch_explain.{json,md}.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -99,7 +100,10 @@ def run(
     batch_size: int,
     heatmap_repeats: int,
     repeats: int = 3,
+    heatmap_settings: Settings | None = None,
 ) -> dict:
+    """`heatmap_settings`: the retrieval model's own engine for the heatmap row, loaded once the
+    captioner is dropped (heatmaps need gradients, which dynamic-int8 layers do not have)."""
     engine = load_engine(settings)
     row: dict = {
         "setup": label,
@@ -108,6 +112,11 @@ def run(
     }
     row["caption_1"] = caption_rates(engine, 1, tokens, batch_size, repeats)
     row["caption_n"] = caption_rates(engine, count, tokens, batch_size, repeats)
+    if heatmap_settings is not None:
+        del engine
+        gc.collect()
+        engine = load_engine(heatmap_settings)
+        row["heatmap_precisions"] = engine.matcher.precisions.as_dict() if engine.matcher else None
     if engine.matcher is not None:
         row["heatmap"] = heatmap_seconds(engine, heatmap_repeats)
     print(json.dumps(row), flush=True)
@@ -138,10 +147,10 @@ def markdown(rows: list[dict], real_size_run: bool) -> str:
     if not real_size_run:
         lines += [
             "",
-            "**Real size: not run yet.** `python benchmarks/batch_explain.py --real-size` measures the same "
-            "rows on the real blip2-opt-2.7b and blip2-itm-vit-g architectures (random weights, the "
-            "checkpoints benchmarks/real_size.py builds: about 20 GB on disk and 16 GB of memory); it was "
-            "too heavy for the shared build machine when these rows were written.",
+            "Real size (the blip2-opt-2.7b and blip2-itm-vit-g architectures, random weights, at the "
+            "app's CPU precision): `python benchmarks/batch_explain.py --real-size` writes "
+            "batch_explain_real_size.{json,md} (it needs the 15 GB + 5 GB checkpoints of "
+            "benchmarks/real_size.py and about 16 GB of memory).",
         ]
     return "\n".join(lines) + "\n"
 
@@ -184,16 +193,19 @@ def main() -> None:
         from real_size import build_checkpoints  # benchmarks/real_size.py
 
         captioner, itm = build_checkpoints(Path(args.workdir).expanduser(), layers_divisor=1)
-        settings = Settings(model=str(captioner), retrieval_model=str(itm), precision=args.precision)
+        settings = Settings(model=str(captioner), retrieval_model="none", precision=args.precision)
+        heatmaps = Settings(model=str(itm), precision=args.precision, qformer_precision="fp32")
+        label = f"real size, {args.precision} (heatmap: Q-Former fp32)"
         rows.append(
             run(
-                f"real size, {args.precision}",
+                label,
                 settings,
                 args.real_size_images,
                 10,
                 args.batch_size,
                 1,
                 repeats=1,
+                heatmap_settings=heatmaps,
             )
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
