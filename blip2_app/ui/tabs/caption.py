@@ -111,6 +111,7 @@ def build(context: TabContext) -> None:
                     "caption",
                     "Image",
                     height=340,
+                    state_ttl=context.state_ttl,
                     examples=lambda image: _examples(context, handlers, image, output),
                 )
             with gr.Column(scale=6, min_width=300):

@@ -417,8 +417,10 @@ def build(context: TabContext) -> None:
     with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
         state = gr.State(None, time_to_live=context.state_ttl)
         # Created here, shown in the conversation column: examples with a question fill it too.
+        # Its label is not shown here; the examples' table heads its column with it. Not "Question":
+        # the Quick answer box is called that, and a page should not have two inputs of one name.
         message = gr.Textbox(
-            label="Question",  # not shown here; the examples' table heads its column with it
+            label="Your question",
             show_label=False,
             placeholder="Ask a question about the image…",
             max_length=MAX_QUESTION_CHARS,
@@ -461,6 +463,7 @@ def _prompt_column(context: TabContext, defaults: GenerationSettings, message: g
         "chat",
         "Image to talk about",
         height=300,
+        state_ttl=context.state_ttl,
         examples=lambda image: _examples(context, image, message),
     )
     captioner = context.models.captioner

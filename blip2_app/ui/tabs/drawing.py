@@ -107,10 +107,12 @@ def image_slot(
     prefix: str,
     label: str,
     height: int,
+    state_ttl: float,
     examples: Callable[[SafeImage], None] | None = None,
 ) -> ImageSlot:
-    """The Upload | Draw tab pair (inside a column); `examples` adds examples under the upload."""
-    source = gr.State("upload")
+    """The Upload | Draw tab pair (inside a column); `examples` adds examples under the upload.
+    `state_ttl`: seconds the session's choice of tab is kept, as every session state."""
+    source = gr.State("upload", time_to_live=state_ttl)
     with gr.Tabs(elem_id=f"{prefix}-source"):
         with gr.Tab("Upload", id="upload", elem_id=f"{prefix}-upload-tab") as upload_tab:
             image = safe_image(label=label, sources=IMAGE_SOURCES, height=height, elem_id=f"{prefix}-image")
