@@ -177,19 +177,17 @@ def _engine(args: argparse.Namespace, retrieval: bool, images: int = 0) -> Engin
 
 def _one_shot(settings: Settings, registry: Registry, images: int) -> str:
     """`one_shot_precision` for this machine and model; a model that does not resolve here keeps
-    auto (load_engine then reports it, or starts on --fallback-model)."""
-    import torch
-
+    auto (load_engine then reports it, or starts on --fallback-model), as does a --device this
+    machine lacks."""
+    from .loading import pick_device
     from .startup import resolve_model
 
     try:
         entry = resolve_model(registry, settings.model, "--model")
+        device = pick_device(settings.device)
     except UserFacingError:
         return settings.precision
-    device = settings.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return one_shot_precision(settings, entry.precision.get("cpu", "auto"), images, device.split(":")[0])
+    return one_shot_precision(settings, entry.precision.get("cpu", "auto"), images, device.type)
 
 
 def _image_files(paths: Sequence[str]) -> None:

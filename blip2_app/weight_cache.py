@@ -11,8 +11,9 @@ An entry's key is the checkpoint's identity (each file's path, size and modifica
 precisions, the model class, the versions of torch and transformers and FORMAT_VERSION: a changed
 checkpoint or upgrade misses the cache and writes a new entry; older entries of the same
 checkpoint are removed then. int8-weight-only reads (and writes) the dynamic-int8 entry: the same
-int8 rows and scales, used unpacked and left memory-mapped (decision 0009). Entries are written to a temporary folder and renamed into place,
-so a killed start leaves no half entry. Off with `--weight-cache off`.
+int8 rows and scales, used unpacked and left memory-mapped (decision 0009). Entries are written to
+a temporary folder and renamed into place, so a killed start leaves no half entry. Off with
+`--weight-cache off`.
 """
 
 from __future__ import annotations
@@ -251,6 +252,7 @@ class PendingEntry:
         self.recorded: set[str] = set()
         self.failure: BaseException | None = None
         self._shard: dict[str, torch.Tensor] = {}
+        self._shard_bytes = 0
         # Shards are written by a thread of their own, so the disk works while the cores quantize;
         # one full shard waits at most (its memory is bounded to two shards).
         self._writes: queue.Queue[tuple[str, dict[str, torch.Tensor]] | None] = queue.Queue(maxsize=1)
@@ -267,8 +269,9 @@ class PendingEntry:
         self.recorded.add(name)
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
-        self._shard.update(tensors)
-        if sum(t.numel() * t.element_size() for t in self._shard.values()) >= SHARD_BYTES:
+        self._shard.update(tensors)  # names are unique: each module's own tensors come once
+        self._shard_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+        if self._shard_bytes >= SHARD_BYTES:
             self.flush()
 
     def flush(self) -> None:
@@ -277,7 +280,7 @@ class PendingEntry:
         name = f"shard-{len(self.manifest['shards']):05d}.safetensors"
         self.manifest["shards"].append(name)
         self._writes.put((name, self._shard))
-        self._shard = {}
+        self._shard, self._shard_bytes = {}, 0
 
     def abandon(self) -> None:
         """Stop writing and remove the staging folder (what `finish` renamed is not there)."""

@@ -91,10 +91,24 @@ class FilesOrDataUrls(GradioRootModel):
     root: list[FileData | str]
 
 
+def _is_data_url(text: str) -> bool:
+    return text.lstrip()[:5].lower() == "data:"
+
+
+def _file_path(payload: FileData) -> str | None:
+    """A payload's path: a `data:` URL as it is (load_image checks the size in its header before
+    decoding), else a file Gradio received; None when it has no path."""
+    if not payload.path:
+        return None
+    if _is_data_url(payload.path):
+        return payload.path
+    return _uploaded_path(str(payload.path))
+
+
 def _data_url_or_upload(item: FileData | str) -> str:
     if isinstance(item, FileData):
         return _uploaded_path(str(item.path))
-    if item.lstrip()[:5].lower() == "data:":
+    if _is_data_url(item):
         return item  # load_image checks the size in its header before decoding
     if is_http_url_like(item.strip()):
         raise user_error(NO_URLS)
@@ -121,10 +135,8 @@ with _no_pyi_stubs():
         def preprocess(self, payload: FileData | None) -> str | None:  # type: ignore[override]
             if payload is None:
                 return None
-            if payload.path and payload.path.lstrip()[:5].lower() == "data:":
-                return payload.path  # load_image checks the size in its header before decoding
             if payload.path:
-                return _uploaded_path(str(payload.path))
+                return _file_path(payload)
             if payload.url and payload.url.startswith("data:"):
                 return payload.url
             if payload.url:
@@ -224,10 +236,8 @@ with _no_pyi_stubs():
             if payload is None or payload.composite is None:
                 return None  # nothing drawn (or only blobs by id, which this component never keeps)
             composite = payload.composite
-            if composite.path and composite.path.lstrip()[:5].lower() == "data:":
-                return composite.path  # load_image checks the size in its header before decoding
             if composite.path:
-                return _uploaded_path(str(composite.path))
+                return _file_path(composite)
             if composite.url:
                 raise user_error(NO_URLS)
             return None
