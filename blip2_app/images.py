@@ -109,6 +109,11 @@ _SNIFF = (  # magic number -> name, only to name the format in messages before P
 )
 
 
+def is_data_url(value: Any) -> bool:
+    """Whether `value` is an image sent inline as a `data:` URL (decoded by `load_image`)."""
+    return isinstance(value, str) and value.lstrip()[:5].lower() == "data:"
+
+
 def load_image(source: Any, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
     """Decode ``source`` into a new upright RGB image no larger than ``limits.max_side``.
 
@@ -137,7 +142,7 @@ def load_image(source: Any, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image
             return _finish(source, limits)
         if isinstance(source, (bytes, bytearray, memoryview)):
             data = bytes(source)
-        elif isinstance(source, str) and source.lstrip()[:5].lower() == "data:":
+        elif is_data_url(source):
             data = _data_url_bytes(source.strip(), limits)
         elif isinstance(source, str) and _URL_RE.match(source):
             # Fetching would make the server an open proxy (DESIGN.md security notes).

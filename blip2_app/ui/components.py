@@ -52,6 +52,7 @@ from gradio.utils import NamedString, get_upload_folder, is_in_or_equal
 from gradio_client.utils import is_http_url_like
 from PIL import Image
 
+from ..images import is_data_url
 from .errors import user_error
 
 NOT_UPLOADED = (
@@ -91,16 +92,12 @@ class FilesOrDataUrls(GradioRootModel):
     root: list[FileData | str]
 
 
-def _is_data_url(text: str) -> bool:
-    return text.lstrip()[:5].lower() == "data:"
-
-
 def _file_path(payload: FileData) -> str | None:
     """A payload's path: a `data:` URL as it is (load_image checks the size in its header before
     decoding), else a file Gradio received; None when it has no path."""
     if not payload.path:
         return None
-    if _is_data_url(payload.path):
+    if is_data_url(payload.path):
         return payload.path
     return _uploaded_path(str(payload.path))
 
@@ -108,7 +105,7 @@ def _file_path(payload: FileData) -> str | None:
 def _data_url_or_upload(item: FileData | str) -> str:
     if isinstance(item, FileData):
         return _uploaded_path(str(item.path))
-    if _is_data_url(item):
+    if is_data_url(item):
         return item  # load_image checks the size in its header before decoding
     if is_http_url_like(item.strip()):
         raise user_error(NO_URLS)

@@ -21,6 +21,7 @@ import gradio as gr
 
 from ...engine import PreparedImage
 from ...gallery import SCORE_KINDS, CombinedQuery, Gallery, above_minimum, hits_record
+from ...images import is_data_url
 from ...retrieval import SearchHit
 from ..components import image_list, named_choice, named_number, safe_image
 from ..errors import guarded, user_error
@@ -151,11 +152,7 @@ class _Query:
 def _name(paths: list[Any], position: int) -> str:
     """An image's name in the results: its file name, or `image <position>` for a data: URL."""
     path = paths[position]
-    return f"image {position}" if _is_data_url(path) else display_name(path)
-
-
-def _is_data_url(path: Any) -> bool:
-    return isinstance(path, str) and path.lstrip()[:5].lower() == "data:"
+    return f"image {position}" if is_data_url(path) else display_name(path)
 
 
 def wire(context: TabContext, retrieval: RetrievalHandlers) -> None:
