@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--precision", default="dynamic-int8")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--int8-kernels", default="fbgemm", help="as the app's --int8-kernels [fbgemm]")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
 
@@ -78,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     from blip2_app.config import Settings
     from blip2_app.startup import load_engine
 
-    engine = load_engine(Settings(model=args.model, precision=args.precision, retrieval_model="none"))
+    engine = load_engine(
+        Settings(
+            model=args.model, precision=args.precision, retrieval_model="none", int8_kernels=args.int8_kernels
+        )
+    )
     model = engine.text.loaded.model
     clock = PhaseClock(model)
     image = test_images(1)[0]
@@ -136,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         "when": time.strftime("%Y-%m-%d %H:%M"),
         "model": args.model,
         "precision": args.precision,
+        "int8_kernels": engine.text.loaded.int8_kernels,
         "threads": torch.get_num_threads(),
         "load_1min": round(os.getloadavg()[0], 2),
         "caption_s": round(total, 3),
@@ -147,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         "step_op_seconds": {k: round(v, 4) for k, v in sorted(step_ops.items(), key=lambda kv: -kv[1])},
         "step_op_seconds_total": round(profiled, 4),
     }
-    write_report(args.out, "caption_profile", report, markdown(report))
+    name = "caption_profile" if args.int8_kernels == "fbgemm" else f"caption_profile_{args.int8_kernels}"
+    write_report(args.out, name, report, markdown(report))
     return 0
 
 
@@ -157,7 +164,7 @@ def markdown(r: dict) -> str:
     lines = [
         f"# Profile of one {TOKENS}-token caption ({r['when']})",
         "",
-        f"{r['model']} at {r['precision']}, {r['threads']} threads, load {r['load_1min']}; medians of the "
+        f"{r['model']} at {r['precision']} ({r.get('int8_kernels') or 'no int8'} kernels), {r['threads']} threads, load {r['load_1min']}; medians of the "
         "runs; phases timed by forward hooks on the app's engine (a new image each caption).",
         "",
         "| phase | seconds | share |",

@@ -149,7 +149,11 @@ def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    engine = load_engine(Settings(model=args.model, retrieval_model="none", precision=args.precision))
+    engine = load_engine(
+        Settings(
+            model=args.model, retrieval_model="none", precision=args.precision, int8_kernels=args.int8_kernels
+        )
+    )
     load_s = time.perf_counter() - started
     photo = sorted((ROOT / "assets" / "examples").glob("*.*"))[0]
     image = engine.prepare(str(photo))[0]
@@ -181,6 +185,7 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "model": args.model,
         "precision": args.precision,
+        "int8_kernels": engine.text.loaded.int8_kernels,
         "device": engine.text.device,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -244,6 +249,7 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder (or a registry name)")
     parser.add_argument("--precision", default="auto", help="as the app's --precision [auto]")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--int8-kernels", default="fbgemm", help="as the app's --int8-kernels [fbgemm]")
     parser.add_argument(
         "--answers", choices=sorted(ANSWER_KINDS), default="natural", help="what each answer's tokens are"
     )

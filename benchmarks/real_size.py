@@ -557,7 +557,9 @@ def run_serving(args: argparse.Namespace) -> None:
     workdir = Path(args.workdir).expanduser()
     captioner_dir, _ = build_checkpoints(workdir, args.layers_divisor, args.device)
     out = Path(args.out)
-    for script in SERVING_SCRIPTS:
+    for script in args.serving_scripts.split(","):
+        if script not in SERVING_SCRIPTS:
+            raise SystemExit(f"--serving-scripts: {script!r} is not one of {', '.join(SERVING_SCRIPTS)}")
         print(f"== {script}", flush=True)
         extra = ["--precision", "dynamic-int8"] if script != "cold_start.py" else []
         command = [sys.executable, str(ROOT / "benchmarks" / script), "--model", str(captioner_dir), *extra]
@@ -774,6 +776,11 @@ def main() -> None:
         "--serving",
         action="store_true",
         help="start-up and serving columns instead (cold_start, chat_turns, concurrent_captions, caption_profile)",
+    )
+    parser.add_argument(
+        "--serving-scripts",
+        default=",".join(SERVING_SCRIPTS),
+        help="with --serving: the scripts to run again (the table reads the others' last files)",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)

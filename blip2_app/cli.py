@@ -57,6 +57,7 @@ MODEL_FLAGS = (
     "device",
     "models_file",
     "weight_cache",
+    "int8_kernels",
 )
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 # Jobs of at most this many images run at int8-weight-only (decision 0009). At real size (OPT-2.7B,

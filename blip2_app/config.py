@@ -19,6 +19,7 @@ from .precisions import PRECISIONS, PRESETS
 DEFAULT_MODEL = "blip2-opt-2.7b"
 PRECISION_CHOICES = ("auto", *PRESETS)
 CACHE_EXAMPLES_CHOICES = ("auto", "lazy", "off")
+INT8_KERNELS_CHOICES = ("fbgemm", "onednn")  # quantization.INT8_KERNELS (torch-free here)
 BACKEND_CHOICES = tuple(BACKENDS)  # --backend: the names in backends.BACKENDS
 
 
@@ -74,6 +75,9 @@ class Settings:
     # Where quantized models are kept between starts (weight_cache.py): "auto" (~/.cache/
     # blip2-studio/weights or $BLIP2_WEIGHT_CACHE), a folder, or "off".
     weight_cache: str = "auto"
+    # Which of torch's int8 libraries runs dynamic-int8 on CPU: "fbgemm" or "onednn" (faster for
+    # the vision encoder on CPUs with AMX, slower to pack and to decode: decision 0010).
+    int8_kernels: str = "fbgemm"
     # Keep the loading allocator settings while serving: lower memory peaks, slower beam search
     # (measured in benchmarks/results/memory_phases.md; see allocator.py).
     low_memory: bool = False
@@ -135,6 +139,10 @@ class Settings:
                 raise SettingsError(f"{name} must be 0 (off) or more; got {getattr(self, name)}.")
         if self.threads is not None and self.threads < 1:
             raise SettingsError(f"threads must be at least 1; got {self.threads}.")
+        if self.int8_kernels not in INT8_KERNELS_CHOICES:
+            raise SettingsError(
+                f"int8_kernels must be one of {', '.join(INT8_KERNELS_CHOICES)}; got {self.int8_kernels!r}."
+            )
         if not self.weight_cache.strip():
             raise SettingsError("weight_cache must be auto, off or a folder; got an empty value.")
         if not self.model.strip():
@@ -279,6 +287,9 @@ def add_arguments(
         "threads": "PyTorch CPU threads (default: PyTorch's choice)",
         "weight_cache": "folder for quantized models, so the next start skips quantizing (about a "
         "quarter of the fp32 checkpoint's size; auto = ~/.cache/blip2-studio/weights; off = none)",
+        "int8_kernels": "torch's int8 library for dynamic-int8 on CPU: fbgemm, or onednn (on a CPU "
+        "with AMX: the vision encoder 1.1-1.4x faster, so indexing a gallery too, but decoding ~1.2x "
+        "slower and twice the memory)",
         "low_memory": "keep memory peaks lower while serving (blocks of 1 MB and up are mmapped and "
         "freed at once) at the cost of slower beam search; for machines where every 100 MB counts",
         "cache_examples": "cache the example photos' captions: lazy (first click computes, later "

@@ -116,6 +116,7 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
     load_seconds: float = 0.0
     checkpoint_path: str = ""
+    int8_kernels: str = ""  # the library that packed the dynamic-int8 layers ("": none)
     # The vision fingerprint is computed when first asked (hashing 4 GB of vision weights takes
     # seconds, and only a retrieval model that may share the encoder needs it).
     fingerprint_source: Callable[[], str] | None = field(default=None, repr=False, compare=False)
@@ -184,6 +185,7 @@ class LoadedModel:
             "family": self.entry.family.name,
             "device": str(self.device),
             "load_seconds": round(self.load_seconds, 2),
+            "int8_kernels": self.int8_kernels,
             "memory_bytes": sum(c["bytes"] for c in components.values()),
             "components": components,
             "notes": list(self.notes),
@@ -315,6 +317,9 @@ def load_model(
         notes=notes,
         load_seconds=time.perf_counter() - started,
         checkpoint_path=location,
+        int8_kernels=quantization.active_int8_kernels()
+        if DYNAMIC_INT8 in precisions.as_dict().values()
+        else "",
         fingerprint_source=fingerprint,
     )
     log.info("Loaded %s in %.1fs: %s", entry.name, loaded.load_seconds, precisions.as_dict())

@@ -34,12 +34,43 @@ class QuantizedOpsUnavailableError(ModelLoadError):
     """torch's quantized ops are missing or wrong: dynamic-int8 cannot run on this torch build."""
 
 
+# --int8-kernels: which of torch's two int8 libraries packs and multiplies the dynamic-int8 layers.
+# fbgemm by default; oneDNN (AMX on this machine) is faster at many rows and slower at one row and
+# at packing (decision 0010).
+INT8_KERNELS = ("fbgemm", "onednn")
+
+
+def supported_engines() -> list[str]:
+    return list(torch.backends.quantized.supported_engines)
+
+
+def use_int8_kernels(kernels: str = "fbgemm") -> str:
+    """Make `kernels`' library the one that packs dynamic-int8 layers from now on (torch keeps one
+    quantized engine per process; a packed layer keeps the library that packed it). Returns it."""
+    if kernels not in INT8_KERNELS:
+        raise ValueError(f"int8 kernels must be one of {', '.join(INT8_KERNELS)}; got {kernels!r}.")
+    supported = supported_engines()
+    engine = "onednn" if kernels == "onednn" else next((e for e in ENGINES if e in supported), None)
+    if engine is None or engine not in supported:
+        raise QuantizedOpsUnavailableError(
+            f"This PyTorch build ({torch.__version__}) has no {kernels} int8 kernels "
+            f"(quantized engines: {supported}); choose the other --int8-kernels."
+        )
+    torch.backends.quantized.engine = engine
+    return kernels
+
+
+def active_int8_kernels() -> str:
+    """The library that packs dynamic-int8 layers now ("x86" is torch's name for fbgemm's linear)."""
+    return "onednn" if torch.backends.quantized.engine == "onednn" else "fbgemm"
+
+
 def check_quantized_ops() -> None:
     """Quantize one small layer and compare it with fp32; raise rather than fall back silently."""
-    if not set(ENGINES) & set(torch.backends.quantized.supported_engines):
+    if not set(ENGINES) & set(supported_engines()):
         raise QuantizedOpsUnavailableError(
             f"This PyTorch build ({torch.__version__}) has no x86 int8 kernels "
-            f"(quantized engines: {torch.backends.quantized.supported_engines}): dynamic-int8 cannot run; "
+            f"(quantized engines: {supported_engines()}): dynamic-int8 cannot run; "
             "choose --precision fp32 or bf16, or a PyTorch version that still ships torch.ao."
         )
     generator = torch.Generator().manual_seed(0)

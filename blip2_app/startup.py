@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from . import quantization
 from .allocator import tune_allocator
 from .backends import BACKENDS, TextBackend
 from .cache import FeatureCache
@@ -67,6 +68,8 @@ def _load_models(settings: Settings, registry: Registry | None) -> Engine:
         torch.set_num_threads(settings.threads)
     registry = registry or Registry.load([settings.models_file] if settings.models_file else [])
     device = pick_device(settings.device)
+    if device.type == "cpu":  # before any layer is packed: a packed layer keeps its library
+        log.info("int8 kernels: %s", quantization.use_int8_kernels(settings.int8_kernels))
     entry = resolve_model(registry, settings.model, "--model")
     budget = memory_budget(settings, device)
     weights = WeightCache.from_setting(settings.weight_cache)

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from blip2_app import quantization
-from blip2_app.config import Settings
+from blip2_app.config import INT8_KERNELS_CHOICES, Settings
+from blip2_app.errors import SettingsError
 from blip2_app.startup import load_engine
+from blip2_app.ui.report import model_report_markdown
 from tests.conftest import GENERATING_MODELS
 
 
@@ -233,3 +235,73 @@ def test_int8_weight_only_is_closer_to_fp32_than_dynamic_int8(name, images):
     reference = tokens["fp32"]
     error = {p: ((t - reference).norm() / reference.norm()).item() for p, t in tokens.items() if p != "fp32"}
     assert 0 < error["int8-weight-only"] < 0.8 * error["dynamic-int8"], error
+
+
+# --------------------------------------------------------------------------- --int8-kernels
+SUPPORTED_ENGINES = set(torch.backends.quantized.supported_engines)
+KERNELS_HERE = [
+    kernels
+    for kernels, engines in (("fbgemm", set(quantization.ENGINES)), ("onednn", {"onednn"}))
+    if engines & SUPPORTED_ENGINES
+]
+
+
+@pytest.fixture
+def keep_engine():
+    """torch keeps one quantized engine per process: give the next test the one it had."""
+    engine = torch.backends.quantized.engine
+    yield
+    torch.backends.quantized.engine = engine
+
+
+def test_an_unknown_library_is_refused():
+    with pytest.raises(ValueError, match="int8 kernels must be one of fbgemm, onednn"):
+        quantization.use_int8_kernels("mkl")
+
+
+def test_the_settings_offer_the_choices_quantization_knows():
+    assert INT8_KERNELS_CHOICES == quantization.INT8_KERNELS
+    with pytest.raises(SettingsError, match="int8_kernels must be one of"):
+        Settings(int8_kernels="mkl")
+    assert Settings.from_sources([], env={}).int8_kernels == "fbgemm"
+    assert Settings.from_sources(["--int8-kernels", "onednn"], env={}).int8_kernels == "onednn"
+    assert Settings.from_sources([], env={"BLIP2_INT8_KERNELS": "onednn"}).int8_kernels == "onednn"
+
+
+def test_a_library_this_torch_lacks_is_refused_with_a_sentence(monkeypatch, keep_engine):
+    monkeypatch.setattr(quantization, "supported_engines", lambda: ["qnnpack", "none"])
+    with pytest.raises(quantization.QuantizedOpsUnavailableError, match="has no onednn int8 kernels"):
+        quantization.use_int8_kernels("onednn")
+
+
+@pytest.mark.parametrize("kernels", KERNELS_HERE)
+def test_each_library_packs_the_same_int8_weights(kernels, keep_engine):
+    """A packed layer unpacks to the int8 rows `quantize_weight` made (so the weight cache, which
+    stores rows before packing, serves both), and the two libraries' products agree."""
+    torch.manual_seed(0)
+    layer, inputs = torch.nn.Linear(256, 128), torch.randn(9, 256)
+    assert quantization.use_int8_kernels(kernels) == kernels == quantization.active_int8_kernels()
+    packed = quantization.dynamic_int8(layer)
+    assert torch.equal(
+        quantization.int8_parts(packed)["rows"],
+        quantization.quantize_weight(layer.weight.detach()).int_repr(),
+    )
+    quantization.check_quantized_ops()
+    quantization.use_int8_kernels(KERNELS_HERE[0])
+    other = quantization.dynamic_int8(layer)
+    torch.testing.assert_close(packed(inputs), other(inputs), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernels", KERNELS_HERE)
+def test_the_model_tab_says_which_library_runs_dynamic_int8(kernels, keep_engine):
+    engine = load_engine(
+        Settings(model="tiny-random", precision="dynamic-int8", retrieval_model="none", int8_kernels=kernels)
+    )
+    report = engine.text.loaded.report()
+    assert report["int8_kernels"] == kernels
+    shown = {"onednn": "oneDNN", "fbgemm": "fbgemm"}[kernels]
+    assert f"| int8 kernels (dynamic-int8) | {shown} |" in model_report_markdown(
+        engine.info(), engine, Settings()
+    )
+    fp32 = load_engine(Settings(model="tiny-random", precision="fp32", retrieval_model="none"))
+    assert fp32.text.loaded.report()["int8_kernels"] == ""

@@ -431,3 +431,17 @@ def test_bundled_model_is_small_and_in_the_app_format():
     ]
     itm_config = json.loads((twin_folder(BUNDLED) / "config.json").read_text())
     assert itm_config["architectures"] == ["Blip2ForImageTextRetrieval"]
+
+
+def test_a_parallel_run_gives_the_weights_of_one_process(smoke, smoke_config, tmp_path):
+    """`--parallel`: the language model trained by a second process, the rest here, same weights."""
+    report = train(
+        smoke_config, tmp_path / "model", work_dir=tmp_path / "work", progress=False, parallel=True
+    )
+    assert report.finished and (tmp_path / "work" / "parallel-config.json").exists()
+    for folder in (lambda r: r.out_dir, lambda r: r.itm_dir):
+        one, two = (load_file(folder(r) / "model.safetensors") for r in (smoke, report))
+        assert one.keys() == two.keys()
+        for key in one:
+            torch.testing.assert_close(two[key], one[key], atol=REPRODUCE_ATOL, rtol=0, msg=key)
+    np.testing.assert_allclose(report.phases["language"].losses, smoke.phases["language"].losses)

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -77,9 +78,18 @@ def train(
     work_dir: Path | None = None,
     progress: bool = True,
     stop_after: tuple[str, int] | None = None,
+    parallel: bool = False,
+    language_only: bool = False,
 ) -> TrainReport:
     """Run the four phases (skipping any a previous run finished in `work_dir`) and, when all are
-    done and `out_dir` is given, write both checkpoints. `stop_after=(phase, step)` interrupts."""
+    done and `out_dir` is given, write both checkpoints. `stop_after=(phase, step)` interrupts.
+
+    The language model reads only scene codes and text, and stage 1 only the vision encoder, so
+    with `parallel` (two cores) a second process trains the language model in `work_dir` while
+    this one trains the vision encoder and stage 1; stage 2 then loads its checkpoint. Each phase
+    seeds itself, so the weights equal those of one process. `language_only` is that process."""
+    if (parallel or language_only) and work_dir is None:
+        raise ValueError("A parallel run needs a work folder: the two processes meet there.")
     started = time.perf_counter()
     # One intra-op thread by default (README, "Training and the bundled demo model"): on a shared
     # 2-core machine two threads ran stage 2 thirty times slower whenever another process held a
@@ -107,6 +117,8 @@ def train(
             classic_share=config.data.classic_share,
         )
 
+    # Started first: the helper renders the same data as this process, on the other core.
+    helper = _start_language_process(config, work_dir, progress) if parallel and work_dir else None
     train_data, val_data = build("train", config.data.train_images), build("val", config.data.val_images)
 
     def run(name: str, phase, parameters) -> bool:
@@ -117,33 +129,46 @@ def train(
             print(f"{name}: {json.dumps(outcome.summary())}", file=sys.stderr)
         return outcome.finished
 
-    torch.manual_seed(seed)
-    vision = VisionPretraining(arch, train_data, val_data, seed)
-    if not run("vision", vision, list(vision.parameters())):
-        return _stopped(report, started)
-    vision_state = vision.vision.state_dict()
+    def train_language() -> LanguagePretraining | None:
+        torch.manual_seed(seed + 1)
+        language = LanguagePretraining(
+            arch,
+            train_data,
+            val_data,
+            captioning.tokenizer,
+            seed,
+            config.prefix_fraction,
+            config.lm_prefix,
+            config.lm_caption_fraction,
+            config.lm_questions_per_text,
+            config.chat_fraction,
+            config.lm_prompt_variety,
+        )
+        return language if run("language", language, list(language.parameters())) else None
 
-    torch.manual_seed(seed + 1)
-    language = LanguagePretraining(
-        arch,
-        train_data,
-        val_data,
-        captioning.tokenizer,
-        seed,
-        config.prefix_fraction,
-        config.lm_prefix,
-        config.lm_caption_fraction,
-        config.lm_questions_per_text,
-        config.chat_fraction,
-        config.lm_prompt_variety,
-    )
-    if not run("language", language, list(language.parameters())):
+    if language_only:
+        report.finished = train_language() is not None
         return _stopped(report, started)
 
-    torch.manual_seed(seed + 2)
-    phrase_share = PHRASE_SHARE if config.object_phrases else 0
-    stage1 = QFormerPretraining(arch, train_data, val_data, retrieval, vision_state, seed, phrase_share)
-    if not run("stage1", stage1, stage1.trainable_parameters()):
+    try:
+        torch.manual_seed(seed)
+        vision = VisionPretraining(arch, train_data, val_data, seed)
+        if not run("vision", vision, list(vision.parameters())):
+            return _stopped(report, started)
+        vision_state = vision.vision.state_dict()
+
+        torch.manual_seed(seed + 2)
+        phrase_share = PHRASE_SHARE if config.object_phrases else 0
+        stage1 = QFormerPretraining(arch, train_data, val_data, retrieval, vision_state, seed, phrase_share)
+        if not run("stage1", stage1, stage1.trainable_parameters()):
+            return _stopped(report, started)
+        if helper is not None:
+            _wait_for(helper)
+    finally:
+        if helper is not None and helper.poll() is None:  # stopped or failed here: stop it too
+            helper.terminate()
+    language = train_language()  # with `parallel`: the helper's finished checkpoint, loaded
+    if language is None:
         return _stopped(report, started)
 
     torch.manual_seed(seed + 3)
@@ -177,6 +202,24 @@ def train(
         _export(stage1.model, retrieval, itm_dir, info)
         report.out_dir, report.itm_dir = out_dir, itm_dir
     return report
+
+
+def _start_language_process(config: TrainConfig, work_dir: Path, progress: bool) -> subprocess.Popen:
+    """`python -m blip2_app.training.train --language-only` on this config, in `work_dir`."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    config_file = work_dir / "parallel-config.json"
+    config_file.write_text(json.dumps(config.as_dict(), indent=2) + "\n")
+    command = [sys.executable, "-m", "blip2_app.training.train", "--config", str(config_file)]
+    command += ["--work-dir", str(work_dir), "--language-only", "--keep-work"]
+    return subprocess.Popen(command if progress else [*command, "--no-progress"])
+
+
+def _wait_for(helper: subprocess.Popen) -> None:
+    if helper.wait() != 0:
+        raise RuntimeError(
+            f"The language model's process (--parallel) failed with exit status {helper.returncode}; "
+            "run the same command again: finished phases are kept in the work folder."
+        )
 
 
 def _stopped(report: TrainReport, started: float) -> TrainReport:
@@ -215,6 +258,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep-work", action="store_true", help="keep the work folder after success")
     parser.add_argument("--seed", type=int, help="override the config's seed")
     parser.add_argument("--threads", type=int, help="override the config's PyTorch thread count")
+    parser.add_argument(
+        "--parallel",
+        action="store_true",
+        help="train the language model in a second process beside the vision encoder and stage 1 "
+        "(two cores; the same weights as one process)",
+    )
+    parser.add_argument("--language-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     config = TrainConfig.load(args.config)
@@ -225,8 +275,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     work_dir = args.work_dir or default_work_dir(config)
     if args.fresh:
         shutil.rmtree(work_dir, ignore_errors=True)
-    report = train(config, args.out, args.itm_out, work_dir, progress=not args.no_progress)
+    report = train(
+        config,
+        None if args.language_only else args.out,
+        args.itm_out,
+        work_dir,
+        progress=not args.no_progress,
+        parallel=args.parallel,
+        language_only=args.language_only,
+    )
     print(json.dumps(report.as_dict()["phases"], indent=2))
+    if args.language_only:
+        return 0 if report.finished else 1
     print(f"Trained in {report.seconds / 60:.1f} min; wrote {report.out_dir} and {report.itm_dir}.")
     if not args.keep_work:
         shutil.rmtree(work_dir, ignore_errors=True)

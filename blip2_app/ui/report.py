@@ -53,6 +53,17 @@ def _component_rows(components: dict[str, Any]) -> list[str]:
     return rows
 
 
+INT8_KERNEL_NAMES = {"onednn": "oneDNN", "fbgemm": "fbgemm"}
+
+
+def _int8_kernels_row(kernels: str) -> list[str]:
+    return (
+        [f"| int8 kernels (dynamic-int8) | {INT8_KERNEL_NAMES.get(kernels, _cell(kernels))} |"]
+        if kernels
+        else []
+    )
+
+
 def _model_section(
     title: str, report: dict[str, Any] | None, description: str, extra: list[str]
 ) -> list[str]:
@@ -69,6 +80,7 @@ def _model_section(
         f"| family | {_cell(report.get('family', '?'))} |",
         *extra,
         f"| device | {_cell(report.get('device', '?'))} |",
+        *_int8_kernels_row(report.get("int8_kernels", "")),
         f"| memory footprint | {human_bytes(report.get('memory_bytes', 0))} |",
         f"| load time | {report.get('load_seconds', 0):.2f} s |",
         "",
