@@ -30,7 +30,7 @@ from blip2_app.ui.tabs.drawing import BRUSH_COLOURS
 
 pytestmark = pytest.mark.browser
 
-SHAPES_READ = {"circle"}  # shapes the shipped demo model names right when drawn by hand
+SHAPES_READ = {"square"}  # shapes the shipped demo model names right when drawn by hand
 HALF = 85  # screen px from the shape's centre to its edge (the canvas shows about 290 px)
 STEP = 12  # screen px between strokes: the brush is about 18 px wide, so strokes overlap
 

@@ -231,9 +231,21 @@ def test_training_never_sees_the_evaluation_renderer():
         DataConfig(style="paint")
     with pytest.raises(ValueError, match="evaluation only"):
         ShapesData.build(0, "train", 2, None, 8, style="paint")
-    assert TrainConfig.load("shapes-demo-randomised").data.style == "random"
-    assert TrainConfig.load("shapes-demo-randomised").object_phrases
-    assert TrainConfig.load("shapes-demo").data.style == "classic"  # the recipe of the bundled model
+    bundled = TrainConfig.load("shapes-demo")  # the recipe of the bundled model
+    assert bundled.data.style == "random" and bundled.object_phrases
+    trained_with = json.loads((BUNDLED / "training.json").read_text())["config"]
+    assert {**trained_with, "name": bundled.name} == bundled.as_dict()  # the run's own label aside
+
+
+def test_captioning_phases_can_see_more_classic_scenes():
+    from blip2_app.training.config import DataConfig
+
+    assert DataConfig(style="random", classic_share=0.2).captioning_share == 0.2
+    assert (
+        DataConfig(style="random", classic_share=0.2, captioning_classic_share=0.35).captioning_share == 0.35
+    )
+    with pytest.raises(ValueError, match="captioning_classic_share"):
+        DataConfig(captioning_classic_share=1.5)
 
 
 def _tiny_data(arch, captioning):

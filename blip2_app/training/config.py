@@ -73,15 +73,25 @@ class DataConfig:
     # (domain randomisation); "paint" is the held-out evaluation renderer and refused here.
     style: str = "classic"
     classic_share: float = 0.0  # with style "random": this share of the scenes is classic
+    # The share in the scenes of the language model and stage 2 (None: classic_share). More classic
+    # scenes there keep captions of the classic pictures as good as a classic-only model's, while
+    # the vision encoder and the retrieval twin learn from the more varied mix.
+    captioning_classic_share: float | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "train_images", "val_images", "test_images")
+        if self.captioning_classic_share is not None and not 0.0 <= self.captioning_classic_share <= 1.0:
+            raise ValueError("data.captioning_classic_share must be between 0 and 1 (or null).")
         if self.style not in ("classic", "random"):
             raise ValueError(
                 f"data.style must be 'classic' or 'random' ('paint' is for evaluation only); got {self.style!r}."
             )
         if not 0.0 <= self.classic_share <= 1.0:
             raise ValueError("data.classic_share must be between 0 and 1.")
+
+    @property
+    def captioning_share(self) -> float:
+        return self.classic_share if self.captioning_classic_share is None else self.captioning_classic_share
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,7 @@ def train(
     captioning, retrieval = vocab.processors(arch.image_size, arch.num_query_tokens, arch.question_aware)
     report = TrainReport(config)
 
-    def build(split: str, size: int) -> ShapesData:
+    def build(split: str, size: int, classic_share: float = config.data.classic_share) -> ShapesData:
         # Validation captions are unique so retrieval on them is well defined.
         return ShapesData.build(
             seed,
@@ -114,12 +114,17 @@ def train(
             arch.image_size // arch.patch_size,
             unique_captions=split != "train",
             style=config.data.style,
-            classic_share=config.data.classic_share,
+            classic_share=classic_share,
         )
 
     # Started first: the helper renders the same data as this process, on the other core.
     helper = _start_language_process(config, work_dir, progress) if parallel and work_dir else None
     train_data, val_data = build("train", config.data.train_images), build("val", config.data.val_images)
+    captioning_data, captioning_val = train_data, val_data  # the language model's and stage 2's
+    if config.data.captioning_share != config.data.classic_share:
+        share = config.data.captioning_share
+        captioning_data = build("train", config.data.train_images, share)
+        captioning_val = build("val", config.data.val_images, share)
 
     def run(name: str, phase, parameters) -> bool:
         stop = stop_after[1] if stop_after and stop_after[0] == name else None
@@ -133,8 +138,8 @@ def train(
         torch.manual_seed(seed + 1)
         language = LanguagePretraining(
             arch,
-            train_data,
-            val_data,
+            captioning_data,
+            captioning_val,
             captioning.tokenizer,
             seed,
             config.prefix_fraction,
@@ -174,8 +179,8 @@ def train(
     torch.manual_seed(seed + 3)
     stage2 = GenerativePretraining(
         arch,
-        train_data,
-        val_data,
+        captioning_data,
+        captioning_val,
         captioning,
         retrieval.tokenizer,
         vision_state,
