@@ -386,7 +386,9 @@ def test_the_chat_turns_benchmark_runs_on_the_tiny_model(tmp_path):
     spec = importlib.util.spec_from_file_location("chat_turns", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    args = argparse.Namespace(model="tiny-random", precision="auto", repeats=1, threads=0, answers="natural")
+    args = argparse.Namespace(
+        model="tiny-random", precision="auto", repeats=1, threads=0, answers="natural", int8_kernels="fbgemm"
+    )
     results = bench.run(args)
     bench.write(results, tmp_path)
     plain, reuse = results["results"]["no_reuse"], results["results"]["reuse"]
