@@ -184,6 +184,16 @@ def wait_idle(page, selector: str) -> None:
     )
 
 
+def ask_in_chat(page, questions) -> None:
+    """Send each question from the chat's message box and wait until its answer has finished."""
+    box = page.locator("#chat-message textarea")
+    for turn, question in enumerate(questions, start=1):
+        box.fill(question)
+        box.press("Enter")
+        page.locator('#chatbot [data-testid="bot"]').nth(turn - 1).wait_for()
+        wait_idle(page, "#chatbot")
+
+
 def set_slider(page, selector: str, value: str) -> None:
     """Type into a slider's number box until its range input shows the value.
 
@@ -365,13 +375,8 @@ def test_demo_model_chat_answers_a_follow_up(demo_page):
     decoding.click()
     demo_page.locator("#tab-chat").get_by_label("Greedy").first.check()
     decoding.click()
-    box = demo_page.locator("#chat-message textarea")
     turns = [("what colour is the circle?", "yellow"), ("what shape is the red one?", "triangle")]
-    for turn, (question, _) in enumerate(turns, start=1):
-        box.fill(question)
-        box.press("Enter")
-        demo_page.locator('#chatbot [data-testid="bot"]').nth(turn - 1).wait_for()
-        wait_idle(demo_page, "#chatbot")
+    ask_in_chat(demo_page, [question for question, _ in turns])
     answers = [a.strip() for a in demo_page.locator('#chatbot [data-testid="bot"]').all_inner_texts()]
     assert answers == [answer for _, answer in turns]
     screenshot(demo_page, "chat", docs=True)

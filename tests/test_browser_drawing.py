@@ -17,6 +17,7 @@ import math
 
 import pytest
 from test_browser import (  # the shared set-up (skips this module too when chromium is missing)
+    ask_in_chat,
     browser,  # noqa: F401  # fixture, used by demo_page
     demo_page,  # noqa: F401  # fixture, requested by name below
     demo_url,  # noqa: F401  # fixture, used by demo_page
@@ -126,12 +127,7 @@ def test_chat_about_a_drawing_keeps_the_conversation(demo_page):  # noqa: F811  
     chat.get_by_role("button", name="Decoding").first.click()
     chat.get_by_label("Greedy").first.check()
     draw_filled(page, "chat", "circle", "orange")
-    box = page.locator("#chat-message textarea")
-    for turn, question in enumerate(["what colour is the shape?", "what shape is it?"], start=1):
-        box.fill(question)
-        box.press("Enter")
-        page.locator('#chatbot [data-testid="bot"]').nth(turn - 1).wait_for()
-        wait_idle(page, "#chatbot")
+    ask_in_chat(page, ["what colour is the shape?", "what shape is it?"])
     answers = page.locator('#chatbot [data-testid="bot"]')
     # The second question about the same drawing continues the chat (two turns shown).
     assert answers.count() == 2

@@ -17,6 +17,7 @@ from test_browser import (  # the shared set-up (skips this module too when chro
     LAPTOP,
     TIMEOUT_MS,
     app_url,  # noqa: F401  # fixture, requested by `page`
+    ask_in_chat,
     browser,  # noqa: F401  # fixture, requested by `page`
     index_three_photos,
     open_page,
@@ -59,12 +60,8 @@ def test_chat_undo_edit_replace_and_export(page):
     open_tab(page, "Chat")
     upload(page, "#chat-image", CAT)
     page.locator("#chat-image img").first.wait_for()
+    ask_in_chat(page, ["What is in the picture?", "What colour is it?"])
     box = page.locator("#chat-message textarea")
-    for turn, question in enumerate(["What is in the picture?", "What colour is it?"], start=1):
-        box.fill(question)
-        box.press("Enter")
-        page.locator('#chatbot [data-testid="bot"]').nth(turn - 1).wait_for()
-        wait_idle(page, "#chatbot")
     page.locator("#chat-undo").click()
     sync_api.expect(page.locator('#chatbot [data-testid="user"]')).to_have_count(1)
     assert chat_turns(page) == ["What is in the picture?"]

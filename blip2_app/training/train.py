@@ -104,27 +104,27 @@ def train(
     captioning, retrieval = vocab.processors(arch.image_size, arch.num_query_tokens, arch.question_aware)
     report = TrainReport(config)
 
-    def build(split: str, size: int, classic_share: float = config.data.classic_share) -> ShapesData:
-        # Validation captions are unique so retrieval on them is well defined.
-        return ShapesData.build(
-            seed,
-            split,
-            size,
-            captioning.image_processor,
-            arch.image_size // arch.patch_size,
-            unique_captions=split != "train",
-            style=config.data.style,
-            classic_share=classic_share,
+    def build(classic_share: float) -> tuple[ShapesData, ShapesData]:
+        """(train, val) data; validation captions are unique so retrieval on them is well defined."""
+        splits = (("train", config.data.train_images), ("val", config.data.val_images))
+        train_split, val_split = (
+            ShapesData.build(
+                seed,
+                split,
+                size,
+                captioning.image_processor,
+                arch.image_size // arch.patch_size,
+                unique_captions=split != "train",
+                style=config.data.style,
+                classic_share=classic_share,
+            )
+            for split, size in splits
         )
+        return train_split, val_split
 
-    # Started first: the helper renders the same data as this process, on the other core.
+    # Started first: the helper renders the data it needs on the other core meanwhile.
     helper = _start_language_process(config, work_dir, progress) if parallel and work_dir else None
-    train_data, val_data = build("train", config.data.train_images), build("val", config.data.val_images)
-    captioning_data, captioning_val = train_data, val_data  # the language model's and stage 2's
-    if config.data.captioning_share != config.data.classic_share:
-        share = config.data.captioning_share
-        captioning_data = build("train", config.data.train_images, share)
-        captioning_val = build("val", config.data.val_images, share)
+    captioning_data, captioning_val = build(config.data.captioning_share)  # language model, stage 2
 
     def run(name: str, phase, parameters) -> bool:
         stop = stop_after[1] if stop_after and stop_after[0] == name else None
@@ -154,6 +154,11 @@ def train(
     if language_only:
         report.finished = train_language() is not None
         return _stopped(report, started)
+    # The vision encoder's and stage 1's data: the captioning data when the shares are equal.
+    same_share = config.data.classic_share == config.data.captioning_share
+    train_data, val_data = (
+        (captioning_data, captioning_val) if same_share else build(config.data.classic_share)
+    )
 
     try:
         torch.manual_seed(seed)
