@@ -193,8 +193,12 @@ def main() -> None:
         from real_size import build_checkpoints  # benchmarks/real_size.py
 
         captioner, itm = build_checkpoints(Path(args.workdir).expanduser(), layers_divisor=1)
-        settings = Settings(model=str(captioner), retrieval_model="none", precision=args.precision)
-        heatmaps = Settings(model=str(itm), precision=args.precision, qformer_precision="fp32")
+        settings = Settings(
+            model=str(captioner), retrieval_model="none", precision=args.precision, packing="startup"
+        )
+        heatmaps = Settings(
+            model=str(itm), precision=args.precision, qformer_precision="fp32", packing="startup"
+        )
         label = f"real size, {args.precision} (heatmap: Q-Former fp32)"
         rows.append(
             run(

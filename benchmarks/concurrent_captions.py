@@ -196,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             args.precision,
             "--cache-entries",
             "0",
+            "--packing",
+            "startup",  # timed from the first request: every layer packed by then
             *flags[mode],
         ]
         with harness.running_app(work, app_args) as app:

@@ -163,7 +163,9 @@ def _engine(args: argparse.Namespace, retrieval: bool, images: int = 0) -> Engin
     from .registry import Registry
     from .startup import load_engine, resolve_model, retrieval_model_for
 
-    settings = Settings.from_namespace(args)
+    # A job's results come from one model: its int8 layers are packed before it starts (serving
+    # while packing, `--packing background`, is the app's: decision 0011).
+    settings = Settings.from_namespace(args).replace(packing="startup")
     registry = Registry.load([settings.models_file] if settings.models_file else [])
     if not retrieval:
         if images and settings.precision == "auto":

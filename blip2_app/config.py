@@ -20,6 +20,7 @@ DEFAULT_MODEL = "blip2-opt-2.7b"
 PRECISION_CHOICES = ("auto", *PRESETS)
 CACHE_EXAMPLES_CHOICES = ("auto", "lazy", "off")
 INT8_KERNELS_CHOICES = ("fbgemm", "onednn")  # quantization.INT8_KERNELS (torch-free here)
+PACKING_CHOICES = ("background", "startup")  # packing.PACKING_CHOICES (torch-free here)
 BACKEND_CHOICES = tuple(BACKENDS)  # --backend: the names in backends.BACKENDS
 
 
@@ -78,6 +79,9 @@ class Settings:
     # Which of torch's int8 libraries runs dynamic-int8 on CPU: "fbgemm" or "onednn" (faster for
     # the vision encoder on CPUs with AMX, slower to pack and to decode: decision 0010).
     int8_kernels: str = "fbgemm"
+    # When dynamic-int8 layers are packed for those kernels (packing.py, decision 0011):
+    # "background" (serve at once, unpacked int8 until packed) or "startup" (before serving).
+    packing: str = "background"
     # Keep the loading allocator settings while serving: lower memory peaks, slower beam search
     # (measured in benchmarks/results/memory_phases.md; see allocator.py).
     low_memory: bool = False
@@ -143,6 +147,8 @@ class Settings:
             raise SettingsError(
                 f"int8_kernels must be one of {', '.join(INT8_KERNELS_CHOICES)}; got {self.int8_kernels!r}."
             )
+        if self.packing not in PACKING_CHOICES:
+            raise SettingsError(f"packing must be one of {', '.join(PACKING_CHOICES)}; got {self.packing!r}.")
         if not self.weight_cache.strip():
             raise SettingsError("weight_cache must be auto, off or a folder; got an empty value.")
         if not self.model.strip():
@@ -290,6 +296,9 @@ def add_arguments(
         "int8_kernels": "torch's int8 library for dynamic-int8 on CPU: fbgemm, or onednn (on a CPU "
         "with AMX: the vision encoder 1.1-1.4x faster, so indexing a gallery too, but decoding ~1.2x "
         "slower and twice the memory)",
+        "packing": "dynamic-int8 on CPU: background = serve at once while the int8 layers are "
+        "packed for the int8 kernels (requests meanwhile run the same int8 weights unpacked, slower; "
+        "about 15 s at OPT-2.7B size), startup = pack before serving",
         "low_memory": "keep memory peaks lower while serving (blocks of 1 MB and up are mmapped and "
         "freed at once) at the cost of slower beam search; for machines where every 100 MB counts",
         "cache_examples": "cache the example photos' captions: lazy (first click computes, later "

@@ -166,7 +166,7 @@ class VisionCache:
             pixels = pixels.to(loaded.device, loaded.component_dtype("vision"))
             return vision(pixel_values=pixels).last_hidden_state
 
-        namespace = ("vision", id(vision), loaded.pixel_signature)
+        namespace = ("vision", id(vision), loaded.pixel_signature, loaded.weights_final)
         return self.cached(
             namespace, images, compute, progress, one_at_a_time=loaded.batch_dependent("vision")
         )

@@ -37,6 +37,7 @@ from .checkpoints import (
     weight_files,
 )
 from .errors import CheckpointUnreachableError, ModelLoadError
+from .packing import LayerPacker, slots_to_pack
 from .precisions import (
     BATCH_DEPENDENT_PRECISIONS,
     COMPONENT_MODULES,
@@ -47,6 +48,7 @@ from .precisions import (
     PRESETS,
     QUANTIZED,
     ComponentPrecisions,
+    as_loaded,
 )
 from .registry import ModelEntry
 from .weight_cache import WeightCache
@@ -120,11 +122,19 @@ class LoadedModel:
     # The vision fingerprint is computed when first asked (hashing 4 GB of vision weights takes
     # seconds, and only a retrieval model that may share the encoder needs it).
     fingerprint_source: Callable[[], str] | None = field(default=None, repr=False, compare=False)
+    # Packs the dynamic-int8 layers (read as weight-only ones); None: nothing to pack.
+    packer: LayerPacker | None = field(default=None, repr=False, compare=False)
 
     @functools.cached_property
     def vision_fingerprint(self) -> str:
         """sha256 of the vision encoder's stored tensors ("" without safetensors files)."""
         return self.fingerprint_source() if self.fingerprint_source is not None else ""
+
+    @property
+    def weights_final(self) -> bool:
+        """False while dynamic-int8 layers are still being packed (packing.py): results computed
+        meanwhile are not the packed model's, so caches key them apart."""
+        return self.packer is None or self.packer.finished
 
     @property
     def pixel_signature(self) -> str:
@@ -186,6 +196,7 @@ class LoadedModel:
             "device": str(self.device),
             "load_seconds": round(self.load_seconds, 2),
             "int8_kernels": self.int8_kernels,
+            "packing": self.packer.status() if self.packer is not None else None,
             "memory_bytes": sum(c["bytes"] for c in components.values()),
             "components": components,
             "notes": list(self.notes),
@@ -237,12 +248,15 @@ def load_model(
     device: torch.device,
     share_vision_with: LoadedModel | None = None,
     cache: WeightCache | None = None,
+    pack: bool = True,
 ) -> LoadedModel:
     """Load `entry` with one precision per component; errors become one clear ModelLoadError.
 
     With `share_vision_with`, the vision encoder of that model is reused when the two checkpoints'
     vision weights are byte-identical (BLIP-2 keeps the image encoder frozen): ~1 B parameters saved.
     With `cache`, a dynamic-int8 model is read from (or written to) the weight cache.
+    Dynamic-int8 layers are read as weight-only int8 ones and packed before returning, or with
+    `pack=False` left to `loaded.packer` (startup.py packs them while the app serves).
     """
     started = time.perf_counter()
     model_class = getattr(transformers, entry.family.architecture)
@@ -280,12 +294,12 @@ def load_model(
             model = None
             if files and not _uses_bitsandbytes(precisions):
                 model, cache_state = _cached_stream_load(
-                    model_class, location, files, precisions, shared, device, cache
+                    model_class, location, files, as_loaded(precisions), shared, device, cache
                 )
                 if cache_state:
                     notes.append(cache_state)
             if model is None:
-                model = _load_with_transformers(model_class, location, precisions, device)
+                model = _load_with_transformers(model_class, location, as_loaded(precisions), device)
                 if shared is not None:
                     model.vision_model = shared
     except hub_fetch_errors() as error:
@@ -322,6 +336,12 @@ def load_model(
         else "",
         fingerprint_source=fingerprint,
     )
+    to_pack = slots_to_pack(model, precisions)
+    if to_pack:
+        loaded.packer = LayerPacker(to_pack)
+        if pack:
+            loaded.packer.pack_now()
+            loaded.load_seconds = time.perf_counter() - started
     log.info("Loaded %s in %.1fs: %s", entry.name, loaded.load_seconds, precisions.as_dict())
     return loaded
 
@@ -351,7 +371,6 @@ def _cached_stream_load(
         entry,
         lambda: _skeleton(model_class, location),
         shared,
-        weight_only=lambda name: _precision_of(precisions, name) == INT8_WEIGHT_ONLY,
     )
     if model is not None:
         took = time.perf_counter() - started
@@ -547,9 +566,9 @@ class _TensorStream:
     loaded_ids: set[int] = field(default_factory=set)
     record: Callable[[str, dict[str, torch.Tensor]], None] | None = None
     # Layers being quantized on every core while the next tensors are read: (name, job).
-    quantizing: deque[tuple[str, Future[tuple[torch.nn.Module, dict[str, torch.Tensor]]]]] = field(
-        default_factory=deque
-    )
+    quantizing: deque[
+        tuple[str, Future[tuple[quantization.WeightOnlyInt8Linear, dict[str, torch.Tensor]]]]
+    ] = field(default_factory=deque)
     workers: int = field(default_factory=lambda: max(1, torch.get_num_threads()))
     pool: ThreadPoolExecutor = field(init=False)
 
@@ -566,15 +585,6 @@ class _TensorStream:
                             self._place_quantized()
             while self.quantizing:
                 self._place_quantized()
-
-    def _quantize(
-        self, layer: torch.nn.Linear, precision: str
-    ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-        if precision == INT8_WEIGHT_ONLY:  # its parts are its own tensors: no copy to record them
-            return quantization.weight_only_with_parts(layer)
-        if self.record is None:
-            return quantization.dynamic_int8(layer), {}
-        return quantization.quantize_with_parts(layer)
 
     def _place_quantized(self) -> None:
         name, job = self.quantizing.popleft()
@@ -600,7 +610,7 @@ class _TensorStream:
             and type(owner) is torch.nn.Linear
             and key not in self.plan.tie_sources
         ):
-            self._collect_linear_part(owner_name, owner, attr, tensor, precision)
+            self._collect_linear_part(owner_name, owner, attr, tensor)
             return
         dtype = FLOAT_DTYPES.get(precision, torch.float32)
         if not tensor.is_floating_point():
@@ -620,14 +630,17 @@ class _TensorStream:
         self.loaded_ids.add(id(_assign(owner, attr, _read_cast(handle, key, torch.bfloat16))))
 
     def _collect_linear_part(
-        self, owner_name: str, owner: torch.nn.Module, attr: str, tensor: torch.Tensor, precision: str
+        self, owner_name: str, owner: torch.nn.Module, attr: str, tensor: torch.Tensor
     ) -> None:
         """Quantizes the layer once its weight and (if it has one) bias have both arrived."""
         parts = self.pending.setdefault(owner_name, {})
         parts[attr] = tensor
         if "weight" in parts and ("bias" in parts or cast(torch.nn.Linear, owner).bias is None):
             layer = _fp32_linear(cast(torch.nn.Linear, owner), parts)
-            self.quantizing.append((owner_name, self.pool.submit(self._quantize, layer, precision)))
+            # Weight-only int8 (its parts are its own tensors: recorded without a copy); a
+            # dynamic-int8 layer is packed from it afterwards (packing.py).
+            job = self.pool.submit(quantization.weight_only_with_parts, layer)
+            self.quantizing.append((owner_name, job))
             del self.pending[owner_name]
 
 

@@ -84,3 +84,11 @@ def cache_key_precisions(precisions: ComponentPrecisions) -> dict[str, str]:
     """The precisions a weight cache entry is keyed by: int8-weight-only stores what dynamic-int8
     stores (the same int8 rows and scales), so the two share one entry."""
     return {c: DYNAMIC_INT8 if p == INT8_WEIGHT_ONLY else p for c, p in precisions.as_dict().items()}
+
+
+def as_loaded(precisions: ComponentPrecisions) -> ComponentPrecisions:
+    """The precisions the loader reads at: a dynamic-int8 component is read as int8-weight-only
+    (the same rows and scales, usable before packing) and packed afterwards (packing.py)."""
+    return ComponentPrecisions(
+        **{c: INT8_WEIGHT_ONLY if p == DYNAMIC_INT8 else p for c, p in precisions.as_dict().items()}
+    )

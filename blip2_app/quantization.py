@@ -188,15 +188,14 @@ def int8_parts(layer: DynamicLinear) -> dict[str, torch.Tensor]:
     return int8_parts_of(weight, bias)
 
 
-def quantize_with_parts(linear: torch.nn.Linear) -> tuple[PackedLinear, dict[str, torch.Tensor]]:
-    """`dynamic_int8`, and the int8 parts taken before packing (no unpacking to store them)."""
-    weight = quantize_weight(linear.weight.detach().float())
-    return packed_linear(weight, linear.bias), int8_parts_of(weight, linear.bias)
-
-
 def from_int8_parts(parts: dict[str, torch.Tensor]) -> PackedLinear:
     weight = per_channel_tensor(parts["rows"], parts["scales"], parts["zero_points"])
     return packed_linear(weight, parts.get("bias"))
+
+
+def packed_from_weight_only(layer: WeightOnlyInt8Linear) -> PackedLinear:
+    """The dynamic-int8 (packed) layer of the same int8 rows and scales (packing.py)."""
+    return from_int8_parts(layer_int8_parts(layer))
 
 
 # --------------------------------------------------------------------------- weight-only int8
@@ -276,7 +275,8 @@ def weight_only_from_parts(parts: dict[str, torch.Tensor]) -> WeightOnlyInt8Line
 
 
 def weight_only_with_parts(linear: torch.nn.Linear) -> tuple[WeightOnlyInt8Linear, dict[str, torch.Tensor]]:
-    """The weight-only twin of `quantize_with_parts`: the same int8 rows and scales."""
+    """A weight-only int8 layer and its int8 parts (for the weight cache): the rows and scales
+    dynamic-int8 packs."""
     parts = int8_parts_of(quantize_weight(linear.weight.detach().float()), linear.bias)
     return weight_only_from_parts(parts), parts
 

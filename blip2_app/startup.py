@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from . import quantization
-from .allocator import tune_allocator
+from .allocator import trim_heap, tune_allocator
 from .backends import BACKENDS, TextBackend
 from .cache import FeatureCache
 from .checkpoints import looks_like_path
@@ -25,6 +25,7 @@ from .errors import CheckpointUnreachableError, ModelLoadError
 from .images import ImageLimits
 from .loading import LoadedModel, load_model, pick_device, resolve_precisions
 from .memory import check_memory, memory_budget
+from .packing import BACKGROUND_MIN_BYTES, LayerPacker
 from .registry import ModelEntry, Registry
 from .weight_cache import WeightCache
 
@@ -56,11 +57,26 @@ def load_engine(settings: Settings, registry: Registry | None = None) -> Engine:
 
 def _load_engine(settings: Settings, registry: Registry | None = None) -> Engine:
     tune_allocator()  # before the first big tensor: see allocator.py
-    try:
-        return _load_models(settings, registry)
-    finally:
+
+    def serving_allocator() -> None:
+        trim_heap()
         if not settings.low_memory:
             tune_allocator(serving=True)
+
+    try:
+        engine = _load_models(settings, registry)
+    except BaseException:
+        serving_allocator()
+        raise
+    # Packing in the background allocates like loading does: the loading settings stay until then.
+    packers = [
+        m.packer for m in (engine.text.loaded if engine.text else None, engine.matcher) if m and m.packer
+    ]
+    if packers:
+        packers[0].when_done(serving_allocator)
+    else:
+        serving_allocator()
+    return engine
 
 
 def _load_models(settings: Settings, registry: Registry | None) -> Engine:
@@ -85,7 +101,7 @@ def _load_models(settings: Settings, registry: Registry | None) -> Engine:
                 settings.precision, text_entry, device, settings.precision_overrides
             )
             budget = check_memory(text_entry, precisions, budget)
-            loaded = load_model(text_entry, precisions, device, cache=weights)
+            loaded = load_model(text_entry, precisions, device, cache=weights, pack=False)
             loaded.notes.extend(notes)
             return loaded
 
@@ -113,13 +129,42 @@ def _load_models(settings: Settings, registry: Registry | None) -> Engine:
             # Sharing the encoder needs one precision for it; the captioning model's wins.
             precisions = dataclasses.replace(precisions, vision=captioner.precisions.vision)
         check_memory(matcher_entry, precisions, budget, shares_vision_with=captioner)
-        matcher = load_model(matcher_entry, precisions, device, share_vision_with=captioner, cache=weights)
+        matcher = load_model(
+            matcher_entry, precisions, device, share_vision_with=captioner, cache=weights, pack=False
+        )
         matcher.notes.extend(notes)
+    packer = pack_int8_layers([m for m in (captioner, matcher) if m is not None], settings.packing)
 
     cache = FeatureCache(max_entries=settings.cache_entries, max_bytes=settings.cache_mb * 1024 * 1024)
     allow_pillow_pixels(settings.max_image_pixels)
     limits = ImageLimits(max_pixels=settings.max_image_pixels, max_bytes=settings.max_upload_mb * 1024 * 1024)
-    return Engine(text, matcher, cache, limits)
+    engine = Engine(text, matcher, cache, limits)
+    if packer is not None and packer.background:
+        packer.when_done(engine.cache.clear)
+    return engine
+
+
+def pack_int8_layers(models: list[LoadedModel], when: str) -> LayerPacker | None:
+    """Pack the models' dynamic-int8 layers (read as weight-only ones) with one packer: before
+    returning, or with `when="background"` while the app serves, when the model is large enough
+    for that to pay (packing.BACKGROUND_MIN_BYTES) and torch's weight-only kernel, which serves
+    meanwhile, works here."""
+    packer = LayerPacker([slot for m in models if m.packer for slot in m.packer.slots if slot])
+    if not packer.total:
+        return None
+    for model in models:
+        model.packer = packer if model.packer else None
+    if when == "background" and packer.bytes >= BACKGROUND_MIN_BYTES:
+        try:
+            quantization.check_weight_only_ops()
+        except quantization.QuantizedOpsUnavailableError as error:
+            log.warning("Packing before serving: %s", error)
+        else:
+            log.info("Packing %d int8 layers in the background; serving meanwhile", packer.total)
+            packer.start()
+            return packer
+    packer.pack_now()
+    return packer
 
 
 def retrieval_model_for(entry: ModelEntry, requested: str = "auto") -> str | None:

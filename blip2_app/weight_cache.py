@@ -2,9 +2,9 @@
 
 Loading OPT-2.7B from its fp32 checkpoint at dynamic-int8 means reading 15 GB and quantizing
 3.8 B weights; the cache keeps the finished model instead (int8 rows, their scales, and every
-other tensor as loaded: about a quarter of the fp32 size) and the next start reads that and only
-packs the int8 layers for fbgemm (packed weights cannot be stored: torch's own format unpacks
-them). The vision fingerprint, which decides whether two models share their vision encoder, is
+other tensor as loaded: about a quarter of the fp32 size) and the next start maps that; its int8
+layers are usable at once as weight-only layers, and packing.py packs them for fbgemm (packed
+weights cannot be stored: torch's own format unpacks them). The vision fingerprint, which decides whether two models share their vision encoder, is
 remembered per file too (hashing 4 GB took 6 s).
 
 An entry's key is the checkpoint's identity (each file's path, size and modification time), the
@@ -27,9 +27,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,17 +208,15 @@ class WeightCache:
         entry: CacheEntry,
         skeleton: Callable[[], torch.nn.Module],
         shared_vision: torch.nn.Module | None,
-        weight_only: Callable[[str], bool] = lambda name: False,
     ) -> torch.nn.Module | None:
         """The cached model, or None when the entry is missing or unreadable (then it is removed).
-        The int8 layers for which `weight_only(name)` holds are weight-only layers over the mapped
-        file (nothing copied or packed); the others are packed for fbgemm."""
+        Its int8 layers are weight-only layers over the mapped file (nothing copied or packed)."""
         if not entry.exists:
             return None
         try:
             manifest = json.loads((entry.path / MANIFEST).read_text())
             model = skeleton()
-            filled = _fill(model, entry.path, manifest, weight_only)
+            filled = _fill(model, entry.path, manifest)
         except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
             _discard(entry, f"is unreadable ({error})")
             return None
@@ -398,13 +394,10 @@ def save_aligned(tensors: dict[str, torch.Tensor], path: Path) -> None:
                 out.write(item.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
-def _fill(
-    model: torch.nn.Module, folder: Path, manifest: dict[str, Any], weight_only: Callable[[str], bool]
-) -> set[int]:
+def _fill(model: torch.nn.Module, folder: Path, manifest: dict[str, Any]) -> set[int]:
     """Rebuild the cached model in `model` (a skeleton of the same class, weights not initialised).
-    Int8 layers are packed on every core while the next ones are read; a few in flight at most,
-    so the int8 rows read but not yet packed stay a few layers' worth. Weight-only layers keep the
-    tensors safetensors maps from the file (no copy). Returns the ids of the tensors it put in place."""
+    Int8 layers become weight-only int8 layers over the tensors safetensors maps from the file (no
+    copy; packing.py packs them for fbgemm afterwards). Returns the ids of the tensors it put in place."""
     from safetensors import safe_open
 
     if manifest.get("format") != FORMAT_VERSION:
@@ -412,52 +405,36 @@ def _fill(
     kinds: dict[str, str] = manifest["kinds"]
     for name in [n for n, k in kinds.items() if k == BF16_EMBEDDING]:
         model.get_submodule(name).__class__ = quantization.Bf16Embedding
-    workers = max(1, torch.get_num_threads())
     filled: set[int] = set()
-    packing: deque[tuple[str, Future[torch.nn.Module]]] = deque()
-    with ThreadPoolExecutor(workers) as pool:
-        for shard in manifest["shards"]:
-            with safe_open(str(folder / shard), framework="pt") as handle:
-                keys = set(handle.keys())
-                for key in sorted(keys):
-                    if key not in keys or key.startswith(PADDING):  # read with its layer already
-                        continue
-                    owner = key.rpartition(".")[0]
-                    kind = kinds.get(owner)
-                    if kind == DYNAMIC_INT8:
-                        names = [f"{owner}.{p}" for p in INT8_PARTS if f"{owner}.{p}" in keys]
-                        parts = {n.rpartition(".")[2]: handle.get_tensor(n) for n in names}
-                        keys -= set(names)
-                        if weight_only(owner):
-                            layer = quantization.weight_only_from_parts(parts)
-                            _set_module(model, owner, layer)
-                            filled |= {id(t) for t in layer.buffers()}
-                            continue
-                        packing.append((owner, pool.submit(quantization.from_int8_parts, parts)))
-                        while len(packing) > 2 * workers:
-                            _set_module(model, *_result(packing.popleft()))
-                    elif kind == INT8_EMBEDDING:
-                        rows, scales = (
-                            handle.get_tensor(f"{owner}.rows"),
-                            handle.get_tensor(f"{owner}.scales"),
-                        )
-                        keys -= {f"{owner}.rows", f"{owner}.scales"}
-                        _set_module(model, owner, quantization.Int8Embedding(rows, scales))
-                        filled |= {id(rows), id(scales)}
-                    else:
-                        filled.add(id(_set_tensor(model, key, handle.get_tensor(key))))
-        while packing:
-            _set_module(model, *_result(packing.popleft()))
+    for shard in manifest["shards"]:
+        with safe_open(str(folder / shard), framework="pt") as handle:
+            keys = set(handle.keys())
+            for key in sorted(keys):
+                if key not in keys or key.startswith(PADDING):  # read with its layer already
+                    continue
+                owner = key.rpartition(".")[0]
+                kind = kinds.get(owner)
+                if kind == DYNAMIC_INT8:
+                    names = [f"{owner}.{p}" for p in INT8_PARTS if f"{owner}.{p}" in keys]
+                    keys -= set(names)
+                    layer = quantization.weight_only_from_parts(
+                        {n.rpartition(".")[2]: handle.get_tensor(n) for n in names}
+                    )
+                    _set_module(model, owner, layer)
+                    filled |= {id(t) for t in layer.buffers()}
+                elif kind == INT8_EMBEDDING:
+                    rows, scales = handle.get_tensor(f"{owner}.rows"), handle.get_tensor(f"{owner}.scales")
+                    keys -= {f"{owner}.rows", f"{owner}.scales"}
+                    _set_module(model, owner, quantization.Int8Embedding(rows, scales))
+                    filled |= {id(rows), id(scales)}
+                else:
+                    filled.add(id(_set_tensor(model, key, handle.get_tensor(key))))
     for alias, source in manifest["module_aliases"].items():
         _set_module(model, alias, model.get_submodule(source))
     for alias, source in manifest["tensor_aliases"].items():
         owner_name, _, attr = source.rpartition(".")
         _set_tensor(model, alias, getattr(model.get_submodule(owner_name), attr))
     return filled
-
-
-def _result(job: tuple[str, Future[torch.nn.Module]]) -> tuple[str, torch.nn.Module]:
-    return job[0], job[1].result()
 
 
 def _set_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:

@@ -94,10 +94,11 @@ def test_health_route_answers_before_the_app_and_passes_the_rest(load_tiny):
         "device": "cpu",
         "precision": engine.text.loaded.precisions.as_dict(),
         "backend": "local",
+        "packing": None,  # fp32: nothing to pack
     }
     app = Starlette(
         routes=[Route("/{path:path}", lambda request: PlainTextResponse("app"), methods=["GET", "POST"])],
-        middleware=[Middleware(HealthRoute, payload=payload)],
+        middleware=[Middleware(HealthRoute, payload=lambda: payload)],
     )
     with TestClient(app) as client:
         health = client.get("/healthz")

@@ -181,7 +181,7 @@ def test_a_load_that_fails_midway_leaves_no_staging_folder(cache_dir, monkeypatc
     def broken(*args, **kwargs):
         raise RuntimeError("a layer could not be quantized")
 
-    monkeypatch.setattr(quantization, "quantize_with_parts", broken)
+    monkeypatch.setattr(quantization, "weight_only_with_parts", broken)
     with pytest.raises(RuntimeError, match="could not be quantized"):
         load(cache_dir)
     assert [p.name for p in cache_dir.iterdir() if p.name != "fingerprints.json"] == []

@@ -93,7 +93,7 @@ class LocalBackend(CheckpointText):
 
         if not self.entry.family.instruction_aware:
             return self.vision.cached(
-                ("language_inputs", id(model)),
+                ("language_inputs", id(model), loaded.weights_final),
                 images,
                 lambda batch: project(query_outputs(model, self.vision.vision_embeds(loaded, batch))),
                 one_at_a_time=loaded.batch_dependent("vision", "qformer"),
@@ -179,7 +179,7 @@ class LocalBackend(CheckpointText):
             return
         inputs = self.generate_inputs([image], [prompt])
         ids = inputs["input_ids"][0].tolist()
-        key = ("chat-prefix", id(self.loaded.model), image.content_hash)
+        key = ("chat-prefix", id(self.loaded.model), self.loaded.weights_final, image.content_hash)
         cache = self._reusable_cache(prefix.take(), key, ids)
 
         def keep(output: torch.Tensor) -> None:

@@ -68,7 +68,7 @@ def launch_options(
     """
     middleware = request_guards(settings)
     if engine is not None:
-        middleware.insert(0, Middleware(HealthRoute, payload=readiness(engine)))
+        middleware.insert(0, Middleware(HealthRoute, payload=lambda: readiness(engine)))
     return {
         "server_name": settings.server_name(on_space),
         "server_port": settings.port,

@@ -64,6 +64,26 @@ def _int8_kernels_row(kernels: str) -> list[str]:
     )
 
 
+def _packing_row(packing: dict[str, Any] | None) -> list[str]:
+    """Where packing the dynamic-int8 layers for the int8 kernels stands (packing.py)."""
+    if not packing:
+        return []
+    when = "in the background" if packing["background"] else "before serving"
+    if packing["error"]:
+        state = (
+            f"stopped after {packing['packed']} of {packing['layers']} layers ({_cell(packing['error'])}); "
+            "the others run unpacked"
+        )
+    elif packing["seconds"] is None:
+        state = (
+            f"{packing['packed']} of {packing['layers']} layers so far, {when}; until it ends, "
+            "requests also run int8 layers not yet packed (the same weights, slower)"
+        )
+    else:
+        state = f"all {packing['layers']} layers, in {packing['seconds']:.1f} s {when}"
+    return [f"| int8 packing | {state} |"]
+
+
 def _model_section(
     title: str, report: dict[str, Any] | None, description: str, extra: list[str]
 ) -> list[str]:
@@ -81,6 +101,7 @@ def _model_section(
         *extra,
         f"| device | {_cell(report.get('device', '?'))} |",
         *_int8_kernels_row(report.get("int8_kernels", "")),
+        *_packing_row(report.get("packing")),
         f"| memory footprint | {human_bytes(report.get('memory_bytes', 0))} |",
         f"| load time | {report.get('load_seconds', 0):.2f} s |",
         "",
