@@ -40,6 +40,13 @@ NATURAL_ANSWERS = (
     "an astronaut in a white space suit standing in front of a flag on a launch pad",
     "white, with a blue and red flag on the left side of the picture behind him",
 )
+# `--exemplars N`: the first N of these go before every turn, as the Chat tab's few-shot table
+# sends them (examples about other photos, written by the visitor).
+EXEMPLARS = (
+    ("what is the man holding?", "a red umbrella in his left hand"),
+    ("where was this photo taken?", "on a sandy beach at sunset, with boats far out at sea"),
+    ("how many dogs are in the picture?", "two, a brown one and a small white one"),
+)
 MODES = ("no_reuse", "reuse")
 ANSWER_KINDS = {
     "natural": "a fixed English sentence, as a trained model writes",
@@ -105,10 +112,11 @@ def natural_ids(engine) -> list[list[int]]:
     return scripts
 
 
-def one_chat(engine, image, prefix, answers: str = "natural") -> dict:
+def one_chat(engine, image, prefix, answers: str = "natural", exemplars: int = 0) -> dict:
     """Turn 1 then turn 2 (after turn 1's own answer): seconds, turn 2's prefill, the answers."""
     from blip2_app.prompts import ChatTurn
 
+    examples = [ChatTurn(q, a) for q, a in EXEMPLARS[:exemplars]]
     generation = forced(engine)
     language_model = engine.text.loaded.model.language_model
     clock = ForwardClock(language_model)
@@ -123,7 +131,9 @@ def one_chat(engine, image, prefix, answers: str = "natural") -> dict:
             if script is not None:
                 script.start(scripts[number - 1])
             started = time.perf_counter()
-            events = list(engine.chat_stream(image, question, history, generation=generation, prefix=prefix))
+            events = list(
+                engine.chat_stream(image, question, history, examples, generation=generation, prefix=prefix)
+            )
             result[f"turn{number}_s"] = time.perf_counter() - started
             positions, seconds = clock.prefill()
             result[f"turn{number}_prefill_positions"] = positions
@@ -164,12 +174,12 @@ def run(args: argparse.Namespace) -> dict:
     budget = PrefixBudget(2**40)  # no eviction here: one chat at a time
 
     for mode in MODES:  # warm-up: first calls of each shape pick kernels and grow the allocator
-        one_chat(engine, image, budget.slot() if mode == "reuse" else None, args.answers)
+        one_chat(engine, image, budget.slot() if mode == "reuse" else None, args.answers, args.exemplars)
     runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
     for _ in range(args.repeats):  # alternating, so a change in the machine's load hits both
         for mode in MODES:
             slot = budget.slot() if mode == "reuse" else None
-            runs[mode].append(one_chat(engine, image, slot, args.answers))
+            runs[mode].append(one_chat(engine, image, slot, args.answers, args.exemplars))
 
     summary: dict = {}
     for mode, results in runs.items():
@@ -199,6 +209,7 @@ def run(args: argparse.Namespace) -> dict:
         "repeats": args.repeats,
         "new_tokens_per_turn": TOKENS,
         "answers": args.answers,
+        "exemplars": args.exemplars,
         "load_s": round(load_s, 1),
         "same_answers": same,
         "results": summary,
@@ -208,7 +219,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def write(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "chat_turns.json").write_text(json.dumps(results, indent=2) + "\n")
+    name = f"chat_turns_{results['exemplars']}shot" if results.get("exemplars") else "chat_turns"
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     rows = [
         "| | turn 1 s | turn 2 s | turn 2 prefill positions | turn 2 prefill s | kept prefix MB |",
         "|---|---:|---:|---:|---:|---:|",
@@ -225,13 +237,13 @@ def write(results: dict, out: Path) -> None:
             "# Chat turns with and without prefix reuse",
             "",
             f"`python benchmarks/chat_turns.py --model {results['model']} --precision {results['precision']} "
-            f"--answers {results['answers']}`, "
+            f"--answers {results['answers']} --exemplars {results.get('exemplars', 0)}`, "
             f"{results['measured_at']}: {results['device']}, {results['threads']} threads, torch "
             f"{results['torch']}, transformers {results['transformers']}, load average "
             f"{results['load_avg']} at the end. Medians of {results['repeats']} runs of each, alternating; "
             f"{results['new_tokens_per_turn']} new tokens forced per turn (greedy; answers: "
-            f"{ANSWER_KINDS[results['answers']]}); turn 1 runs the vision encoder, turn 2 reads its cached "
-            "features.",
+            f"{ANSWER_KINDS[results['answers']]}); {results.get('exemplars', 0)} few-shot examples before "
+            "each turn; turn 1 runs the vision encoder, turn 2 reads its cached features.",
             "",
             *rows,
             "",
@@ -243,7 +255,7 @@ def write(results: dict, out: Path) -> None:
             "",
         ]
     )
-    (out / "chat_turns.md").write_text(text)
+    (out / f"{name}.md").write_text(text)
 
 
 def main() -> None:
@@ -256,6 +268,13 @@ def main() -> None:
     parser.add_argument("--int8-kernels", default="fbgemm", help="as the app's --int8-kernels [fbgemm]")
     parser.add_argument(
         "--answers", choices=sorted(ANSWER_KINDS), default="natural", help="what each answer's tokens are"
+    )
+    parser.add_argument(
+        "--exemplars",
+        type=int,
+        choices=range(len(EXEMPLARS) + 1),
+        default=0,
+        help="few-shot examples before each turn, as the Chat tab sends them (writes chat_turns_Nshot.*)",
     )
     parser.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads (0: its choice)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))

@@ -374,7 +374,8 @@ def test_the_chat_tab_sizes_its_budget_from_the_setting(engine):
 
 
 # --------------------------------------------------------------------------- the benchmark
-def test_the_chat_turns_benchmark_runs_on_the_tiny_model(tmp_path):
+@pytest.mark.parametrize("exemplars", [0, 2])
+def test_the_chat_turns_benchmark_runs_on_the_tiny_model(tmp_path, exemplars):
     """benchmarks/chat_turns.py's logic (the real-size run is the lead's): turn 2 prefills less
     with reuse, both ways write the same tokens, and the result files are written."""
     import argparse
@@ -387,7 +388,13 @@ def test_the_chat_turns_benchmark_runs_on_the_tiny_model(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     args = argparse.Namespace(
-        model="tiny-random", precision="auto", repeats=1, threads=0, answers="natural", int8_kernels="fbgemm"
+        model="tiny-random",
+        precision="auto",
+        repeats=1,
+        threads=0,
+        answers="natural",
+        int8_kernels="fbgemm",
+        exemplars=exemplars,
     )
     results = bench.run(args)
     bench.write(results, tmp_path)
@@ -399,8 +406,12 @@ def test_the_chat_turns_benchmark_runs_on_the_tiny_model(tmp_path):
     assert reuse["turn1_prefill_positions"] == plain["turn1_prefill_positions"]
     assert reuse["kept_prefix_bytes"] > 0 == plain["kept_prefix_bytes"]
     assert results["same_answers"] is True
-    assert json.loads((tmp_path / "chat_turns.json").read_text()) == results
-    assert "| reuse |" in (tmp_path / "chat_turns.md").read_text()
+    name = f"chat_turns_{exemplars}shot" if exemplars else "chat_turns"
+    assert json.loads((tmp_path / f"{name}.json").read_text()) == results
+    assert "| reuse |" in (tmp_path / f"{name}.md").read_text()
+    if exemplars:  # the examples are part of what turn 1 prefills, so of what turn 2 reuses
+        without = bench.run(argparse.Namespace(**{**vars(args), "exemplars": 0}))["results"]["no_reuse"]
+        assert plain["turn1_prefill_positions"] > without["turn1_prefill_positions"]
 
 
 def test_the_benchmark_s_natural_answers_are_what_the_chat_writes(engine, photo):
