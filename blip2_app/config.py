@@ -20,7 +20,7 @@ DEFAULT_MODEL = "blip2-opt-2.7b"
 PRECISION_CHOICES = ("auto", *PRESETS)
 CACHE_EXAMPLES_CHOICES = ("auto", "lazy", "off")
 INT8_KERNELS_CHOICES = ("fbgemm", "onednn")  # quantization.INT8_KERNELS (torch-free here)
-PACKING_CHOICES = ("background", "startup")  # packing.PACKING_CHOICES (torch-free here)
+PACKING_CHOICES = ("background", "startup")  # when dynamic-int8 layers are packed (packing.py)
 BACKEND_CHOICES = tuple(BACKENDS)  # --backend: the names in backends.BACKENDS
 
 

@@ -256,7 +256,7 @@ def load_model(
     vision weights are byte-identical (BLIP-2 keeps the image encoder frozen): ~1 B parameters saved.
     With `cache`, a dynamic-int8 model is read from (or written to) the weight cache.
     Dynamic-int8 layers are read as weight-only int8 ones and packed before returning, or with
-    `pack=False` left to `loaded.packer` (startup.py packs them while the app serves).
+    `pack=False` left as they are (startup.pack_int8_layers packs them, possibly while serving).
     """
     started = time.perf_counter()
     model_class = getattr(transformers, entry.family.architecture)
@@ -336,12 +336,11 @@ def load_model(
         else "",
         fingerprint_source=fingerprint,
     )
-    to_pack = slots_to_pack(model, precisions)
+    to_pack = slots_to_pack(model, precisions) if pack else []
     if to_pack:
         loaded.packer = LayerPacker(to_pack)
-        if pack:
-            loaded.packer.pack_now()
-            loaded.load_seconds = time.perf_counter() - started
+        loaded.packer.pack_now()
+        loaded.load_seconds = time.perf_counter() - started
     log.info("Loaded %s in %.1fs: %s", entry.name, loaded.load_seconds, precisions.as_dict())
     return loaded
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from . import quantization
-from .precisions import COMPONENT_MODULES, DYNAMIC_INT8
+from .precisions import COMPONENT_MODULES, DYNAMIC_INT8, ComponentPrecisions
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class _Slot:
     layer: quantization.WeightOnlyInt8Linear
 
 
-def slots_to_pack(model: torch.nn.Module, precisions: Any) -> list[_Slot]:
+def slots_to_pack(model: torch.nn.Module, precisions: ComponentPrecisions) -> list[_Slot]:
     """The weight-only layers of `model` that stand for dynamic-int8 ones (`precisions` being
     the requested ones): every WeightOnlyInt8Linear under a dynamic-int8 component."""
     slots = []
@@ -73,7 +73,7 @@ class LayerPacker:
         # (anonymous memory on a first start, 3.8 GB at real size) beside the packed copy.
         self.slots: list[_Slot | None] = list(unique.values())
         self.total = len(self.slots)
-        self.bytes = sum(quantization.packed_parameters(s.layer) for s in self.slots if s)
+        self.bytes = sum(quantization.packed_bytes(s.layer) for s in unique.values())
         self.done = 0
         self.background = False
         self.seconds: float | None = None  # set when every layer is packed
@@ -183,8 +183,7 @@ class LayerPacker:
 
     def _pack(self, index: int) -> None:
         slot = self.slots[index]
-        if slot is None:  # packed by an earlier run
-            return
+        assert slot is not None  # each index is handed out once
         packed = quantization.packed_from_weight_only(slot.layer)
         setattr(slot.parent, slot.name, packed)  # one attribute store: a forward pass sees either
         self.slots[index] = None

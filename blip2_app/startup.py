@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from .errors import CheckpointUnreachableError, ModelLoadError
 from .images import ImageLimits
 from .loading import LoadedModel, load_model, pick_device, resolve_precisions
 from .memory import check_memory, memory_budget
-from .packing import BACKGROUND_MIN_BYTES, LayerPacker
+from .packing import BACKGROUND_MIN_BYTES, LayerPacker, slots_to_pack
 from .registry import ModelEntry, Registry
 from .weight_cache import WeightCache
 
@@ -64,22 +65,15 @@ def _load_engine(settings: Settings, registry: Registry | None = None) -> Engine
             tune_allocator(serving=True)
 
     try:
-        engine = _load_models(settings, registry)
+        return _load_models(settings, registry, serving_allocator)
     except BaseException:
         serving_allocator()
         raise
-    # Packing in the background allocates like loading does: the loading settings stay until then.
-    packers = [
-        m.packer for m in (engine.text.loaded if engine.text else None, engine.matcher) if m and m.packer
-    ]
-    if packers:
-        packers[0].when_done(serving_allocator)
-    else:
-        serving_allocator()
-    return engine
 
 
-def _load_models(settings: Settings, registry: Registry | None) -> Engine:
+def _load_models(settings: Settings, registry: Registry | None, when_packed: Callable[[], None]) -> Engine:
+    """The engine; `when_packed` is called once its int8 layers are packed (at once if none are
+    left to pack when it returns)."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     registry = registry or Registry.load([settings.models_file] if settings.models_file else [])
@@ -139,8 +133,12 @@ def _load_models(settings: Settings, registry: Registry | None) -> Engine:
     allow_pillow_pixels(settings.max_image_pixels)
     limits = ImageLimits(max_pixels=settings.max_image_pixels, max_bytes=settings.max_upload_mb * 1024 * 1024)
     engine = Engine(text, matcher, cache, limits)
-    if packer is not None and packer.background:
+    if packer is None:
+        when_packed()
+    else:
+        # What was computed while packing is keyed apart (LoadedModel.weights_final): free it.
         packer.when_done(engine.cache.clear)
+        packer.when_done(when_packed)
     return engine
 
 
@@ -149,11 +147,12 @@ def pack_int8_layers(models: list[LoadedModel], when: str) -> LayerPacker | None
     returning, or with `when="background"` while the app serves, when the model is large enough
     for that to pay (packing.BACKGROUND_MIN_BYTES) and torch's weight-only kernel, which serves
     meanwhile, works here."""
-    packer = LayerPacker([slot for m in models if m.packer for slot in m.packer.slots if slot])
+    slots = {id(m): slots_to_pack(m.model, m.precisions) for m in models}
+    packer = LayerPacker([slot for group in slots.values() for slot in group])
     if not packer.total:
         return None
     for model in models:
-        model.packer = packer if model.packer else None
+        model.packer = packer if slots[id(model)] else None
     if when == "background" and packer.bytes >= BACKGROUND_MIN_BYTES:
         try:
             quantization.check_weight_only_ops()
