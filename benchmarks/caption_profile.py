@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", required=True)
-    parser.add_argument("--precision", default="dynamic-int8")
+    parser.add_argument("--precision", default="auto", help="as the app's --precision [auto]")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--int8-kernels", default="fbgemm", help="as the app's --int8-kernels [fbgemm]")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))

@@ -169,7 +169,7 @@ def _engine(args: argparse.Namespace, retrieval: bool, images: int = 0) -> Engin
     registry = Registry.load([settings.models_file] if settings.models_file else [])
     if not retrieval:
         if images and settings.precision == "auto":
-            settings = settings.replace(precision=_one_shot(settings, registry, images))
+            settings = _one_shot(settings, registry, images)
         return load_engine(settings.replace(retrieval_model="none"), registry)
     entry = resolve_model(registry, settings.model, "--model")
     partner = retrieval_model_for(entry)
@@ -178,19 +178,24 @@ def _engine(args: argparse.Namespace, retrieval: bool, images: int = 0) -> Engin
     return load_engine(settings.replace(model=partner), registry)
 
 
-def _one_shot(settings: Settings, registry: Registry, images: int) -> str:
-    """`one_shot_precision` for this machine and model; a model that does not resolve here keeps
-    auto (load_engine then reports it, or starts on --fallback-model), as does a --device this
-    machine lacks."""
-    from .loading import pick_device
+def _one_shot(settings: Settings, registry: Registry, images: int) -> Settings:
+    """`settings` at `one_shot_precision` for this machine and model; a model that does not
+    resolve here keeps auto (load_engine then reports it, or starts on --fallback-model), as does a
+    --device this machine lacks. The vision encoder keeps the precision the app's auto gives it
+    (bf16 on a CPU with AMX), so the CLI and the app read one weight-cache entry: two entries of
+    one checkpoint would replace each other on every start."""
+    from .loading import auto_vision_precision, pick_device
     from .startup import resolve_model
 
     try:
         entry = resolve_model(registry, settings.model, "--model")
         device = pick_device(settings.device)
     except UserFacingError:
-        return settings.precision
-    return one_shot_precision(settings, entry.precision.get("cpu", "auto"), images, device.type)
+        return settings
+    precision = one_shot_precision(settings, entry.precision.get("cpu", "auto"), images, device.type)
+    if precision == settings.precision:
+        return settings
+    return settings.replace(precision=precision, vision_precision=auto_vision_precision(device))
 
 
 def _image_files(paths: Sequence[str]) -> None:

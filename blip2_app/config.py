@@ -45,9 +45,11 @@ class Settings:
     mcp: bool = False
     concurrency: int = 1
     # Caption and answer requests that arrive together run as one engine batch (batching.py): at
-    # most this many (1: one at a time), the first waiting `batch_wait_ms` for others to join.
+    # most this many (1: one at a time); it starts once none has joined for `batch_wait_ms`, or
+    # `batch_max_wait_ms` after the first.
     max_batch_size: int = 8
-    batch_wait_ms: float = 30.0
+    batch_wait_ms: float = 100.0
+    batch_max_wait_ms: float = 500.0
     # Batch at dynamic-int8 / int8 too, whose results then depend slightly on the batch-mates
     # (activations are quantized per batch); off: at those precisions requests run one at a time.
     batch_quantized: bool = False
@@ -138,6 +140,11 @@ class Settings:
             )
         if not 0 <= self.batch_wait_ms <= 10_000:  # also refuses NaN
             raise SettingsError(f"batch_wait_ms must be from 0 to 10000; got {self.batch_wait_ms}.")
+        if not self.batch_wait_ms <= self.batch_max_wait_ms <= 10_000:
+            raise SettingsError(
+                f"batch_max_wait_ms must be from batch_wait_ms ({self.batch_wait_ms}) to 10000; "
+                f"got {self.batch_max_wait_ms}."
+            )
         for name in ("cache_entries", "cache_mb", "chat_prefix_mb"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be 0 (off) or more; got {getattr(self, name)}.")
@@ -262,8 +269,10 @@ def add_arguments(
         "concurrency": "model requests run at the same time",
         "max_batch_size": "caption and answer requests that arrive together run as one batch of at "
         "most this many (1 = one at a time)",
-        "batch_wait_ms": "how long the first caption or answer request waits for others to join its "
-        "batch, in milliseconds (0-10000)",
+        "batch_wait_ms": "a batch of caption and answer requests starts once none has joined it "
+        "for this long, in milliseconds (0-10000; a lone request waits this long)",
+        "batch_max_wait_ms": "... and at the latest this long after its first request arrived, in "
+        "milliseconds (batch_wait_ms-10000)",
         "batch_quantized": "batch at the dynamic-int8 and int8 precisions too: faster with many "
         "visitors, but each result then depends slightly on its batch-mates (off: one at a time)",
         "max_queue": "requests waiting at most; more get 'queue full'",

@@ -93,6 +93,9 @@ class ImageFeatures:
 def query_outputs(model, image_embeds: torch.Tensor, qformer_ids=None, qformer_mask=None) -> torch.Tensor:
     """Q-Former over the image, as in transformers' get_image_features (InstructBLIP: with text).
     The one place the queries are run: the engine serves with it and the trainer trains with it."""
+    # The Q-Former's own dtype (its query tokens'): with per-component precision the vision encoder
+    # may hand bf16 features to an fp32 or int8 Q-Former (InstructBLIP's does not cast them itself).
+    image_embeds = image_embeds.to(model.query_tokens.dtype)
     query_tokens = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
     image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
     if qformer_ids is None:

@@ -230,6 +230,17 @@ class WeightCache:
             return None
         return model
 
+    def remap(self, entry: CacheEntry, model: torch.nn.Module) -> bool:
+        """Put the entry's mapped tensors in place of `model`'s own (the model it was written
+        from: the same values), so that they leave anonymous memory. False, logged, when the entry
+        cannot be read; the model then keeps the tensors it has, wholly or in part (equal values)."""
+        try:
+            _fill(model, entry.path, json.loads((entry.path / MANIFEST).read_text()))
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
+            log.warning("Could not map the weight cache %s just written: %s", entry.path, error)
+            return False
+        return True
+
 
 class PendingEntry:
     """An entry being written: safetensors shards of about SHARD_BYTES in a staging folder, and

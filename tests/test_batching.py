@@ -9,10 +9,12 @@ with other decoding settings get theirs, and a bad request fails alone with its 
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from running_app import free_port
@@ -64,7 +66,7 @@ class Recorder:
 
 def test_jobs_sent_together_run_as_one_call_and_each_gets_its_own_result():
     run = Recorder()
-    batcher = Batcher(run, key=lambda job: "same", limits=BatchLimits(max_size=6, wait_s=1.0))
+    batcher = Batcher(run, key=lambda job: "same", limits=BatchLimits(max_size=6, wait_s=1.0, max_wait_s=2.0))
     assert at_once(batcher, [1, 2, 3, 4, 5, 6]) == [2, 4, 6, 8, 10, 12]
     assert len(run.calls) == 1 and sorted(run.calls[0]) == [1, 2, 3, 4, 5, 6]
     assert list(batcher.history) == [(6, 1)]
@@ -72,7 +74,7 @@ def test_jobs_sent_together_run_as_one_call_and_each_gets_its_own_result():
 
 def test_a_batch_holds_at_most_max_size_jobs():
     run = Recorder()
-    batcher = Batcher(run, key=lambda job: "same", limits=BatchLimits(max_size=3, wait_s=1.0))
+    batcher = Batcher(run, key=lambda job: "same", limits=BatchLimits(max_size=3, wait_s=1.0, max_wait_s=2.0))
     assert at_once(batcher, [1, 2, 3, 4, 5, 6, 7]) == [2, 4, 6, 8, 10, 12, 14]
     assert all(len(call) <= 3 for call in run.calls) and sum(map(len, run.calls)) == 7
     assert len(run.calls) >= 3
@@ -81,7 +83,9 @@ def test_a_batch_holds_at_most_max_size_jobs():
 def test_incompatible_jobs_run_as_separate_calls():
     run = Recorder()
     # Numbers may share a call with those of the same remainder by 3.
-    batcher = Batcher(run, key=lambda job: job % 3, limits=BatchLimits(max_size=6, wait_s=1.0))
+    batcher = Batcher(
+        run, key=lambda job: job % 3, limits=BatchLimits(max_size=6, wait_s=1.0, max_wait_s=2.0)
+    )
     assert at_once(batcher, [1, 2, 3, 4, 5, 6]) == [2, 4, 6, 8, 10, 12]
     assert sorted(sorted(call) for call in run.calls) == [[1, 4], [2, 5], [3, 6]]
     assert list(batcher.history) == [(6, 3)]
@@ -89,12 +93,41 @@ def test_incompatible_jobs_run_as_separate_calls():
 
 def test_a_failing_job_fails_alone_and_its_batch_mates_get_their_results():
     run = Recorder()
-    batcher = Batcher(run, key=lambda job: "same", limits=BatchLimits(max_size=4, wait_s=1.0))
+    batcher = Batcher(run, key=lambda job: "same", limits=BatchLimits(max_size=4, wait_s=1.0, max_wait_s=2.0))
     results = at_once(batcher, [1, -7, 3, 4])
     assert results[0] == 2 and results[2:] == [6, 8]
     assert isinstance(results[1], ValueError) and str(results[1]) == "negative: -7"
     # The shared call failed, then each job ran alone.
     assert sorted(run.calls[0]) == [-7, 1, 3, 4] and sorted(run.calls[1:]) == [[-7], [1], [3], [4]]
+
+
+def arriving(batcher, jobs, every_s):
+    """Submit `jobs` from their own threads, one every `every_s` seconds; their results."""
+
+    def send(index_job):
+        index, job = index_job
+        time.sleep(index * every_s)
+        return batcher.submit(job)
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        return list(pool.map(send, enumerate(jobs)))
+
+
+def test_a_batch_waits_while_requests_keep_arriving():
+    """Five jobs 0.3 s apart, 1.2 s from first to last: each comes within the 0.5 s quiet wait of
+    the one before, so all share one call (a wait counted from the first would have split them)."""
+    run = Recorder()
+    batcher = Batcher(run, key=lambda job: "same", limits=BatchLimits(max_size=8, wait_s=0.5, max_wait_s=5.0))
+    assert arriving(batcher, [1, 2, 3, 4, 5], every_s=0.3) == [2, 4, 6, 8, 10]
+    assert run.calls == [[1, 2, 3, 4, 5]]
+
+
+def test_a_batch_starts_by_its_longest_wait_however_requests_keep_arriving():
+    run = Recorder()
+    batcher = Batcher(run, key=lambda job: "same", limits=BatchLimits(max_size=8, wait_s=0.5, max_wait_s=0.7))
+    assert arriving(batcher, [1, 2, 3, 4, 5], every_s=0.3) == [2, 4, 6, 8, 10]
+    assert len(run.calls) >= 2 and sorted(job for call in run.calls for job in call) == [1, 2, 3, 4, 5]
+    assert run.calls[0][0] == 1 and 5 not in run.calls[0]
 
 
 def test_a_lone_job_waits_no_longer_than_the_batch_wait():
@@ -108,10 +141,14 @@ def test_batch_settings_are_validated():
         BatchLimits(max_size=0)
     with pytest.raises(ValueError, match="wait_s"):
         BatchLimits(wait_s=float("nan"))
+    with pytest.raises(ValueError, match="max_wait_s"):
+        BatchLimits(wait_s=0.2, max_wait_s=0.1)
     with pytest.raises(SettingsError, match="max_batch_size"):
         Settings(max_batch_size=0)
     with pytest.raises(SettingsError, match="batch_wait_ms"):
         Settings(batch_wait_ms=-1)
+    with pytest.raises(SettingsError, match="batch_max_wait_ms"):
+        Settings(batch_wait_ms=200, batch_max_wait_ms=100)
 
 
 def test_batch_dependent_precisions_run_one_at_a_time(load_tiny):
@@ -123,6 +160,39 @@ def test_batch_dependent_precisions_run_one_at_a_time(load_tiny):
     assert exact_batches(load_tiny("tiny-random", retrieval_model="none"))  # fp32
 
 
+def test_a_bf16_vision_encoder_takes_concurrent_images_in_one_batch(load_tiny, images):
+    """The app's CPU default with AMX: vision bf16, Q-Former and language model dynamic-int8. The
+    vision encoder runs once for the batch (a float precision: rows differ from their own alone by
+    rounding at most, kernels being chosen by row count); the Q-Former, whose int8 activations take
+    one scale per call, reads each image alone."""
+    engine = load_tiny(
+        "tiny-random",
+        precision="dynamic-int8",
+        vision_precision="bf16",
+        retrieval_model="none",
+        cache_entries=0,
+    )
+    backend, model = engine.text, engine.text.loaded.model
+    vision_rows, qformer_rows = [], []
+    hooks = [
+        model.vision_model.register_forward_hook(
+            lambda m, a, k, out: vision_rows.append(out[0].shape[0]), with_kwargs=True
+        ),
+        model.qformer.register_forward_hook(
+            lambda m, a, k, out: qformer_rows.append(out[0].shape[0]), with_kwargs=True
+        ),
+    ]
+    try:
+        prepared = engine.prepare(images[:3])
+        together = backend._language_inputs(prepared, [""] * 3)
+        assert vision_rows == [3] and qformer_rows == [1, 1, 1]
+        alone = torch.cat([backend._language_inputs([p], [""]) for p in prepared])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    torch.testing.assert_close(together, alone, rtol=0.02, atol=0.02)  # bf16 rounding
+
+
 # ----------------------------------------------------------------------------- through the app
 @pytest.fixture(scope="module")
 def counted_app():
@@ -130,7 +200,12 @@ def counted_app():
     from blip2_app.ui import build_demo, launch_options
 
     settings = Settings(
-        model="tiny-random", port=free_port(), max_batch_size=5, batch_wait_ms=WAIT_MS, cache_entries=0
+        model="tiny-random",
+        port=free_port(),
+        max_batch_size=5,
+        batch_wait_ms=WAIT_MS,
+        batch_max_wait_ms=WAIT_MS,
+        cache_entries=0,
     )
     engine = load_engine(settings)
     language_model = engine.text.loaded.model.language_model

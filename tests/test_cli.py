@@ -219,10 +219,14 @@ def test_the_cli_asks_the_registry_for_the_models_cpu_default(tmp_path):
 
     registry = Registry.load()
     folder = str(ensure_tiny_checkpoint("blip2-opt"))
-    assert cli._one_shot(Settings(model=folder, device="cpu"), registry, 1) == "int8-weight-only"
-    assert cli._one_shot(Settings(model=folder, device="cpu"), registry, 5) == "auto"
-    assert cli._one_shot(Settings(model="tiny-random", device="cpu"), registry, 1) == "auto"
-    assert cli._one_shot(Settings(model=str(tmp_path / "missing"), device="cpu"), registry, 1) == "auto"
+
+    def one_shot_of(model, images):
+        return cli._one_shot(Settings(model=model, device="cpu"), registry, images).precision
+
+    assert one_shot_of(folder, 1) == "int8-weight-only"
+    assert one_shot_of(folder, 5) == "auto"
+    assert one_shot_of("tiny-random", 1) == "auto"
+    assert one_shot_of(str(tmp_path / "missing"), 1) == "auto"
 
 
 @pytest.mark.parametrize(
@@ -256,3 +260,31 @@ def test_caption_and_ask_load_the_engine_at_the_one_shot_precision(monkeypatch, 
     with pytest.raises(Stop):
         {"caption": cli._caption, "ask": cli._ask}[argv[0]](args)
     assert loaded[0].precision == expected and loaded[0].retrieval_model == "none"
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_a_one_shot_job_reads_the_apps_weight_cache_entry(monkeypatch, amx):
+    """The CLI's one-photo precision (int8-weight-only) keeps the vision precision the app's auto
+    gives (bf16 with AMX): both are keyed to one cache entry, else each start would write its own
+    and drop the other's (weight_cache: one entry per checkpoint)."""
+    import torch
+
+    from blip2_app import cli, loading
+    from blip2_app.config import Settings
+    from blip2_app.precisions import cache_key_precisions
+    from blip2_app.registry import Registry
+    from blip2_app.startup import resolve_model
+    from blip2_app.testing import ensure_tiny_checkpoint
+
+    monkeypatch.setattr(loading, "cpu_has_amx_bf16", lambda: amx)
+    registry = Registry.load()
+    folder = str(ensure_tiny_checkpoint("blip2-opt"))
+    entry = resolve_model(registry, folder, "--model")
+    cpu = torch.device("cpu")
+    app, _ = loading.resolve_precisions("auto", entry, cpu)
+    one = cli._one_shot(Settings(model=folder, device="cpu"), registry, 1)
+    job, _ = loading.resolve_precisions(one.precision, entry, cpu, one.precision_overrides)
+    assert job.llm == "int8-weight-only" and app.llm == "dynamic-int8"
+    assert app.vision == ("bf16" if amx else "dynamic-int8")
+    assert job.vision == ("bf16" if amx else "int8-weight-only")
+    assert cache_key_precisions(job) == cache_key_precisions(app)

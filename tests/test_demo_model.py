@@ -191,6 +191,23 @@ def test_few_shot_examples_and_instructions_do_not_change_the_answer(demo_engine
 
 
 @randomised_model
+def test_an_answer_may_repeat_an_earlier_answer_or_an_examples(demo_engine):
+    """With the app's default decoding (no repeated 3-grams): "is there a circle?" yes, then "is
+    there a square?" must still be able to say yes, and an example answered "circle" must not
+    forbid the answer circle. Before the ban counted the new tokens only: 0 of 20 follow-ups."""
+    scenes = [synthetic.make_scene(20266, "test", i, count=2, style="paint") for i in range(20)]
+    followups = examples = 0
+    for scene in scenes:
+        image, (first, second) = scene.render(), scene.objects[:2]
+        history = [ChatTurn(f"is there a {first.shape}?", "yes")]
+        followups += demo_engine.chat(image, f"is there a {second.shape}?", history=history).text == "yes"
+        exemplars = [ChatTurn(f"what shape is the {first.colour} one?", first.shape)]
+        answer = demo_engine.chat(image, f"what shape is the {first.colour} one?", exemplars=exemplars)
+        examples += answer.text == first.shape
+    assert followups >= 17 and examples >= 17, (followups, examples)
+
+
+@randomised_model
 @pytest.mark.parametrize(
     "renderer",
     [

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from blip2_app.backends.base import trim_generated
+from blip2_app.backends.local import NewTokensNoRepeatNGram
 from blip2_app.generation import GenerationSettings
 from blip2_app.prompts import ChatTurn
 from tests.conftest import GENERATING_MODELS
@@ -21,7 +22,13 @@ def direct_generate(loaded, image, prompt: str, generation: GenerationSettings) 
     with torch.no_grad():
         if generation.seed is not None:
             torch.manual_seed(generation.seed)
-        output = loaded.model.generate(**inputs, **generation.generate_kwargs())
+        kwargs = generation.generate_kwargs()
+        if loaded.entry.family.decoder_only and kwargs["no_repeat_ngram_size"]:
+            # The engine bans repeated n-grams among the new tokens only, as LAVIS does; given the
+            # prompt's ids, transformers' own ban would count the prompt too (test below).
+            size, kwargs["no_repeat_ngram_size"] = kwargs["no_repeat_ngram_size"], 0
+            kwargs["logits_processor"] = [NewTokensNoRepeatNGram(size, inputs["input_ids"].shape[1])]
+        output = loaded.model.generate(**inputs, **kwargs)
     if loaded.entry.family.decoder_only:
         output = output[:, inputs["input_ids"].shape[1] :]
     else:
@@ -96,3 +103,13 @@ def test_nucleus_seed_is_reproducible_and_seeds_differ(load_tiny, images):
     other = engine.caption([images[0]], generation=sample.replace(seed=8))[0]
     assert [c.token_ids for c in first] == [c.token_ids for c in again]
     assert [c.token_ids for c in first] != [c.token_ids for c in other]
+
+
+def test_the_n_gram_ban_counts_the_new_tokens_only():
+    """Prompt 5 9 7 5 9: transformers' ban would forbid 7 after 5 9; with no new tokens yet nothing
+    is banned. New tokens 1 2 3 1 2: 3 is banned after 1 2, as transformers bans it."""
+    ban = NewTokensNoRepeatNGram(3, prompt_length=5)
+    scores = torch.zeros(1, 10)
+    assert torch.isfinite(ban(torch.tensor([[5, 9, 7, 5, 9]]), scores.clone())).all()
+    banned = ban(torch.tensor([[5, 9, 7, 5, 9, 1, 2, 3, 1, 2]]), scores.clone())
+    assert torch.isinf(banned[0, 3]) and torch.isfinite(banned[0, torch.arange(10) != 3]).all()

@@ -122,3 +122,37 @@ def test_a_registry_entry_can_set_a_precision_per_component(tmp_path):
     user.write_text(json.dumps({"models": {"broken": models["broken"]}}))
     with pytest.raises(ModelLoadError, match="default precision for broken: Unknown precision 'int3'"):
         resolve_precisions("auto", Registry.load([user]).resolve("broken"), cpu)
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_runs_the_vision_encoder_in_bf16_on_a_cpu_with_amx(monkeypatch, amx):
+    """Only `auto` moves the vision encoder off int8 (with a note for the Model tab); an explicit
+    preset or --vision-precision is kept as asked, and a GPU is not concerned."""
+    from blip2_app import loading
+    from blip2_app.registry import Registry
+
+    monkeypatch.setattr(loading, "cpu_has_amx_bf16", lambda: amx)
+    entry = Registry.load().resolve("blip2-opt-2.7b")
+    cpu = torch.device("cpu")
+    precisions, notes = resolve_precisions("auto", entry, cpu)
+    expected_vision = "bf16" if amx else "dynamic-int8"
+    assert precisions == ComponentPrecisions(expected_vision, "dynamic-int8", "dynamic-int8")
+    assert any("AMX" in note for note in notes) == amx
+    assert resolve_precisions("dynamic-int8", entry, cpu)[0].vision == "dynamic-int8"
+    kept, kept_notes = resolve_precisions("auto", entry, cpu, {"vision": "dynamic-int8"})
+    assert kept.vision == "dynamic-int8" and not any("AMX" in note for note in kept_notes)
+    assert resolve_precisions("auto", entry, torch.device("cuda"))[0].vision == "fp16"
+    # A model whose registry default is not int8 keeps it (tiny-random: fp32).
+    assert resolve_precisions("auto", Registry.load().resolve("tiny-random"), cpu)[0].vision == "fp32"
+
+
+@pytest.mark.parametrize(
+    "name", ["tiny-random", "tiny-random-t5", "tiny-random-instructblip", "tiny-random-instructblip-t5"]
+)
+def test_a_bf16_vision_encoder_feeds_an_int8_q_former(load_tiny, images, name):
+    """auto's mix on a CPU with AMX, for every family: InstructBLIP's Q-Former does not cast the
+    vision features to its own dtype, so the engine does."""
+    engine = load_tiny(name, precision="dynamic-int8", vision_precision="bf16", retrieval_model="none")
+    assert engine.text.loaded.precisions == ComponentPrecisions("bf16", "dynamic-int8", "dynamic-int8")
+    out = engine.caption([images[0]], generation=GenerationSettings(decoding="greedy", max_new_tokens=3))
+    assert out[0][0].token_ids

@@ -13,7 +13,8 @@ from threading import Event, Thread
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 from transformers.generation.streamers import BaseStreamer
 
 from ..cache import FeatureCache
@@ -92,11 +93,22 @@ class LocalBackend(CheckpointText):
             return model.language_projection(query_output.to(input_dtype(model.language_projection)))
 
         if not self.entry.family.instruction_aware:
+
+            def image_tokens(batch: list[PreparedImage]) -> torch.Tensor:
+                # The vision encoder takes the batch whole at a float precision (bf16 with AMX);
+                # a Q-Former whose int8 activations share one scale per call then reads one image
+                # at a time, so no image's tokens depend on another's scale.
+                embeds = self.vision.vision_embeds(loaded, batch)
+                rows = 1 if loaded.batch_dependent("qformer") else len(batch)
+                return torch.cat(
+                    [project(query_outputs(model, embeds[i : i + rows])) for i in range(0, len(batch), rows)]
+                )
+
             return self.vision.cached(
                 ("language_inputs", id(model), loaded.weights_final),
                 images,
-                lambda batch: project(query_outputs(model, self.vision.vision_embeds(loaded, batch))),
-                one_at_a_time=loaded.batch_dependent("vision", "qformer"),
+                image_tokens,
+                one_at_a_time=loaded.batch_dependent("vision"),
             )
         # InstructBLIP's Q-Former reads the instruction too: only the vision encoder is cached.
         image_embeds = self.vision.vision_embeds(loaded, images)
@@ -130,7 +142,9 @@ class LocalBackend(CheckpointText):
         with torch.inference_mode():
             if generation.seed is not None:
                 torch.manual_seed(generation.seed)
-            output = self.loaded.model.language_model.generate(**inputs, **generation.generate_kwargs())
+            output = self.loaded.model.language_model.generate(
+                **inputs, **generate_kwargs(inputs, generation)
+            )
         if "input_ids" in inputs:  # decoder-only: generate returns prompt + continuation
             new = output[:, inputs["input_ids"].shape[1] :]
         else:  # encoder-decoder: drop the decoder start token
@@ -143,7 +157,10 @@ class LocalBackend(CheckpointText):
         self, image: PreparedImage, prompt: str, generation: GenerationSettings
     ) -> list[tuple[list[int], float]]:
         inputs = self.generate_inputs([image], [prompt])
-        kwargs = generation.generate_kwargs() | {"output_scores": True, "return_dict_in_generate": True}
+        kwargs = generate_kwargs(inputs, generation) | {
+            "output_scores": True,
+            "return_dict_in_generate": True,
+        }
         with torch.inference_mode():
             output = self.loaded.model.language_model.generate(**inputs, **kwargs)
         new = (
@@ -224,7 +241,7 @@ class LocalBackend(CheckpointText):
                         torch.manual_seed(generation.seed)
                     output = self.loaded.model.language_model.generate(
                         **inputs,
-                        **generation.generate_kwargs(),
+                        **generate_kwargs(inputs, generation),
                         **extra,
                         streamer=_QueueStreamer(tokens),
                         stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]),
@@ -298,3 +315,31 @@ class _StopWhenSet(StoppingCriteria):
         return torch.full(  # type: ignore[return-value]
             (input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device
         )
+
+
+class NewTokensNoRepeatNGram(NoRepeatNGramLogitsProcessor):
+    """transformers' n-gram ban over the generated tokens only (the ids after `prompt_length`)."""
+
+    def __init__(self, ngram_size: int, prompt_length: int):
+        super().__init__(ngram_size)
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return super().__call__(input_ids[:, self.prompt_length :], scores)
+
+
+def generate_kwargs(inputs: dict[str, torch.Tensor], generation: GenerationSettings) -> dict[str, Any]:
+    """`generation`'s keyword arguments for the language model's `generate`, with the n-gram ban
+    over the new tokens only. transformers bans the n-grams of the whole sequence, which for a
+    decoder-only model holds the prompt: an answer could never repeat three tokens of the question,
+    of an earlier turn or of a few-shot example ("Answer: yes." in the history forbade " yes" after
+    "Answer:"; the demo model's few-shot VQA lost 0.086 to it). LAVIS generates from embeddings
+    alone, so its ban sees the new tokens only, as here."""
+    kwargs = generation.generate_kwargs()
+    size = kwargs.get("no_repeat_ngram_size", 0)
+    if "input_ids" in inputs and size:
+        kwargs["no_repeat_ngram_size"] = 0
+        kwargs["logits_processor"] = LogitsProcessorList(
+            [NewTokensNoRepeatNGram(size, inputs["input_ids"].shape[1])]
+        )
+    return kwargs

@@ -80,7 +80,11 @@ class TabContext:
     @cached_property
     def batcher(self) -> TextBatcher:
         """The app's one caption-and-answer batcher (see blip2_app/batching.py)."""
-        limits = BatchLimits(self.settings.max_batch_size, self.settings.batch_wait_ms / 1000)
+        limits = BatchLimits(
+            self.settings.max_batch_size,
+            self.settings.batch_wait_ms / 1000,
+            self.settings.batch_max_wait_ms / 1000,
+        )
         return TextBatcher(self.engine, limits, batch_quantized=self.settings.batch_quantized)
 
     def batched_model_event(self, handler: Callable[..., Any]) -> dict[str, Any]:
