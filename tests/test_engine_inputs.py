@@ -67,7 +67,9 @@ def test_an_empty_answer_is_said_not_returned(load_tiny, monkeypatch):
 
     original = language_model.generate
     monkeypatch.setattr(
-        language_model, "generate", lambda **kw: original(**kw, logits_processor=[EndAtOnce()])
+        language_model,
+        "generate",
+        lambda **kw: original(**{**kw, "logits_processor": [*kw.get("logits_processor", []), EndAtOnce()]}),
     )
     photo = str(sorted((Path(__file__).parents[1] / "assets" / "examples").glob("*.jpg"))[0])
     greedy = GenerationSettings(decoding="greedy", max_new_tokens=5)
