@@ -116,6 +116,16 @@ def query_outputs(model, image_embeds: torch.Tensor, qformer_ids=None, qformer_m
     return out.last_hidden_state[:, : query_tokens.shape[1], :]
 
 
+def qformer_chunks(loaded: LoadedModel, image_embeds: torch.Tensor) -> Generator[torch.Tensor, None, None]:
+    """`image_embeds` in the slices the Q-Former may read in one call: one image at a time where
+    its rows depend on their batch-mates (int8 activations share one scale per call), so that an
+    image's features are the same whichever images it came with; else all at once (an empty
+    batch: one empty slice)."""
+    rows = 1 if loaded.batch_dependent("qformer") else max(1, len(image_embeds))
+    for start in range(0, max(1, len(image_embeds)), rows):
+        yield image_embeds[start : start + rows]
+
+
 class VisionCache:
     """Per-image tensors in the engine's FeatureCache, the missing ones computed in batches. The
     engine's retrieval features and the local backend's image tokens both read through it, so a
@@ -468,13 +478,11 @@ class Engine:
         model = loaded.model
         prepared = self.prepare(images)
         image_embeds = self.vision.vision_embeds(loaded, prepared, progress)
-        # One image at a time where rows depend on their batch-mates (VisionCache.cached): an
-        # image's features are then the same in a gallery and as a query.
-        rows = 1 if loaded.batch_dependent("qformer") else max(1, len(image_embeds))
+        # An image's features are the same in a gallery and as a query (qformer_chunks).
         queries, projected = [], []
         with torch.inference_mode():
-            for start in range(0, max(1, len(image_embeds)), rows):  # an empty list: one empty batch
-                query = query_outputs(model, image_embeds[start : start + rows])
+            for chunk in qformer_chunks(loaded, image_embeds):
+                query = query_outputs(model, chunk)
                 queries.append(query)
                 projected.append(model.vision_projection(query.to(input_dtype(model.vision_projection))))
         query, projections = torch.cat(queries), F.normalize(torch.cat(projected), dim=-1)

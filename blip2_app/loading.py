@@ -102,10 +102,11 @@ def resolve_precisions(
         chosen = PRESETS[name].as_dict()
     else:
         raise ModelLoadError(f"Unknown precision preset {name!r}; choose from auto, {', '.join(PRESETS)}.")
-    chosen.update({k: v for k, v in (overrides or {}).items() if v})
+    overrides = overrides or {}
+    chosen.update({k: v for k, v in overrides.items() if v})
     notes = []
     faster_vision = auto_vision_precision(device) if preset == "auto" else None
-    if faster_vision and chosen["vision"] in INT8_LINEAR_PRECISIONS and not (overrides or {}).get("vision"):
+    if faster_vision and chosen["vision"] in INT8_LINEAR_PRECISIONS and not overrides.get("vision"):
         chosen["vision"] = faster_vision
         notes.append(
             f"The vision encoder runs in {faster_vision}: this CPU has AMX tiles, on which it is about "

@@ -19,7 +19,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from ..cache import FeatureCache
 from ..chat_prefix import CachedPrefix, PrefixSlot, common_prefix_length
-from ..engine import PreparedImage, VisionCache, input_dtype, query_outputs
+from ..engine import PreparedImage, VisionCache, input_dtype, qformer_chunks, query_outputs
 from ..errors import UserFacingError
 from ..generation import GenerationSettings
 from ..loading import LoadedModel
@@ -96,12 +96,10 @@ class LocalBackend(CheckpointText):
 
             def image_tokens(batch: list[PreparedImage]) -> torch.Tensor:
                 # The vision encoder takes the batch whole at a float precision (bf16 with AMX);
-                # a Q-Former whose int8 activations share one scale per call then reads one image
-                # at a time, so no image's tokens depend on another's scale.
+                # the Q-Former reads it in the slices its precision allows.
                 embeds = self.vision.vision_embeds(loaded, batch)
-                rows = 1 if loaded.batch_dependent("qformer") else len(batch)
                 return torch.cat(
-                    [project(query_outputs(model, embeds[i : i + rows])) for i in range(0, len(batch), rows)]
+                    [project(query_outputs(model, chunk)) for chunk in qformer_chunks(loaded, embeds)]
                 )
 
             return self.vision.cached(
