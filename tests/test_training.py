@@ -23,11 +23,13 @@ from blip2_app.training.phases import (
     GenerativePretraining,
     LanguagePretraining,
     SceneCode,
+    StepResult,
     code_embeddings,
     sample_prompt,
     varied_prompt,
 )
-from blip2_app.training.train import train, twin_folder
+from blip2_app.training.train import CAPTIONING_DATA, train, twin_folder
+from blip2_app.training.trainer import run_phase
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "assets" / "models" / "blip2-shapes"
@@ -74,6 +76,56 @@ def test_configs_are_validated():
     assert (apart.prompt_variety, apart.lm_prompt_variety) == (0.25, 0.1)
     with pytest.raises(ValueError, match="language_prompt_variety"):
         TrainConfig.from_dict({"name": "x", "language_prompt_variety": 1.5})
+
+
+class _ThreadRecorder(torch.nn.Module):
+    """A phase that remembers the thread count each of its steps ran on."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(2))
+        self.threads: list[int] = []
+
+    def step(self, step, batch_size):
+        self.threads.append(torch.get_num_threads())
+        return StepResult((self.weight**2).sum(), {})
+
+    def validate(self):
+        return {}
+
+
+def test_each_step_runs_on_the_threads_of_the_schedule(tmp_path):
+    config = TrainConfig.from_dict(
+        {
+            "name": "x",
+            "threads": 1,
+            "vision": {"steps": 6, "batch_size": 1, "lr": 0.1, "threads": 2, "threads_from_step": 4},
+        }
+    )
+    assert [config.threads_at("vision", step) for step in range(6)] == [1, 1, 1, 1, 2, 2]
+    assert config.threads_at("stage1", 0) == 1  # no schedule: the config's count
+    everywhere = config.with_threads(3)  # --threads
+    assert {everywhere.threads_at(phase, 5) for phase in TrainConfig.PHASES} == {3}
+    with pytest.raises(ValueError, match="needs threads"):
+        PhaseConfig(steps=4, batch_size=1, lr=1.0, threads_from_step=2)
+    with pytest.raises(ValueError, match="between 0 and steps"):
+        PhaseConfig(steps=4, batch_size=1, lr=1.0, threads=2, threads_from_step=5)
+
+    before, waits = torch.get_num_threads(), []
+    schedule = dict(
+        threads=lambda step: config.threads_at("vision", step),
+        before_more_threads=lambda: waits.append(torch.get_num_threads()),
+    )
+    try:
+        first = _ThreadRecorder()
+        run_phase("vision", first, list(first.parameters()), config.vision, tmp_path, False, 5, **schedule)
+        assert first.threads == [1, 1, 1, 1, 2] and waits == [1]  # waited once, before raising
+        torch.set_num_threads(1)
+        resumed = _ThreadRecorder()
+        run_phase("vision", resumed, list(resumed.parameters()), config.vision, tmp_path, False, **schedule)
+        assert resumed.threads == [2] and waits == [1, 1]  # a resumed run keeps the schedule
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_losses_go_down(smoke):
@@ -306,6 +358,8 @@ def test_checkpoints_load_through_the_app(smoke):
     for folder in (model_dir, itm_dir):
         assert (folder / "model.safetensors").exists() and (folder / "processor_config.json").exists()
         assert json.loads((folder / "training.json").read_text())["finished"]
+        saved = json.loads((folder / "tokenizer.json").read_text())
+        assert saved["padding"] is None and saved["truncation"] is None  # no defaults left behind
     engine = load_engine(Settings(model=str(model_dir), retrieval_model=str(itm_dir)))
     assert engine.text.entry.family.name == "instructblip-opt"
     assert engine.matcher.entry.family.name == "blip2-itm"
@@ -451,6 +505,9 @@ def test_a_parallel_run_gives_the_weights_of_one_process(smoke, smoke_config, tm
         smoke_config, tmp_path / "model", work_dir=tmp_path / "work", progress=False, parallel=True
     )
     assert report.finished and (tmp_path / "work" / "parallel-config.json").exists()
+    # stage 2 read the data the helper rendered (the smoke recipe's captioning share is its own)
+    assert smoke_config.data.captioning_share != smoke_config.data.classic_share
+    assert (tmp_path / "work" / CAPTIONING_DATA).exists()
     for folder in (lambda r: r.out_dir, lambda r: r.itm_dir):
         one, two = (load_file(folder(r) / "model.safetensors") for r in (smoke, report))
         assert one.keys() == two.keys()

@@ -104,11 +104,22 @@ class PhaseConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.05
     checkpoint_every: int = 500
+    # PyTorch threads from step `threads_from_step` on (None: the config's `threads` throughout;
+    # the steps before it use the config's `threads`). Float sums split across threads round
+    # differently, so the schedule is part of the recipe, fixed here, never chosen at run time.
+    threads: int | None = None
+    threads_from_step: int = 0
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "batch_size", "lr", "checkpoint_every")
         if self.warmup_steps < 0 or self.weight_decay < 0:
             raise ValueError("warmup_steps and weight_decay must not be negative.")
+        if self.threads is not None:
+            _positive(self, "threads")
+        if not 0 <= self.threads_from_step <= self.steps:
+            raise ValueError(f"threads_from_step must be between 0 and steps ({self.steps}).")
+        if self.threads_from_step and self.threads is None:
+            raise ValueError("threads_from_step needs threads: the count the phase switches to.")
 
 
 @dataclass(frozen=True)
@@ -186,6 +197,21 @@ class TrainConfig:
                 raise ValueError(f"{name} must be between 0 and 1.")
         if self.language_prompt_variety is not None and not 0.0 <= self.language_prompt_variety <= 1.0:
             raise ValueError("language_prompt_variety must be between 0 and 1 (or null).")
+
+    def threads_at(self, phase: str, step: int) -> int:
+        """The PyTorch thread count of `phase`'s step `step` (and of its set-up at step 0)."""
+        config: PhaseConfig = getattr(self, phase)
+        if config.threads is None or step < config.threads_from_step:
+            return self.threads
+        return config.threads
+
+    def with_threads(self, threads: int) -> TrainConfig:
+        """Every phase on `threads` threads (`--threads`): the schedule of the config dropped."""
+        phases = {
+            name: dataclasses.replace(getattr(self, name), threads=None, threads_from_step=0)
+            for name in self.PHASES
+        }
+        return dataclasses.replace(self, threads=threads, **phases)
 
     @property
     def lm_prompt_variety(self) -> float:

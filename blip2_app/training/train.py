@@ -10,6 +10,7 @@ interruption resumes from the work folder's checkpoints.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -34,10 +35,13 @@ from .phases import (
     VisionPretraining,
 )
 from .shapes_data import ShapesData
-from .trainer import PhaseOutcome, run_phase
+from .trainer import PhaseOutcome, run_phase, use_threads
 
 DEFAULT_OUT = Path("assets/models/blip2-shapes")
 INFO_FILE = "training.json"
+# In the work folder: the language model's data, rendered by the `--parallel` helper, read back by
+# the first process for stage 2.
+CAPTIONING_DATA = "captioning-data.pt"
 
 
 def twin_folder(out_dir: Path) -> Path:
@@ -71,6 +75,8 @@ class TrainReport:
         }
 
 
+# Long because it is the recipe read top to bottom: data, then each phase in its order, then the
+# two exports; each phase's work lives in its class in phases.py.
 def train(
     config: TrainConfig,
     out_dir: Path | None = DEFAULT_OUT,
@@ -87,13 +93,16 @@ def train(
     The language model reads only scene codes and text, and stage 1 only the vision encoder, so
     with `parallel` (two cores) a second process trains the language model in `work_dir` while
     this one trains the vision encoder and stage 1; stage 2 then loads its checkpoint. Each phase
-    seeds itself, so the weights equal those of one process. `language_only` is that process."""
+    seeds itself and runs on the thread counts of the config's schedule (a switch to more threads
+    waits for the other process), so the weights equal those of one process. `language_only` is
+    that process."""
     if (parallel or language_only) and work_dir is None:
         raise ValueError("A parallel run needs a work folder: the two processes meet there.")
     started = time.perf_counter()
-    # One intra-op thread by default (README, "Training and the bundled demo model"): on a shared
-    # 2-core machine two threads ran stage 2 thirty times slower whenever another process held a
-    # core. The Rust tokenizers' own thread pool is kept out of the way for the same reason.
+    # The config's `threads` (one in shapes-demo) wherever two phases share the machine, and a
+    # phase's own `threads` (two) where it has it to itself: two threads ran stage 2 thirty times
+    # slower whenever another process held a core (`--threads 1` on a busy machine). The Rust
+    # tokenizers' own thread pool is kept out of the way for the same reason.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(config.threads)
     # Deterministic kernels where torch has them; warn (not fail) where it has none.
@@ -124,22 +133,41 @@ def train(
 
     # Started first: the helper renders the data it needs on the other core meanwhile.
     helper = _start_language_process(config, work_dir, progress) if parallel and work_dir else None
-    captioning_data, captioning_val = build(config.data.captioning_share)  # language model, stage 2
+
+    def wait_for_helper() -> None:
+        if helper is not None:
+            _wait_for(helper)
 
     def run(name: str, phase, parameters) -> bool:
         stop = stop_after[1] if stop_after and stop_after[0] == name else None
-        outcome = run_phase(name, phase, parameters, getattr(config, name), work_dir, progress, stop)
+        outcome = run_phase(
+            name,
+            phase,
+            parameters,
+            getattr(config, name),
+            work_dir,
+            progress,
+            stop,
+            threads=lambda step: config.threads_at(name, step),
+            # With `parallel`, more threads only once the language model's process is done: two
+            # processes asking for three cores made every step wait on a preempted thread.
+            before_more_threads=wait_for_helper,
+        )
         report.phases[name] = outcome
         if progress:
             print(f"{name}: {json.dumps(outcome.summary())}", file=sys.stderr)
         return outcome.finished
 
-    def train_language() -> LanguagePretraining | None:
-        torch.manual_seed(seed + 1)
+    def set_up(name: str) -> None:
+        """A phase's set-up (seed, and the features some compute) on the threads of its step 0."""
+        use_threads(config.threads_at(name, 0), wait_for_helper)
+        torch.manual_seed(seed + TrainConfig.PHASES.index(name))  # vision: seed, language: seed + 1, ...
+
+    def train_language(data: tuple[ShapesData, ShapesData]) -> LanguagePretraining | None:
+        set_up("language")
         language = LanguagePretraining(
             arch,
-            captioning_data,
-            captioning_val,
+            *data,
             captioning.tokenizer,
             seed,
             config.prefix_fraction,
@@ -152,39 +180,47 @@ def train(
         return language if run("language", language, list(language.parameters())) else None
 
     if language_only:
-        report.finished = train_language() is not None
+        captioning_data = build(config.data.captioning_share)
+        if work_dir is not None:  # stage 2's data, so the first process need not render it again
+            _save_data(work_dir / CAPTIONING_DATA, config, captioning_data)
+        report.finished = train_language(captioning_data) is not None
         return _stopped(report, started)
-    # The vision encoder's and stage 1's data: the captioning data when the shares are equal.
+    # The vision encoder's and stage 1's data; the language model's and stage 2's are the same
+    # data when the classic shares are equal.
     same_share = config.data.classic_share == config.data.captioning_share
-    train_data, val_data = (
-        (captioning_data, captioning_val) if same_share else build(config.data.classic_share)
-    )
+    train_data, val_data = build(config.data.classic_share)
 
     try:
-        torch.manual_seed(seed)
+        set_up("vision")
         vision = VisionPretraining(arch, train_data, val_data, seed)
         if not run("vision", vision, list(vision.parameters())):
             return _stopped(report, started)
         vision_state = vision.vision.state_dict()
 
-        torch.manual_seed(seed + 2)
+        set_up("stage1")
         phrase_share = PHRASE_SHARE if config.object_phrases else 0
         stage1 = QFormerPretraining(arch, train_data, val_data, retrieval, vision_state, seed, phrase_share)
         if not run("stage1", stage1, stage1.trainable_parameters()):
             return _stopped(report, started)
-        if helper is not None:
-            _wait_for(helper)
+        wait_for_helper()
     finally:
         if helper is not None and helper.poll() is None:  # stopped or failed here: stop it too
             helper.terminate()
-    language = train_language()  # with `parallel`: the helper's finished checkpoint, loaded
+    captioning_data = (
+        (train_data, val_data)
+        if same_share
+        else _load_data(work_dir / CAPTIONING_DATA if work_dir else None, config)
+        or build(config.data.captioning_share)
+    )
+    language = train_language(captioning_data)  # with `parallel`: the helper's finished checkpoint
     if language is None:
         return _stopped(report, started)
+    captioning_train, captioning_val = captioning_data
 
-    torch.manual_seed(seed + 3)
+    set_up("stage2")
     stage2 = GenerativePretraining(
         arch,
-        captioning_data,
+        captioning_train,
         captioning_val,
         captioning,
         retrieval.tokenizer,
@@ -224,6 +260,28 @@ def _start_language_process(config: TrainConfig, work_dir: Path, progress: bool)
     return subprocess.Popen(command if progress else [*command, "--no-progress"])
 
 
+def _data_key(config: TrainConfig) -> dict:
+    return {
+        "data": dataclasses.asdict(config.data),
+        "seed": config.seed,
+        "image_size": config.architecture.image_size,
+    }
+
+
+def _save_data(path: Path, config: TrainConfig, data: tuple[ShapesData, ShapesData]) -> None:
+    scratch = path.with_name(path.name + ".tmp")
+    torch.save({"key": _data_key(config), "data": data}, scratch)
+    os.replace(scratch, path)
+
+
+def _load_data(path: Path | None, config: TrainConfig) -> tuple[ShapesData, ShapesData] | None:
+    """The helper's data when it was rendered for this config's data section, else None."""
+    if path is None or not path.exists():
+        return None
+    saved = torch.load(path, weights_only=False)
+    return saved["data"] if saved["key"] == _data_key(config) else None
+
+
 def _wait_for(helper: subprocess.Popen) -> None:
     if helper.wait() != 0:
         raise RuntimeError(
@@ -243,6 +301,13 @@ def _export(model, processor, folder: Path, info: dict) -> None:
     shutil.rmtree(scratch, ignore_errors=True)
     model.eval()
     model.save_pretrained(scratch)
+    # Training's batched calls leave padding and truncation set on the Rust tokenizer, which
+    # tokenizer.json would keep as defaults; the shipped file holds the vocabulary alone.
+    for tokenizer in (processor.tokenizer, getattr(processor, "qformer_tokenizer", None)):
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            backend.no_padding()
+            backend.no_truncation()
     processor.save_pretrained(scratch)
     (scratch / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     for path in scratch.iterdir():  # safetensors writes 0600; the app may run as another user
@@ -281,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.seed is not None:
         config = config.replace(seed=args.seed)
     if args.threads is not None:
-        config = config.replace(threads=args.threads)
+        config = config.with_threads(args.threads)
     work_dir = args.work_dir or default_work_dir(config)
     if args.fresh:
         shutil.rmtree(work_dir, ignore_errors=True)

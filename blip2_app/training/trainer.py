@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -51,6 +51,14 @@ def learning_rate(config: PhaseConfig, step: int) -> float:
     return config.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
+def use_threads(count: int, before_more: Callable[[], None] | None = None) -> None:
+    if count == torch.get_num_threads():
+        return
+    if count > torch.get_num_threads() and before_more is not None:
+        before_more()
+    torch.set_num_threads(count)
+
+
 def _save(path: Path, payload: dict) -> None:
     """Write-then-rename: an interrupted save never leaves a half-written checkpoint behind."""
     scratch = path.with_name(path.name + ".tmp")
@@ -82,12 +90,16 @@ def run_phase(
     work_dir: Path | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    threads: Callable[[int], int] | None = None,
+    before_more_threads: Callable[[], None] | None = None,
 ) -> PhaseOutcome:
     """Train `phase` (which has `step(step, batch_size)` and `validate()`) for `config.steps` steps.
 
     With `work_dir`, resumes from `<work_dir>/<name>.pt` and saves there every
     `config.checkpoint_every` steps and at the end. `stop_after` ends the run early at that step
-    (as an interruption would), leaving a checkpoint to resume from."""
+    (as an interruption would), leaving a checkpoint to resume from. `threads(step)` is the
+    PyTorch thread count of each step; `before_more_threads` runs before a step that raises it
+    (the parallel run waits there for its other process to free the second core)."""
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     checkpoint = work_dir / f"{name}.pt" if work_dir is not None else None
     outcome = PhaseOutcome(name, 0, False)
@@ -122,6 +134,8 @@ def run_phase(
     for step in range(outcome.steps_done, config.steps):
         if stop_after is not None and step >= stop_after:
             break
+        if threads is not None:
+            use_threads(threads(step), before_more_threads)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
         result = phase.step(step, config.batch_size)
