@@ -35,7 +35,7 @@ from .phases import (
     VisionPretraining,
 )
 from .shapes_data import ShapesData
-from .trainer import PhaseOutcome, run_phase, use_threads
+from .trainer import PhaseOutcome, run_phase, save_atomically, use_threads
 
 DEFAULT_OUT = Path("assets/models/blip2-shapes")
 INFO_FILE = "training.json"
@@ -269,9 +269,7 @@ def _data_key(config: TrainConfig) -> dict:
 
 
 def _save_data(path: Path, config: TrainConfig, data: tuple[ShapesData, ShapesData]) -> None:
-    scratch = path.with_name(path.name + ".tmp")
-    torch.save({"key": _data_key(config), "data": data}, scratch)
-    os.replace(scratch, path)
+    save_atomically(path, {"key": _data_key(config), "data": data})
 
 
 def _load_data(path: Path | None, config: TrainConfig) -> tuple[ShapesData, ShapesData] | None:

@@ -59,7 +59,7 @@ def use_threads(count: int, before_more: Callable[[], None] | None = None) -> No
     torch.set_num_threads(count)
 
 
-def _save(path: Path, payload: dict) -> None:
+def save_atomically(path: Path, payload: dict) -> None:
     """Write-then-rename: an interrupted save never leaves a half-written checkpoint behind."""
     scratch = path.with_name(path.name + ".tmp")
     torch.save(payload, scratch)
@@ -124,7 +124,7 @@ def run_phase(
                 "validation": outcome.validation,
                 "seconds": outcome.seconds,
             }
-            _save(checkpoint, payload)
+            save_atomically(checkpoint, payload)
 
     phase.train()
     started = time.perf_counter() - outcome.seconds
