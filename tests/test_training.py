@@ -499,6 +499,20 @@ def test_bundled_model_is_small_and_in_the_app_format():
     assert itm_config["architectures"] == ["Blip2ForImageTextRetrieval"]
 
 
+def test_saved_data_is_read_back_only_for_the_data_it_was_rendered_for(smoke_config, tmp_path):
+    from blip2_app.training.train import _load_data, _save_data
+
+    path, data = tmp_path / CAPTIONING_DATA, ("train", "val")
+    _save_data(path, smoke_config, data)  # type: ignore[arg-type]
+    assert _load_data(path, smoke_config) == data
+    other_grid = smoke_config.replace(
+        architecture=dataclasses.replace(smoke_config.architecture, patch_size=16)
+    )
+    assert _load_data(path, other_grid) is None  # patch labels counted on another grid
+    assert _load_data(path, smoke_config.replace(seed=1)) is None
+    assert _load_data(tmp_path / "missing.pt", smoke_config) is None
+
+
 def test_a_parallel_run_gives_the_weights_of_one_process(smoke, smoke_config, tmp_path):
     """`--parallel`: the language model trained by a second process, the rest here, same weights."""
     report = train(

@@ -261,10 +261,14 @@ def _start_language_process(config: TrainConfig, work_dir: Path, progress: bool)
 
 
 def _data_key(config: TrainConfig) -> dict:
+    """What the rendered data depends on: the data section, the seed, the image size and the patch
+    grid its patch labels are counted on."""
+    arch = config.architecture
     return {
         "data": dataclasses.asdict(config.data),
         "seed": config.seed,
-        "image_size": config.architecture.image_size,
+        "image_size": arch.image_size,
+        "patch_size": arch.patch_size,
     }
 
 
