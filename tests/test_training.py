@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from blip2_app.config import Settings
+from blip2_app.loading import auto_vision_precision
 from blip2_app.prompts import ChatTurn, chat_prompt
 from blip2_app.registry import Registry
 from blip2_app.startup import load_engine
@@ -409,6 +410,23 @@ def test_evaluate_reports_every_task(smoke, tmp_path):
     for value in result["headline"].values():
         assert 0.0 <= value <= 10.0
     assert "| vqa_accuracy |" in out.with_suffix(".md").read_text()
+    # A checkpoint folder loads at the app's CPU default (the vision encoder in bf16 on AMX CPUs).
+    vision = auto_vision_precision(torch.device("cpu"))
+    default = f"vision {vision}, qformer dynamic-int8, llm dynamic-int8" if vision else "dynamic-int8"
+    assert result["precision"] == {"captioner": default, "retrieval": default}
+
+
+def test_evaluate_runs_at_the_precision_asked_for(smoke, tmp_path):
+    """The registry's demo models run at fp32 and a folder at int8: --precision compares the
+    two like for like, and the report says which precision each model ran at."""
+    out = tmp_path / "eval-fp32"
+    argv = ["--model", str(smoke.out_dir), "--dataset", "shapes:size=4", "--limit", "4", "--no-progress"]
+    assert evaluate_module.main([*argv, "--precision", "fp32", "--out", str(out)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["precision"] == {"captioner": "fp32", "retrieval": "fp32"}
+    assert "precision: captioner fp32, retrieval fp32" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit):
+        evaluate_module.main([*argv, "--precision", "fp64"])
 
 
 def test_evaluate_compares_renderers_and_prompted_questions(smoke, tmp_path):

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..config import PRECISION_CHOICES, Settings
 from ..prompts import ChatTurn, chat_prompt, clean_answer, vqa_prompt
 from . import metrics
 from .datasets import DatasetSpec, Record, load_records
@@ -54,13 +55,36 @@ def _retrieval_partner(model: str, retrieval_model: str) -> str:
     return str(twin) if folder.is_dir() and (twin / "config.json").exists() else "auto"
 
 
-def load_engine_for(model: str, retrieval_model: str = "auto", threads: int | None = None):
-    from ..config import Settings
+def load_engine_for(
+    model: str, retrieval_model: str = "auto", threads: int | None = None, precision: str = "auto"
+):
+    """`precision` "auto" is the model's own default, the app's: fp32 for the registry's demo
+    models, dynamic-int8 on CPU for a checkpoint folder. Compare two models at one precision."""
     from ..startup import load_engine
 
     return load_engine(
-        Settings(model=model, retrieval_model=_retrieval_partner(model, retrieval_model), threads=threads)
+        Settings(
+            model=model,
+            retrieval_model=_retrieval_partner(model, retrieval_model),
+            threads=threads,
+            precision=precision,
+        )
     )
+
+
+def _precisions(engine) -> dict[str, str]:
+    """What each loaded model ran at: {"captioner": "fp32", "retrieval": "fp32"}, or per component
+    where they differ ("vision bf16, qformer dynamic-int8, llm dynamic-int8")."""
+    loaded = {"captioner": getattr(engine.text, "loaded", None), "retrieval": engine.matcher}
+    described = {}
+    for role, model in loaded.items():
+        if model is not None:
+            parts = model.precisions.as_dict()
+            if len(set(parts.values())) == 1:
+                described[role] = next(iter(parts.values()))
+            else:
+                described[role] = ", ".join(f"{component} {value}" for component, value in parts.items())
+    return described
 
 
 def _batched(items: Sequence[Any], size: int, what: str, progress: bool):
@@ -234,6 +258,7 @@ def evaluate(
         "dataset": dataset,
         "split": split,
         "limit": limit,
+        "precision": _precisions(engine),
     }
     if engine.text is not None:
         result["decoding"] = {k: v for k, v in vars(engine.default_generation()).items() if k != "seed"}
@@ -279,7 +304,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"# Evaluation: {result['model']} on {result['dataset']} ({result['split']})",
         "",
         f"Measured by `blip2_app.training.evaluate` in {result['seconds']} s "
-        f"(limit: {result['limit'] or 'none'}; retrieval model: {result['retrieval_model']}).",
+        f"(limit: {result['limit'] or 'none'}; retrieval model: {result['retrieval_model']}; "
+        f"precision: {_precision_text(result)}).",
         "",
         "| metric | value | target |",
         "|---|---|---|",
@@ -316,6 +342,11 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _precision_text(result: dict[str, Any]) -> str:
+    precision = result.get("precision") or {}
+    return ", ".join(f"{role} {value}" for role, value in precision.items()) or "not recorded"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m blip2_app evaluate", description="Caption, VQA and retrieval metrics of a model."
@@ -333,6 +364,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--retrieval-model", default="auto", help="'auto': the model's twin or registry partner"
     )
     parser.add_argument("--threads", type=int, help="PyTorch CPU threads")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISION_CHOICES,
+        help="'auto': the model's own default (the app's); a checkpoint folder's is dynamic-int8 on "
+        "CPU, a registry demo model's fp32, so name one to compare the two",
+    )
     parser.add_argument("--out", type=Path, help="write <out>.json and <out>.md")
     parser.add_argument(
         "--prompted",
@@ -342,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     datasets = args.dataset or ["shapes"]
-    engine = load_engine_for(args.model, args.retrieval_model, args.threads)
+    engine = load_engine_for(args.model, args.retrieval_model, args.threads, args.precision)
     results = [
         evaluate(
             args.model,
