@@ -59,7 +59,8 @@ def load_engine_for(
     model: str, retrieval_model: str = "auto", threads: int | None = None, precision: str = "auto"
 ):
     """`precision` "auto" is the model's own default, the app's: fp32 for the registry's demo
-    models, dynamic-int8 on CPU for a checkpoint folder. Compare two models at one precision."""
+    models, the CPU default for a checkpoint folder (dynamic-int8; the vision encoder in bf16 on
+    AMX CPUs). Compare two models at one precision."""
     from ..startup import load_engine
 
     return load_engine(
@@ -85,6 +86,11 @@ def _precisions(engine) -> dict[str, str]:
             else:
                 described[role] = ", ".join(f"{component} {value}" for component, value in parts.items())
     return described
+
+
+def _precision_text(result: dict[str, Any]) -> str:
+    precision = result.get("precision") or {}
+    return ", ".join(f"{role} {value}" for role, value in precision.items()) or "not recorded"
 
 
 def _batched(items: Sequence[Any], size: int, what: str, progress: bool):
@@ -342,11 +348,6 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _precision_text(result: dict[str, Any]) -> str:
-    precision = result.get("precision") or {}
-    return ", ".join(f"{role} {value}" for role, value in precision.items()) or "not recorded"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m blip2_app evaluate", description="Caption, VQA and retrieval metrics of a model."
@@ -368,8 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--precision",
         default="auto",
         choices=PRECISION_CHOICES,
-        help="'auto': the model's own default (the app's); a checkpoint folder's is dynamic-int8 on "
-        "CPU, a registry demo model's fp32, so name one to compare the two",
+        help="'auto': the model's own default (the app's); a checkpoint folder's is the CPU default "
+        "(dynamic-int8), a registry demo model's fp32, so name one to compare the two",
     )
     parser.add_argument("--out", type=Path, help="write <out>.json and <out>.md")
     parser.add_argument(
