@@ -2,7 +2,10 @@
 evaluate command, and the bundled shapes model (skipped only when its folder does not exist)."""
 
 import dataclasses
+import functools
 import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +33,7 @@ from blip2_app.training.phases import (
     varied_prompt,
 )
 from blip2_app.training.train import CAPTIONING_DATA, train, twin_folder
-from blip2_app.training.trainer import run_phase
+from blip2_app.training.trainer import accumulate_gradients, run_phase
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "assets" / "models" / "blip2-shapes"
@@ -127,6 +130,46 @@ def test_each_step_runs_on_the_threads_of_the_schedule(tmp_path):
         assert resumed.threads == [2] and waits == [1, 1]  # a resumed run keeps the schedule
     finally:
         torch.set_num_threads(before)
+
+
+class _PartsRecorder(torch.nn.Module):
+    """A phase in micro-batches that remembers how many of its parts ran at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(2))
+        self.lock, self.running, self.most = threading.Lock(), 0, 0
+
+    def parts(self, step, batch_size, count):
+        return [functools.partial(self._part, k) for k in range(count)]
+
+    def _part(self, k):
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        time.sleep(0.05)  # long enough for the others to start, were they allowed to
+        with self.lock:
+            self.running -= 1
+        return StepResult((self.weight * (k + 1)).sum() / 100, {"k": float(k)})  # under the clip norm
+
+    def step(self, step, batch_size):
+        raise AssertionError("a phase in micro-batches is run by its parts")
+
+    def validate(self):
+        return {}
+
+
+def test_at_most_workers_parts_run_at_once_and_their_gradients_add_up():
+    config = PhaseConfig(steps=2, batch_size=4, lr=1e-9, warmup_steps=0, weight_decay=0.0, micro_batches=4)
+    for allowed, most in ((1, 1), (2, 2), (8, 4)):
+        phase = _PartsRecorder()
+        outcome = run_phase(
+            "vision", phase, list(phase.parameters()), config, None, False, workers=lambda a=allowed: a
+        )
+        assert phase.most == most and outcome.losses == pytest.approx([0.2, 0.2])  # (1 + 2 + 3 + 4) * 2 / 100
+        assert phase.weight.grad is not None and phase.weight.grad.tolist() == pytest.approx(
+            [0.1, 0.1]
+        )  # summed
 
 
 def test_losses_go_down(smoke):
@@ -287,7 +330,16 @@ def test_training_never_sees_the_evaluation_renderer():
     bundled = TrainConfig.load("shapes-demo")  # the recipe of the bundled model
     assert bundled.data.style == "random" and bundled.object_phrases
     trained_with = json.loads((BUNDLED / "training.json").read_text())["config"]
-    assert {**trained_with, "name": bundled.name} == bundled.as_dict()  # the run's own label aside
+    # Read back as a config: fields added since (micro_batches, workers) take their defaults.
+    assert TrainConfig.from_dict({**trained_with, "name": bundled.name}) == bundled  # the label aside
+    fast = TrainConfig.load("shapes-demo-fast")  # the same recipe in micro-batches (decision 0013)
+    same = ("name", "workers", "vision", "language", "stage1", "stage2")
+    assert {k: v for k, v in fast.as_dict().items() if k not in same} == {
+        k: v for k, v in bundled.as_dict().items() if k not in same
+    }
+    for phase in TrainConfig.PHASES:
+        assert getattr(fast, phase).steps == getattr(bundled, phase).steps
+        assert getattr(fast, phase).micro_batches > 1 and getattr(fast, phase).threads is None
 
 
 def test_captioning_phases_can_see_more_classic_scenes():
@@ -320,6 +372,85 @@ def _fresh_states(arch, captioning, retrieval):
         lm.state_dict(),
         itm.embeddings.state_dict(),
     )
+
+
+def _smoke_phases(config):
+    """Every phase of the smoke recipe on fresh weights and 16 images, with its trainable parameters."""
+    from blip2_app.training.phases import QFormerPretraining, VisionPretraining
+    from blip2_app.training.train import PHRASE_SHARE
+
+    arch = config.architecture
+    captioning, retrieval = vocab.processors(arch.image_size, arch.num_query_tokens, arch.question_aware)
+    data = _tiny_data(arch, captioning)
+    *states, text_embeddings = _fresh_states(arch, captioning, retrieval)
+    torch.manual_seed(0)
+    phases = {
+        "vision": VisionPretraining(arch, data, data, 0),
+        "language": LanguagePretraining(arch, data, data, captioning.tokenizer, 0, 0.8, "scene", 0.5),
+        "stage1": QFormerPretraining(arch, data, data, retrieval, states[0], 0, PHRASE_SHARE),
+        "stage2": GenerativePretraining(
+            arch, data, data, captioning, retrieval.tokenizer, *states, 0, 0.3, "scene", 1.0, text_embeddings
+        ),
+    }
+    return {
+        name: (phase, [p for p in phase.parameters() if p.requires_grad]) for name, phase in phases.items()
+    }
+
+
+def _gradients(phase, parameters, parts, pool=None):
+    loss, logs = accumulate_gradients(parts, parameters, pool)
+    grads = [None if p.grad is None else p.grad.clone() for p in parameters]
+    for p in parameters:
+        p.grad = None
+    return loss, logs, grads
+
+
+def test_micro_batches_give_the_same_bits_side_by_side_or_one_after_another(smoke_config):
+    """`micro_batches`: the parts of a step on two threads at once give the gradients they give one
+    after another, to the bit (so the parallel run may add a worker whenever a core frees up), and
+    their losses add up to the step's: exactly where the loss is a mean over the whole batch
+    (language model, stage 1's ITC and ITM, stage 2's LM loss), to a few percent where a part's
+    mean stands in for it (the vision encoder's per-object term, stage 2's code loss)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            for name, (phase, parameters) in _smoke_phases(smoke_config).items():
+                count = 4 if name in ("language", "stage2") else 2
+                whole, _, _ = _gradients(phase, parameters, [lambda phase=phase: phase.step(3, 16)])
+                alone = _gradients(phase, parameters, phase.parts(3, 16, count))
+                together = _gradients(phase, parameters, phase.parts(3, 16, count), pool)
+                assert len(phase.parts(3, 16, count)) == count
+                assert alone[0] == together[0] and alone[1] == together[1], name
+                assert all(
+                    (a is None and b is None) or torch.equal(a, b)
+                    for a, b in zip(alone[2], together[2], strict=True)
+                ), name
+                assert any(g is not None and g.abs().sum() > 0 for g in alone[2]), name
+                exact = name in ("language", "stage1")
+                assert alone[0] == pytest.approx(whole, rel=1e-5 if exact else 0.05), name
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_length_groups_pad_each_micro_batch_to_its_own_length():
+    from blip2_app.training.phases import length_groups, split_rows
+
+    pad = 1
+    lengths = [5, 2, 7, 3, 3, 6]
+    ids = torch.tensor([[9] * n + [pad] * (7 - n) for n in lengths])
+    groups = length_groups(ids, pad, 3)
+    assert [rows.tolist() for rows, _ in groups] == [[1, 3], [4, 0], [5, 2]]  # shortest first, stable
+    assert [width for _, width in groups] == [3, 5, 7]
+    assert [rows.tolist() for rows, _ in length_groups(ids, pad, 1)] == [list(range(6))]  # one: as drawn
+    assert split_rows(7, 3) == [slice(0, 2), slice(2, 4), slice(4, 7)]
+    with pytest.raises(ValueError, match="Cannot split"):
+        split_rows(2, 3)
+    with pytest.raises(ValueError, match="micro_batches"):
+        PhaseConfig(steps=4, batch_size=2, lr=1.0, micro_batches=3)
+    assert TrainConfig.load("shapes-demo").with_threads(1).workers == 1  # --threads: parts in turn
 
 
 def test_interrupted_training_resumes_exactly(smoke, smoke_config, tmp_path):
@@ -529,6 +660,26 @@ def test_saved_data_is_read_back_only_for_the_data_it_was_rendered_for(smoke_con
     assert _load_data(path, other_grid) is None  # patch labels counted on another grid
     assert _load_data(path, smoke_config.replace(seed=1)) is None
     assert _load_data(tmp_path / "missing.pt", smoke_config) is None
+
+
+def test_stage1_from_an_encoder_retrains_the_twin_of_that_run(smoke, tmp_path, capsys):
+    """benchmarks/stage1_from_encoder.py: stage 1 alone on a finished run's encoder gives that
+    run's own twin (the smoke run's, to tolerance), so a twin's weakness can be put on its encoder."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "stage1_from_encoder", ROOT / "benchmarks" / "stage1_from_encoder.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    work = smoke.itm_dir.parent / "work"
+    assert module.main([str(work / "vision.pt"), "--config", "smoke", "--out", str(tmp_path / "itm")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["stage1"]["validation"] == smoke.phases["stage1"].summary()["validation"]
+    again, shipped = (load_file(folder / "model.safetensors") for folder in (tmp_path / "itm", smoke.itm_dir))
+    for key in shipped:
+        torch.testing.assert_close(again[key], shipped[key], atol=REPRODUCE_ATOL, rtol=0, msg=key)
 
 
 def test_a_parallel_run_gives_the_weights_of_one_process(smoke, smoke_config, tmp_path):

@@ -109,9 +109,15 @@ class PhaseConfig:
     # differently, so the schedule is part of the recipe, fixed here, never chosen at run time.
     threads: int | None = None
     threads_from_step: int = 0
+    # Each step's batch computed in this many parts (micro-batches), their gradients summed in
+    # order: the weights are the same whether the parts run one after another or side by side, so
+    # the trainer runs up to `TrainConfig.workers` at once whenever the phase has the cores to itself.
+    micro_batches: int = 1
 
     def __post_init__(self) -> None:
-        _positive(self, "steps", "batch_size", "lr", "checkpoint_every")
+        _positive(self, "steps", "batch_size", "lr", "checkpoint_every", "micro_batches")
+        if self.micro_batches > self.batch_size:
+            raise ValueError("micro_batches must not exceed batch_size.")
         if self.warmup_steps < 0 or self.weight_decay < 0:
             raise ValueError("warmup_steps and weight_decay must not be negative.")
         if self.threads is not None:
@@ -129,6 +135,9 @@ class TrainConfig:
     name: str
     seed: int = 0
     threads: int = 2
+    # Micro-batches computed at once (each on its own thread) by a phase that has the machine to
+    # itself; the `--parallel` run uses one while its second process trains the language model.
+    workers: int = 2
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     architecture: ArchitectureConfig = dataclasses.field(default_factory=ArchitectureConfig)
     vision: PhaseConfig = dataclasses.field(default_factory=lambda: PhaseConfig(600, 64, 1e-3))
@@ -166,7 +175,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("A training config needs a name.")
-        _positive(self, "threads", "lm_questions_per_text")
+        _positive(self, "threads", "workers", "lm_questions_per_text")
         if self.lm_prefix not in ("caption", "scene", "slots"):
             raise ValueError(f"lm_prefix must be 'caption', 'scene' or 'slots'; got {self.lm_prefix!r}.")
         queries = self.architecture.num_query_tokens
@@ -206,12 +215,13 @@ class TrainConfig:
         return config.threads
 
     def with_threads(self, threads: int) -> TrainConfig:
-        """Every phase on `threads` threads (`--threads`): the schedule of the config dropped."""
+        """Every phase on `threads` threads (`--threads`), its micro-batches one after another: the
+        schedule of the config dropped."""
         phases = {
             name: dataclasses.replace(getattr(self, name), threads=None, threads_from_step=0)
             for name in self.PHASES
         }
-        return dataclasses.replace(self, threads=threads, **phases)
+        return dataclasses.replace(self, threads=threads, workers=1, **phases)
 
     @property
     def lm_prompt_variety(self) -> float:

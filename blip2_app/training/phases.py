@@ -9,18 +9,22 @@
    the answer tokens only.
 
 Batches are drawn with a generator seeded by (seed, phase, step), so step k sees the same batch
-whether the run was interrupted or not: resuming is exact.
+whether the run was interrupted or not: resuming is exact. `parts` splits a step's batch into
+micro-batches whose losses add up to the step's loss: the trainer may compute them side by side.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import OPTForCausalLM
 
 from ..engine import query_outputs
 from ..prompts import ChatTurn, chat_prompt, vqa_prompt
@@ -36,6 +40,40 @@ IGNORE = -100  # label value cross_entropy skips: prompt, image and padding posi
 class StepResult:
     loss: torch.Tensor
     logs: dict[str, float]
+
+
+# One micro-batch of a step: computes its share of the step's loss (its logs add up likewise).
+# Everything random is drawn before, so parts may run in any order, on any thread.
+Part = Callable[[], StepResult]
+
+
+def split_rows(count: int, parts: int) -> list[slice]:
+    """`parts` consecutive slices of range(count), their sizes differing by at most one."""
+    if not 1 <= parts <= count:
+        raise ValueError(f"Cannot split {count} rows into {parts} parts.")
+    bounds = [count * k // parts for k in range(parts + 1)]
+    return [slice(a, b) for a, b in itertools.pairwise(bounds)]
+
+
+def supervised_logits(
+    lm: OPTForCausalLM, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An OPT's logits at the supervised positions only (labels != IGNORE), and their targets.
+    The same loss as over every position, but the vocabulary head runs on the ~15% of positions
+    that are answers instead of all of them."""
+    decoder = lm.model.decoder
+    hidden = decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+    keep = labels != IGNORE
+    return lm.lm_head(hidden[keep]), labels[keep]
+
+
+def length_groups(ids: torch.Tensor, pad: int, count: int) -> list[tuple[torch.Tensor, int]]:
+    """The rows of a right-padded batch in `count` groups of similar length (shortest first), each
+    with its own padded width: as micro-batches they compute ~20% fewer padding positions than
+    the batch padded as one (56% of the language model's positions were padding)."""
+    lengths = (ids != pad).long().cumsum(1).argmax(1) + 1  # up to each row's last real token
+    order = torch.argsort(lengths, stable=True) if count > 1 else torch.arange(len(ids))
+    return [(order[rows], int(lengths[order[rows]].max())) for rows in split_rows(len(ids), count)]
 
 
 def batch_rng(seed: int, phase: int, step: int) -> np.random.Generator:
@@ -87,11 +125,20 @@ class VisionPretraining(nn.Module):
         )
 
     def step(self, step: int, batch_size: int) -> StepResult:
+        return self.parts(step, batch_size, 1)[0]()
+
+    def parts(self, step: int, batch_size: int, count: int) -> list[Part]:
         data = self.train_data
         idx = torch.from_numpy(
             batch_rng(self.seed, self.INDEX, step).choice(len(data), batch_size, replace=False)
         )
-        return StepResult(self._loss(data, idx), {})
+        return [
+            functools.partial(self._part, idx[rows], (rows.stop - rows.start) / batch_size)
+            for rows in split_rows(batch_size, count)
+        ]
+
+    def _part(self, idx: torch.Tensor, share: float) -> StepResult:
+        return StepResult(self._loss(self.train_data, idx) * share, {})
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -197,14 +244,33 @@ class LanguagePretraining(nn.Module):
         embeds = code_embeddings(self.lm.get_input_embeddings(), ids, extra)
         return self.lm(inputs_embeds=embeds, attention_mask=mask).logits
 
-    def _loss(self, ids: torch.Tensor, labels: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
-        logits = self._logits(ids, extra)
+    def _supervised_logits(self, ids: torch.Tensor, labels: torch.Tensor, extra: torch.Tensor):
         # labels[:, t] is the target for position t, i.e. ids[:, t + 1]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
+        mask = (ids != self.tokenizer.pad_token_id).long()
+        embeds = code_embeddings(self.lm.get_input_embeddings(), ids, extra)
+        return supervised_logits(self.lm, embeds, mask, labels)
+
+    def _loss(self, ids: torch.Tensor, labels: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(*self._supervised_logits(ids, labels, extra))
 
     def step(self, step: int, batch_size: int) -> StepResult:
-        batch = self._sample(self.train_data, batch_rng(self.seed, self.INDEX, step), batch_size)
-        return StepResult(self._loss(*batch), {})
+        return self.parts(step, batch_size, 1)[0]()
+
+    def parts(self, step: int, batch_size: int, count: int) -> list[Part]:
+        ids, labels, extra = self._sample(self.train_data, batch_rng(self.seed, self.INDEX, step), batch_size)
+        supervised = int((labels != IGNORE).sum())  # the loss is their mean over the whole batch
+        return [
+            functools.partial(
+                self._part, ids[rows, :width], labels[rows, :width], extra[rows, :width], supervised
+            )
+            for rows, width in length_groups(ids, self.tokenizer.pad_token_id, count)
+        ]
+
+    def _part(
+        self, ids: torch.Tensor, labels: torch.Tensor, extra: torch.Tensor, supervised: int
+    ) -> StepResult:
+        logits, targets = self._supervised_logits(ids, labels, extra)
+        return StepResult(F.cross_entropy(logits, targets, reduction="sum") / supervised, {})
 
     @torch.no_grad()
     def answer_accuracy(self, scenes, limit: int | None = None) -> dict[str, float]:
@@ -506,6 +572,14 @@ class QFormerPretraining(nn.Module):
         return model.itm_head(out[:, : query.shape[1]]).mean(dim=1)
 
     def step(self, step: int, batch_size: int) -> StepResult:
+        return self.parts(step, batch_size, 1)[0]()
+
+    # Long because ITC, the hard negatives it picks and the ITM pairs are one recipe, read in order.
+    def parts(self, step: int, batch_size: int, count: int) -> list[Part]:
+        """The first part: ITC over the whole batch (its in-batch negatives need all of it) and ITM
+        on the hard negatives it picks; the other parts share the ITM pairs known beforehand.
+        Each part builds its whole graph itself: autograd orders a backward pass by when its nodes
+        were made, counted per thread, so a graph begun on another thread sums in another order."""
         rng = batch_rng(self.seed, self.INDEX, step)
         data = self.train_data
         idx = rng.choice(len(data), batch_size, replace=False)
@@ -517,46 +591,58 @@ class QFormerPretraining(nn.Module):
         phrases = [phrase_pair(s, rng) for s in scenes[:shared]]
         features = self.train_features[torch.from_numpy(idx)]
         tokens = self._tokens(positives + negatives + [p for p, _ in phrases] + [n for _, n in phrases])
-        image = self.image_embeds(features)  # (B, Q, D)
-        text = self.text_embeds(
-            type(tokens)({k: tokens[k][: 2 * batch_size] for k in ("input_ids", "attention_mask")})
-        )  # (2B, D)
-        temperature = self.log_temperature.exp().clamp(0.001, 0.5)
-        sim = torch.einsum("bqd,td->bqt", image, text).amax(dim=1) / temperature  # (B, 2B)
-        target = torch.arange(batch_size)
-        itc = (F.cross_entropy(sim, target) + F.cross_entropy(sim[:, :batch_size].t(), target)) / 2
+        hard_seed = int(rng.integers(2**31))
+        # ITM pairs (image row, text row, label): the positives, the perturbed texts, then the
+        # object phrases and their false twins; the hard wrong text per image and wrong image per
+        # text follow in the first part. Their loss is the mean over all of them.
+        rows, few = torch.arange(batch_size), torch.arange(len(phrases))
+        known = (
+            torch.cat([rows, rows, few, few]),
+            torch.cat([rows, rows + batch_size, few + 2 * batch_size, few + 2 * batch_size + len(few)]),
+            torch.cat(
+                [torch.ones(batch_size), torch.zeros(batch_size), torch.ones(len(few)), torch.zeros(len(few))]
+            ).long(),
+        )
+        pairs = len(known[0]) + 2 * batch_size
 
-        # ITM: positives, a hard wrong text per image, a hard wrong image per text, the perturbed
-        # text, then the object phrases and their false twins.
-        with torch.no_grad():
-            weights = sim[:, :batch_size].float().softmax(dim=1) + 1e-6
-            weights.fill_diagonal_(0)
-            generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
-            hard_text = torch.multinomial(weights, 1, generator=generator).squeeze(1)
-            hard_image = torch.multinomial(weights.t().contiguous(), 1, generator=generator).squeeze(1)
+        def itm(images: torch.Tensor, texts: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            pair_tokens = type(tokens)({k: tokens[k][texts] for k in ("input_ids", "attention_mask")})
+            logits = self.itm_logits(features[images], pair_tokens)
+            return F.cross_entropy(logits, labels, reduction="sum") / pairs
+
+        def contrastive(known_rows: slice) -> StepResult:
+            image = self.image_embeds(features)  # (B, Q, D)
+            text = self.text_embeds(
+                type(tokens)({k: tokens[k][: 2 * batch_size] for k in ("input_ids", "attention_mask")})
+            )  # (2B, D)
+            temperature = self.log_temperature.exp().clamp(0.001, 0.5)
+            sim = torch.einsum("bqd,td->bqt", image, text).amax(dim=1) / temperature  # (B, 2B)
+            target = torch.arange(batch_size)
+            itc = (F.cross_entropy(sim, target) + F.cross_entropy(sim[:, :batch_size].t(), target)) / 2
+            with torch.no_grad():
+                weights = sim[:, :batch_size].float().softmax(dim=1) + 1e-6
+                weights.fill_diagonal_(0)
+                generator = torch.Generator().manual_seed(hard_seed)
+                hard_text = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+                hard_image = torch.multinomial(weights.t().contiguous(), 1, generator=generator).squeeze(1)
             # Identical captions are not negatives (two images of one description).
             same = [positives[int(j)] == positives[i] for i, j in enumerate(hard_text)]
             same_img = [positives[int(j)] == positives[i] for i, j in enumerate(hard_image)]
-        rows, few = torch.arange(batch_size), torch.arange(len(phrases))
-        pair_images = torch.cat([rows, rows, hard_image, rows, few, few])
-        pair_texts = torch.cat(
-            [rows, hard_text, rows, rows + batch_size, few + 2 * batch_size, few + 2 * batch_size + len(few)]
-        )
-        labels = torch.cat(
-            [
-                torch.ones(batch_size, dtype=torch.long),
-                torch.tensor([int(s) for s in same]),
-                torch.tensor([int(s) for s in same_img]),
-                torch.zeros(batch_size, dtype=torch.long),
-                torch.ones(len(few), dtype=torch.long),
-                torch.zeros(len(few), dtype=torch.long),
-            ]
-        )
-        pair_tokens = type(tokens)(
-            {"input_ids": tokens.input_ids[pair_texts], "attention_mask": tokens.attention_mask[pair_texts]}
-        )
-        itm = F.cross_entropy(self.itm_logits(features[pair_images], pair_tokens), labels)
-        return StepResult(itc + itm, {"itc": itc.item(), "itm": itm.item()})
+            loss = itm(
+                torch.cat([rows, hard_image, known[0][known_rows]]),
+                torch.cat([hard_text, rows, known[1][known_rows]]),
+                torch.cat([torch.tensor(same + same_img, dtype=torch.long), known[2][known_rows]]),
+            )
+            return StepResult(itc + loss, {"itc": itc.item(), "itm": loss.item()})
+
+        def matching(known_rows: slice) -> StepResult:
+            loss = itm(*(column[known_rows] for column in known))
+            return StepResult(loss, {"itm": loss.item()})
+
+        if count == 1:
+            return [functools.partial(contrastive, slice(None))]
+        parts: list[Part] = [functools.partial(contrastive, slice(0, 0))]
+        return parts + [functools.partial(matching, rows) for rows in split_rows(len(known[0]), count - 1)]
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -659,22 +745,30 @@ class GenerativePretraining(nn.Module):
             answers.append(answer if prompt else None)
         return torch.from_numpy(idx), _pad(ids, tok.pad_token_id), _pad(labels, IGNORE), prompts, answers
 
-    def _soft_prompt(self, features: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def _qformer_text(self, prompts: list[str]):
+        """The prompts as the engine feeds InstructBLIP's Q-Former: through its own tokenizer."""
         if not self.question_aware:
+            return None
+        return self.processor.qformer_tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
+
+    def _soft_prompt(self, features: torch.Tensor, text) -> torch.Tensor:
+        if text is None:
             return self.model.language_projection(query_outputs(self.model, features))
-        # As the engine feeds InstructBLIP's Q-Former: the prompt through its own tokenizer.
-        text = self.processor.qformer_tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
         return self.model.language_projection(
             query_outputs(self.model, features, text.input_ids, text.attention_mask)
         )
 
+    def _lm_inputs(self, ids: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen LM's input embeddings, the soft prompt `image` in place of the image tokens
+        (they come first), and its attention mask."""
+        embeds = self.model.get_input_embeddings()(ids)
+        embeds = torch.cat([image, embeds[:, self.num_query :]], dim=1)
+        return embeds, (ids != self.tokenizer.pad_token_id).long()
+
     def _logits(self, ids: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """The frozen LM's logits with the soft prompt `image` in place of the image tokens."""
-        model = self.model
-        embeds = model.get_input_embeddings()(ids)
-        embeds = torch.cat([image, embeds[:, self.num_query :]], dim=1)  # image tokens come first
-        mask = (ids != self.tokenizer.pad_token_id).long()
-        return model.language_model(inputs_embeds=embeds, attention_mask=mask).logits
+        """The frozen LM's logits at every position."""
+        embeds, mask = self._lm_inputs(ids, image)
+        return self.model.language_model(inputs_embeds=embeds, attention_mask=mask).logits
 
     @torch.no_grad()
     def code_targets(self, scenes, answers=None) -> torch.Tensor:
@@ -697,16 +791,39 @@ class GenerativePretraining(nn.Module):
         return F.mse_loss(image, target) / target.pow(2).mean()
 
     def step(self, step: int, batch_size: int) -> StepResult:
+        return self.parts(step, batch_size, 1)[0]()
+
+    def parts(self, step: int, batch_size: int, count: int) -> list[Part]:
         rng = batch_rng(self.seed, self.INDEX, step)
         idx, ids, labels, prompts, answers = self._batch(
             self.train_data, rng, batch_size, self.caption_fraction
         )
-        image = self._soft_prompt(self.train_features[idx], prompts)
-        logits = self._logits(ids, image)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
+        supervised = int((labels != IGNORE).sum())  # the LM loss is their mean over the whole batch
+        parts: list[Part] = []
+        for rows, width in length_groups(ids, self.tokenizer.pad_token_id, count):
+            picked = rows.tolist()
+            text = self._qformer_text([prompts[i] for i in picked])  # here: parts may run on other threads
+            parts.append(
+                functools.partial(
+                    self._part,
+                    idx[rows],
+                    ids[rows, :width],
+                    labels[rows, :width],
+                    text,
+                    [answers[i] for i in picked],
+                    supervised,
+                    len(picked) / batch_size,
+                )
+            )
+        return parts
+
+    def _part(self, idx, ids, labels, text, answers, supervised: int, share: float) -> StepResult:
+        image = self._soft_prompt(self.train_features[idx], text)
+        logits, targets = supervised_logits(self.model.language_model, *self._lm_inputs(ids, image), labels)
+        loss = F.cross_entropy(logits, targets, reduction="sum") / supervised
         if not self.code_loss_weight:
             return StepResult(loss, {})
-        code = self._code_loss(image, idx, self.train_data, answers)
+        code = self._code_loss(image, idx, self.train_data, answers) * share
         return StepResult(loss + self.code_loss_weight * code, {"lm": loss.item(), "code": code.item()})
 
     @torch.no_grad()
@@ -719,7 +836,7 @@ class GenerativePretraining(nn.Module):
             idx, ids, labels, prompts, answers = self._batch(
                 self.val_data, rng, min(256, len(self.val_data)), fraction
             )
-            image = self._soft_prompt(self.val_features[idx], prompts)
+            image = self._soft_prompt(self.val_features[idx], self._qformer_text(prompts))
             predicted = self._logits(ids, image).argmax(-1)
             wrong = ((predicted != labels) & (labels != IGNORE)).any(dim=1)
             result[name] = 1.0 - wrong.float().mean().item()

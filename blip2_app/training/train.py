@@ -94,8 +94,9 @@ def train(
     with `parallel` (two cores) a second process trains the language model in `work_dir` while
     this one trains the vision encoder and stage 1; stage 2 then loads its checkpoint. Each phase
     seeds itself and runs on the thread counts of the config's schedule (a switch to more threads
-    waits for the other process), so the weights equal those of one process. `language_only` is
-    that process."""
+    waits for the other process); a phase in micro-batches computes one at a time until the other
+    process is done, then `config.workers` at once, which sums the same. So the weights equal
+    those of one process. `language_only` is that process."""
     if (parallel or language_only) and work_dir is None:
         raise ValueError("A parallel run needs a work folder: the two processes meet there.")
     started = time.perf_counter()
@@ -138,6 +139,13 @@ def train(
         if helper is not None:
             _wait_for(helper)
 
+    def workers() -> int:
+        """Micro-batches at once: one while the two processes share the machine (in the helper,
+        and here until the helper is done), then the config's."""
+        if language_only or (helper is not None and helper.poll() is None):
+            return 1
+        return min(config.workers, available_cores())
+
     def run(name: str, phase, parameters) -> bool:
         stop = stop_after[1] if stop_after and stop_after[0] == name else None
         outcome = run_phase(
@@ -152,6 +160,7 @@ def train(
             # With `parallel`, more threads only once the language model's process is done: two
             # processes asking for three cores made every step wait on a preempted thread.
             before_more_threads=wait_for_helper,
+            workers=workers,
         )
         report.phases[name] = outcome
         if progress:
@@ -248,6 +257,13 @@ def train(
         _export(stage1.model, retrieval, itm_dir, info)
         report.out_dir, report.itm_dir = out_dir, itm_dir
     return report
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _start_language_process(config: TrainConfig, work_dir: Path, progress: bool) -> subprocess.Popen:

@@ -8,10 +8,12 @@ continues exactly as an uninterrupted one would.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -71,6 +73,9 @@ class Phase(Protocol):
 
     def step(self, step: int, batch_size: int) -> Any: ...
 
+    # With `PhaseConfig.micro_batches` > 1 also `parts(step, batch_size, count)`: the step's
+    # micro-batches, each a callable returning its share of the loss (`phases.Part`).
+
     def validate(self) -> dict[str, float]: ...
 
     def state_dict(self) -> dict[str, Any]: ...
@@ -92,6 +97,7 @@ def run_phase(
     stop_after: int | None = None,
     threads: Callable[[int], int] | None = None,
     before_more_threads: Callable[[], None] | None = None,
+    workers: Callable[[], int] | None = None,
 ) -> PhaseOutcome:
     """Train `phase` (which has `step(step, batch_size)` and `validate()`) for `config.steps` steps.
 
@@ -99,7 +105,9 @@ def run_phase(
     `config.checkpoint_every` steps and at the end. `stop_after` ends the run early at that step
     (as an interruption would), leaving a checkpoint to resume from. `threads(step)` is the
     PyTorch thread count of each step; `before_more_threads` runs before a step that raises it
-    (the parallel run waits there for its other process to free the second core)."""
+    (the parallel run waits there for its other process to free the second core). `workers()`:
+    how many of a step's micro-batches may run at once now (one when None); the weights do not
+    depend on it, so the parallel run raises it as soon as its other process is done."""
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     checkpoint = work_dir / f"{name}.pt" if work_dir is not None else None
     outcome = PhaseOutcome(name, 0, False)
@@ -127,6 +135,7 @@ def run_phase(
             save_atomically(checkpoint, payload)
 
     phase.train()
+    pools: dict[int, ThreadPoolExecutor] = {}  # by size: at most `workers()` parts at once
     started = time.perf_counter() - outcome.seconds
     bar = tqdm(
         total=config.steps, initial=outcome.steps_done, desc=name, disable=not progress, mininterval=2.0
@@ -138,22 +147,28 @@ def run_phase(
             use_threads(threads(step), before_more_threads)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
-        result = phase.step(step, config.batch_size)
-        optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
+        if config.micro_batches > 1:
+            parts = phase.parts(step, config.batch_size, config.micro_batches)  # type: ignore[attr-defined]
+        else:
+            parts = [functools.partial(phase.step, step, config.batch_size)]
+        at_once = min(len(parts), workers() if workers is not None else 1)
+        if at_once > 1 and at_once not in pools:
+            pools[at_once] = ThreadPoolExecutor(at_once)
+        pool = pools.get(at_once)
+        loss, logs = accumulate_gradients(parts, parameters, pool)
         torch.nn.utils.clip_grad_norm_(parameters, CLIP_NORM)
         optimizer.step()
-        outcome.losses.append(result.loss.item())
+        outcome.losses.append(loss)
         outcome.steps_done = step + 1
         bar.update(1)
         if step % 20 == 0:
-            bar.set_postfix(
-                loss=f"{result.loss.item():.4f}", **{k: f"{v:.3f}" for k, v in result.logs.items()}
-            )
+            bar.set_postfix(loss=f"{loss:.4f}", **{k: f"{v:.3f}" for k, v in logs.items()})
         if (step + 1) % config.checkpoint_every == 0:
             outcome.seconds = time.perf_counter() - started
             save()
     bar.close()
+    for pool in pools.values():
+        pool.shutdown()
     phase.eval()
     outcome.finished = outcome.steps_done >= config.steps
     if outcome.finished:
@@ -161,3 +176,32 @@ def run_phase(
     outcome.seconds = time.perf_counter() - started
     save()
     return outcome
+
+
+def accumulate_gradients(
+    parts: Sequence[Callable[[], Any]],
+    parameters: Sequence[torch.nn.Parameter],
+    pool: ThreadPoolExecutor | None,
+) -> tuple[float, dict[str, float]]:
+    """Run each part (a `phases.StepResult` of its share of the loss) and set each parameter's
+    `.grad` to the sum of the parts' gradients, added in the parts' order: the same bits whether
+    `pool` ran them side by side (each on one PyTorch thread) or they ran here one after another.
+    Returns the step's loss and logs, summed over the parts."""
+
+    def run(part: Callable[[], Any]) -> tuple[Any, tuple[torch.Tensor | None, ...]]:
+        result = part()
+        return result, torch.autograd.grad(result.loss, parameters, allow_unused=True)
+
+    done = list(pool.map(run, parts)) if pool is not None and len(parts) > 1 else [run(p) for p in parts]
+    for index, parameter in enumerate(parameters):
+        total = None
+        for _, grads in done:
+            grad = grads[index]
+            if grad is not None:
+                total = grad if total is None else total + grad
+        parameter.grad = total
+    logs: dict[str, float] = {}
+    for result, _ in done:
+        for key, value in result.logs.items():
+            logs[key] = logs.get(key, 0.0) + value
+    return sum(result.loss.item() for result, _ in done), logs
