@@ -25,8 +25,7 @@ sys.path.insert(0, str(ROOT))
 from blip2_app.training import vocab  # noqa: E402
 from blip2_app.training.config import TrainConfig  # noqa: E402
 from blip2_app.training.phases import QFormerPretraining  # noqa: E402
-from blip2_app.training.shapes_data import ShapesData  # noqa: E402
-from blip2_app.training.train import PHRASE_SHARE, _export, available_cores  # noqa: E402
+from blip2_app.training.train import PHRASE_SHARE, _export, available_cores, render_data  # noqa: E402
 from blip2_app.training.trainer import run_phase  # noqa: E402
 
 
@@ -44,19 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(config.threads_at("stage1", 0))
     torch.use_deterministic_algorithms(True, warn_only=True)
     captioning, retrieval = vocab.processors(arch.image_size, arch.num_query_tokens, arch.question_aware)
-    train, val = (
-        ShapesData.build(
-            seed,
-            split,
-            size,
-            captioning.image_processor,
-            arch.image_size // arch.patch_size,
-            unique_captions=split != "train",
-            style=config.data.style,
-            classic_share=config.data.classic_share,
-        )
-        for split, size in (("train", config.data.train_images), ("val", config.data.val_images))
-    )
+    train, val = render_data(config, captioning.image_processor, config.data.classic_share)
     saved = torch.load(args.vision, weights_only=False)["state"]
     vision_state = {k.removeprefix("vision."): v for k, v in saved.items() if k.startswith("vision.")}
     torch.manual_seed(seed + TrainConfig.PHASES.index("stage1"))

@@ -115,22 +115,7 @@ def train(
     report = TrainReport(config)
 
     def build(classic_share: float) -> tuple[ShapesData, ShapesData]:
-        """(train, val) data; validation captions are unique so retrieval on them is well defined."""
-        splits = (("train", config.data.train_images), ("val", config.data.val_images))
-        train_split, val_split = (
-            ShapesData.build(
-                seed,
-                split,
-                size,
-                captioning.image_processor,
-                arch.image_size // arch.patch_size,
-                unique_captions=split != "train",
-                style=config.data.style,
-                classic_share=classic_share,
-            )
-            for split, size in splits
-        )
-        return train_split, val_split
+        return render_data(config, captioning.image_processor, classic_share)
 
     # Started first: the helper renders the data it needs on the other core meanwhile.
     helper = _start_language_process(config, work_dir, progress) if parallel and work_dir else None
@@ -257,6 +242,27 @@ def train(
         _export(stage1.model, retrieval, itm_dir, info)
         report.out_dir, report.itm_dir = out_dir, itm_dir
     return report
+
+
+def render_data(config: TrainConfig, image_processor, classic_share: float) -> tuple[ShapesData, ShapesData]:
+    """A phase's (train, val) data; validation captions are unique so retrieval on them is well
+    defined."""
+    arch = config.architecture
+    splits = (("train", config.data.train_images), ("val", config.data.val_images))
+    train_split, val_split = (
+        ShapesData.build(
+            config.seed,
+            split,
+            size,
+            image_processor,
+            arch.image_size // arch.patch_size,
+            unique_captions=split != "train",
+            style=config.data.style,
+            classic_share=classic_share,
+        )
+        for split, size in splits
+    )
+    return train_split, val_split
 
 
 def available_cores() -> int:
