@@ -682,6 +682,25 @@ def test_stage1_from_an_encoder_retrains_the_twin_of_that_run(smoke, tmp_path, c
         torch.testing.assert_close(again[key], shipped[key], atol=REPRODUCE_ATOL, rtol=0, msg=key)
 
 
+def test_training_steps_benchmark_times_every_phase_four_ways(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("training_steps", ROOT / "benchmarks" / "training_steps.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    before = torch.get_num_threads()
+    try:
+        argv = ["--config", "smoke", "--steps", "1", "--images", "16", "--out", str(tmp_path / "steps")]
+        assert module.main(argv) == 0
+    finally:
+        torch.set_num_threads(before)
+    steps = json.loads((tmp_path / "steps.json").read_text())["steps"]
+    assert list(steps) == list(TrainConfig.PHASES)
+    assert all(row[way] > 0 for row in steps.values() for way in module.WAYS)
+    assert "| stage2 | 4 |" in (tmp_path / "steps.md").read_text()
+
+
 def test_a_parallel_run_gives_the_weights_of_one_process(smoke, smoke_config, tmp_path):
     """`--parallel`: the language model trained by a second process, the rest here, same weights."""
     report = train(
