@@ -239,16 +239,18 @@ class LanguagePretraining(nn.Module):
         padded = _pad(ids, tok.pad_token_id)
         return padded, _pad(labels, IGNORE), self.code.extra_tensor(extras, padded.shape[1])
 
-    def _logits(self, ids: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
-        mask = (ids != self.tokenizer.pad_token_id).long()
+    def _lm_inputs(self, ids: torch.Tensor, extra: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input embeddings (the scene code's extra words summed in) and the attention mask."""
         embeds = code_embeddings(self.lm.get_input_embeddings(), ids, extra)
+        return embeds, (ids != self.tokenizer.pad_token_id).long()
+
+    def _logits(self, ids: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        embeds, mask = self._lm_inputs(ids, extra)
         return self.lm(inputs_embeds=embeds, attention_mask=mask).logits
 
     def _supervised_logits(self, ids: torch.Tensor, labels: torch.Tensor, extra: torch.Tensor):
         # labels[:, t] is the target for position t, i.e. ids[:, t + 1]
-        mask = (ids != self.tokenizer.pad_token_id).long()
-        embeds = code_embeddings(self.lm.get_input_embeddings(), ids, extra)
-        return supervised_logits(self.lm, embeds, mask, labels)
+        return supervised_logits(self.lm, *self._lm_inputs(ids, extra), labels)
 
     def _loss(self, ids: torch.Tensor, labels: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(*self._supervised_logits(ids, labels, extra))
