@@ -34,11 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("vision", type=Path, help="a run's vision.pt (its work folder)")
     parser.add_argument("--config", default="shapes-demo-fast")
     parser.add_argument("--steps", type=int, help="stage-1 steps instead of the config's")
+    parser.add_argument(
+        "--attribute-queries", type=float, help="the attribute-query weight instead of the config's"
+    )
     parser.add_argument("--out", type=Path, required=True, help="folder for the retrieval twin")
     args = parser.parse_args(argv)
     config = TrainConfig.load(args.config)
     if args.steps:
         config = config.replace(stage1=dataclasses.replace(config.stage1, steps=args.steps))
+    if args.attribute_queries is not None:
+        config = config.replace(attribute_queries=args.attribute_queries)
     arch, seed = config.architecture, config.seed
     torch.set_num_threads(config.threads_at("stage1", 0))
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -48,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     vision_state = {k.removeprefix("vision."): v for k, v in saved.items() if k.startswith("vision.")}
     torch.manual_seed(seed + TrainConfig.PHASES.index("stage1"))
     phrase_share = PHRASE_SHARE if config.object_phrases else 0
-    stage1 = QFormerPretraining(arch, train, val, retrieval, vision_state, seed, phrase_share)
+    stage1 = QFormerPretraining(
+        arch, train, val, retrieval, vision_state, seed, phrase_share, config.attribute_queries
+    )
     outcome = run_phase(
         "stage1",
         stage1,

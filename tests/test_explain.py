@@ -36,9 +36,7 @@ def demo():
 def _inside(obj: synthetic.ShapeObject, cell: tuple[int, int], grid: np.ndarray) -> bool:
     """The centre of patch `cell` lies in the object's bounding box."""
     size = synthetic.IMAGE_SIZE / grid.shape[0]
-    y, x = (cell[0] + 0.5) * size, (cell[1] + 0.5) * size
-    half = obj.diameter / 2
-    return abs(x - obj.centre[0]) <= half and abs(y - obj.centre[1]) <= half
+    return obj.box_contains((cell[1] + 0.5) * size, (cell[0] + 0.5) * size)
 
 
 @pytest.fixture(scope="module")
@@ -207,3 +205,27 @@ def test_cli_match_explain_and_classify_use_the_retrieval_partner(tmp_path, demo
 
     refused = run_cli("classify", "--model", "shapes-demo", str(image), "red")
     assert refused.returncode == 2 and "at least two labels" in refused.stderr
+
+
+@needs_demo
+def test_twin_behaviour_benchmark_counts_what_the_tests_count(demo, tmp_path):
+    """benchmarks/twin_behaviour.py on a small share: its totals are the pictures asked about and
+    its zero-shot count is explain.classify's on the same scenes."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import twin_behaviour
+
+    small = ["--galleries", "1", "--gallery-size", "30", "--scenes", "4"]
+    twin_behaviour.main(["shapes-demo-itm", *small, "--out", str(tmp_path / "t")])
+    counts = json.loads((tmp_path / "t.json").read_text())["counts"]["shapes-demo-itm"]
+    gallery = [synthetic.make_scene(777, "test", i, count=1).objects[0] for i in range(30)]
+    reds = sum(o.colour == "red" for o in gallery)
+    assert counts["more like this"][1] == sum((o.colour, o.shape) == ("red", "circle") for o in gallery)
+    assert counts["but not red: 'a red shape'"][1] == counts["look-alike first: image alone"][1] == reds
+    assert all(0 <= hit <= total for hit, total in counts.values())
+    scenes = [synthetic.make_scene(4242, "test", i, count=1) for i in range(4)]
+    right = sum(
+        explain.classify(demo, s.render(), list(synthetic.COLOURS))[0].label == s.objects[0].colour
+        for s in scenes
+    )
+    assert counts["zero-shot colour: 'a photo of {}'"] == [right, 4]
+    assert (tmp_path / "t.md").read_text().count("\n| ") == len(counts) + 1

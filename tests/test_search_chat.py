@@ -93,14 +93,7 @@ def scenes(tmp_path_factory):
 
 
 def single_shape_scenes(folder: Path, seed: int) -> list[tuple[str, str, str]]:
-    out = []
-    for i in range(GALLERY_SIZE):
-        scene = synthetic.make_scene(seed, "test", i, count=1)
-        shape = scene.objects[0]
-        path = folder / f"{i:03d}-{shape.colour}-{shape.shape}.png"
-        scene.render().save(path)
-        out.append((str(path), shape.colour, shape.shape))
-    return out
+    return synthetic.single_shape_gallery(folder, seed, GALLERY_SIZE)
 
 
 @pytest.fixture(scope="module")

@@ -64,6 +64,8 @@ def test_configs_are_validated():
         TrainConfig.from_dict({"name": "x", "lm_prefix": "slots", "architecture": {"num_query_tokens": 4}})
     with pytest.raises(ValueError, match="code_loss_weight needs"):
         TrainConfig.from_dict({"name": "x", "lm_prefix": "caption", "code_loss_weight": 1.0})
+    with pytest.raises(ValueError, match="attribute_queries must not be negative"):
+        TrainConfig.from_dict({"name": "x", "attribute_queries": -0.1})
     with pytest.raises(ValueError, match="positive"):
         PhaseConfig(steps=0, batch_size=8, lr=1e-3)
     with pytest.raises(ValueError, match="multiple of"):
@@ -332,8 +334,10 @@ def test_training_never_sees_the_evaluation_renderer():
     trained_with = json.loads((BUNDLED / "training.json").read_text())["config"]
     # Read back as a config: fields added since (micro_batches, workers) take their defaults.
     assert TrainConfig.from_dict({**trained_with, "name": bundled.name}) == bundled  # the label aside
-    fast = TrainConfig.load("shapes-demo-fast")  # the same recipe in micro-batches (decision 0013)
-    same = ("name", "workers", "vision", "language", "stage1", "stage2")
+    # The same recipe in micro-batches (decision 0013), stage 1 with attribute queries (0014).
+    fast = TrainConfig.load("shapes-demo-fast")
+    assert fast.attribute_queries > 0 and not bundled.attribute_queries
+    same = ("name", "workers", "vision", "language", "stage1", "stage2", "attribute_queries")
     assert {k: v for k, v in fast.as_dict().items() if k not in same} == {
         k: v for k, v in bundled.as_dict().items() if k not in same
     }
@@ -716,3 +720,49 @@ def test_a_parallel_run_gives_the_weights_of_one_process(smoke, smoke_config, tm
         for key in one:
             torch.testing.assert_close(two[key], one[key], atol=REPRODUCE_ATOL, rtol=0, msg=key)
     np.testing.assert_allclose(report.phases["language"].losses, smoke.phases["language"].losses)
+
+
+def test_attribute_queries_name_every_colour_and_shape_once_and_where_each_is_true():
+    from blip2_app.training.shapes_data import COLOUR_FORMS, SHAPE_FORMS, attribute_queries
+
+    scenes = [synthetic.make_scene(5, "train", i, count=1 + i % 3) for i in range(12)]
+    texts, truth = attribute_queries(scenes, np.random.default_rng(0))
+    colours, shapes = list(synthetic.COLOURS), list(synthetic.SHAPES)
+    assert len(texts) == len(colours) + len(shapes) and truth.shape == (12, len(texts))
+    for text, word in zip(texts, colours + shapes, strict=True):
+        forms = COLOUR_FORMS if word in colours else SHAPE_FORMS
+        assert text in {form.format(word) for form in forms}
+    for scene, row in zip(scenes, truth.tolist(), strict=True):
+        shown = {o.colour for o in scene.objects} | {o.shape for o in scene.objects}
+        assert row == [word in shown for word in colours + shapes]
+    drawn = {attribute_queries(scenes, np.random.default_rng(seed))[0][0] for seed in range(40)}
+    assert len(drawn) > 1, "the form is drawn, not fixed"
+
+
+def test_supervised_contrast_ranks_each_true_pair_against_the_false_ones_only():
+    from blip2_app.training.shapes_data import supervised_contrast
+
+    generator = torch.Generator().manual_seed(0)
+    sim = torch.randn(5, 6, generator=generator)
+    positive = torch.rand(5, 6, generator=generator) < 0.4
+    positive[0] = True  # a row with no false pair adds nothing
+    positive[1] = False
+    positive[1, 2] = True
+    expected = []
+    for r in range(5):
+        false = sim[r][~positive[r]]
+        if len(false) == 0:
+            continue
+        for c in positive[r].nonzero().flatten().tolist():
+            expected.append(-torch.log(sim[r, c].exp() / (sim[r, c].exp() + false.exp().sum())))
+    assert supervised_contrast(sim, positive).item() == pytest.approx(
+        torch.stack(expected).mean().item(), rel=1e-6
+    )
+    # Another true pair's score does not enter a true pair's loss: each competes with the false one.
+    both = torch.tensor([[True, True, False]])
+    softplus = torch.nn.functional.softplus
+    for other in (1.0, 9.0):
+        loss = supervised_contrast(torch.tensor([[2.0, other, 0.0]]), both)
+        assert loss.item() == pytest.approx(
+            ((softplus(torch.tensor(-2.0)) + softplus(torch.tensor(-other))) / 2).item(), rel=1e-5
+        )

@@ -169,6 +169,10 @@ class TrainConfig:
     language_prompt_variety: float | None = None
     # Stage 1 also matches phrases about one object (and their false twins): the randomised recipe.
     object_phrases: bool = False
+    # Stage 1: weight of the loss on each colour and shape named alone ("a red shape", "a photo of
+    # a circle"; `QFormerPretraining._attribute_loss`), which search negatives and zero-shot labels
+    # need (0: none).
+    attribute_queries: float = 0.0
 
     PHASES = ("vision", "language", "stage1", "stage2")
 
@@ -183,6 +187,8 @@ class TrainConfig:
             raise ValueError("lm_prefix 'slots' needs num_query_tokens a multiple of 3 (one share per slot).")
         if self.code_loss_weight < 0:
             raise ValueError("code_loss_weight must not be negative.")
+        if self.attribute_queries < 0:
+            raise ValueError("attribute_queries must not be negative.")
         question_aware = self.architecture.question_aware
         scene_words = 13 if question_aware else 12
         if question_aware and (

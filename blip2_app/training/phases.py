@@ -31,7 +31,15 @@ from ..prompts import ChatTurn, chat_prompt, vqa_prompt
 from ..registry import Registry
 from . import architecture, synthetic
 from .config import ArchitectureConfig
-from .shapes_data import ATTRIBUTE_CLASSES, ShapesData, perturb, phrase_pair
+from .shapes_data import (
+    ATTRIBUTE_CLASSES,
+    COLOURS,
+    ShapesData,
+    attribute_queries,
+    perturb,
+    phrase_pair,
+    supervised_contrast,
+)
 
 IGNORE = -100  # label value cross_entropy skips: prompt, image and padding positions
 
@@ -532,9 +540,10 @@ class QFormerPretraining(nn.Module):
         vision_state: dict,
         seed: int,
         phrase_share: int = 0,  # 0: no object phrases (the classic recipe); else one image in this many
+        attribute_weight: float = 0.0,  # weight of the attribute-query loss (0: none)
     ):
         super().__init__()
-        self.phrase_share = phrase_share
+        self.phrase_share, self.attribute_weight = phrase_share, attribute_weight
         self.model = architecture.new_retrieval_model(arch, processor)
         self.model.vision_model.load_state_dict(vision_state)
         architecture.trainable(self.model.vision_model, False)
@@ -594,6 +603,7 @@ class QFormerPretraining(nn.Module):
         features = self.train_features[torch.from_numpy(idx)]
         tokens = self._tokens(positives + negatives + [p for p, _ in phrases] + [n for _, n in phrases])
         hard_seed = int(rng.integers(2**31))
+        attributes = attribute_queries(scenes, rng) if self.attribute_weight else None
         # ITM pairs (image row, text row, label): the positives, the perturbed texts, then the
         # object phrases and their false twins; the hard wrong text per image and wrong image per
         # text follow in the first part. Their loss is the mean over all of them.
@@ -635,7 +645,12 @@ class QFormerPretraining(nn.Module):
                 torch.cat([hard_text, rows, known[1][known_rows]]),
                 torch.cat([torch.tensor(same + same_img, dtype=torch.long), known[2][known_rows]]),
             )
-            return StepResult(itc + loss, {"itc": itc.item(), "itm": loss.item()})
+            logs = {"itc": itc.item(), "itm": loss.item()}
+            if attributes is not None:
+                attribute = self._attribute_loss(image, temperature, *attributes)
+                logs["attr"] = attribute.item()
+                loss = loss + self.attribute_weight * attribute
+            return StepResult(itc + loss, logs)
 
         def matching(known_rows: slice) -> StepResult:
             loss = itm(*(column[known_rows] for column in known))
@@ -645,6 +660,21 @@ class QFormerPretraining(nn.Module):
             return [functools.partial(contrastive, slice(None))]
         parts: list[Part] = [functools.partial(contrastive, slice(0, 0))]
         return parts + [functools.partial(matching, rows) for rows in split_rows(len(known[0]), count - 1)]
+
+    def _attribute_loss(
+        self, image: torch.Tensor, temperature: torch.Tensor, texts: list[str], truth: torch.Tensor
+    ) -> torch.Tensor:
+        """Each colour and each shape named alone (`shapes_data.attribute_queries`) against the batch:
+        an image ranks the colours it shows above those it does not (and the shapes), as the Explain
+        tab's zero-shot labels ask; a text ranks every image it is true of above the others, as a
+        search's negative text ("a red shape") needs. A caption names every object, so ITC alone
+        never asks for either."""
+        text = self.text_embeds(self._tokens(texts))
+        sim = torch.einsum("bqd,td->bqt", image, text).amax(dim=1) / temperature  # (B, attributes)
+        n = len(COLOURS)
+        colours = supervised_contrast(sim[:, :n], truth[:, :n])
+        shapes = supervised_contrast(sim[:, n:], truth[:, n:])
+        return ((colours + shapes) / 2 + supervised_contrast(sim.t(), truth.t())) / 2
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:

@@ -147,6 +147,33 @@ def _replace(obj: synthetic.ShapeObject, **changes) -> synthetic.ShapeObject:
 
 PHRASE_FORMS = ("the {colour} {shape}", "a {colour} {shape}", "{colour} {shape}", "the {shape} is {colour}")
 
+# How people name one attribute alone: a search's negative text ("a red shape"), a zero-shot label in
+# the Explain tab's default template ("a photo of {}"), a bare word.
+COLOUR_FORMS = ("{}", "a {} shape", "the {} shape", "{} shapes", "a photo of {}", "a picture of {}")
+SHAPE_FORMS = ("{}", "a {}", "the {}", "a {} shape", "a photo of a {}", "a picture of a {}")
+
+
+def attribute_queries(scenes: list[Scene], rng: np.random.Generator) -> tuple[list[str], torch.Tensor]:
+    """Every colour, then every shape, named alone in a form drawn for each, and which of `scenes`
+    they are true of: (texts, (len(scenes), len(texts)) bool)."""
+    colours = [COLOUR_FORMS[int(rng.integers(len(COLOUR_FORMS)))].format(c) for c in COLOURS]
+    shapes = [SHAPE_FORMS[int(rng.integers(len(SHAPE_FORMS)))].format(s) for s in SHAPES]
+    truth = [
+        [c in {o.colour for o in scene.objects} for c in COLOURS]
+        + [s in {o.shape for o in scene.objects} for s in SHAPES]
+        for scene in scenes
+    ]
+    return colours + shapes, torch.tensor(truth)
+
+
+def supervised_contrast(sim: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Mean over the true (row, column) pairs of -log p, where each true pair competes with the false
+    pairs of its row only (not with the row's other true pairs), so every true pair must score above
+    every false one, not just the easiest. Rows without a false pair add nothing."""
+    negatives = sim.masked_fill(positive, float("-inf")).logsumexp(dim=1, keepdim=True)
+    losses = torch.logaddexp(sim, negatives) - sim
+    return losses[positive & negatives.isfinite()].mean()
+
 
 def phrase_pair(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
     """(a phrase naming one object of `scene`, the same phrase made false): "the red circle" and

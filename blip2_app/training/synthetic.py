@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -85,6 +86,11 @@ class ShapeObject:
     def short_phrase(self) -> str:
         return f"{article(self.colour)} {self.colour} {self.shape}"
 
+    def box_contains(self, x: float, y: float) -> bool:
+        """(x, y), in the 64-unit design space, lies in the object's bounding box."""
+        half = self.diameter / 2
+        return abs(x - self.centre[0]) <= half and abs(y - self.centre[1]) <= half
+
 
 @dataclass(frozen=True)
 class QA:
@@ -130,6 +136,20 @@ def scene_rng(seed: int, split: str, index: int, style: str = "classic") -> np.r
     if style == "classic":
         return np.random.default_rng([seed, _split_stream(split), index])
     return np.random.default_rng([seed, _split_stream(split), index, STYLES.index(style)])
+
+
+def single_shape_gallery(folder: Path, seed: int, count: int) -> list[tuple[str, str, str]]:
+    """`count` held-out single-shape test scenes of `seed` saved as `NNN-<colour>-<shape>.png` in
+    `folder` (a search result's name tells its kind): (path, colour, shape) of each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for index in range(count):
+        scene = make_scene(seed, "test", index, count=1)
+        shape = scene.objects[0]
+        path = folder / f"{index:03d}-{shape.colour}-{shape.shape}.png"
+        scene.render().save(path)
+        out.append((str(path), shape.colour, shape.shape))
+    return out
 
 
 def make_scene(seed: int, split: str, index: int, count: int | None = None, style: str = "classic") -> Scene:

@@ -193,7 +193,9 @@ def train(
 
         set_up("stage1")
         phrase_share = PHRASE_SHARE if config.object_phrases else 0
-        stage1 = QFormerPretraining(arch, train_data, val_data, retrieval, vision_state, seed, phrase_share)
+        stage1 = QFormerPretraining(
+            arch, train_data, val_data, retrieval, vision_state, seed, phrase_share, config.attribute_queries
+        )
         if not run("stage1", stage1, stage1.trainable_parameters()):
             return _stopped(report, started)
         wait_for_helper()
