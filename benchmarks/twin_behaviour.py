@@ -54,10 +54,16 @@ def search_counts(engine, folder: Path, galleries_count: int, size: int) -> dict
     for seed in range(FIRST_GALLERY_SEED, FIRST_GALLERY_SEED + galleries_count):
         shown = synthetic.single_shape_gallery(folder / str(seed), seed, size)
         galleries.append((shown, searches.index_gallery([p for p, _, _ in shown], False, None)[1]))
-    counts: dict[str, list[int]] = {}
+    # Each test's rows together, in the order of the report.
+    measures = [
+        "more like this",
+        *(f"but not red: {negative!r}" for negative in NEGATIVES),
+        *(f"look-alike first: {negative!r}" for negative in NEGATIVES),
+        "look-alike first: image alone",
+    ]
+    counts = {measure: [0, 0] for measure in measures}
 
     def add(measure: str, hit: bool) -> None:
-        counts.setdefault(measure, [0, 0])
         counts[measure][0] += bool(hit)
         counts[measure][1] += 1
 
@@ -76,25 +82,26 @@ def search_counts(engine, folder: Path, galleries_count: int, size: int) -> dict
             _, alone = searches.combined_search("", path, "", 5, session, SearchView())
             first = _kind(alone.hits[0].name)
             add("look-alike first: image alone", first[0] != "red" and first[1] == shape)
-    groups = list(dict.fromkeys(measure.split(":")[0] for measure in counts))  # each test's rows together
-    ordered = sorted(counts, key=lambda measure: groups.index(measure.split(":")[0]))
-    return {measure: (counts[measure][0], counts[measure][1]) for measure in ordered}
+    return {measure: (hit, total) for measure, (hit, total) in counts.items()}
 
 
 def explain_counts(engine, scenes: int) -> dict[str, tuple[int, int]]:
     """(count, out of) for each Explain measure over `scenes` held-out scenes (tests/test_explain.py: 50)."""
     counts = {}
     peaks = colour_peaks = lower = 0
+
+    def peak_inside(obj: synthetic.ShapeObject, grid) -> bool:
+        """The centre of the map's hottest patch lies in the object's box (as the tests count)."""
+        y, x = explain.peak_cell(grid)
+        cell = synthetic.IMAGE_SIZE / grid.shape[0]
+        return obj.box_contains((x + 0.5) * cell, (y + 0.5) * cell)
+
     for index in range(scenes):
         scene = synthetic.make_scene(31337, "test", index, count=2 + index % 2)
         obj = scene.objects[index % len(scene.objects)]
         heatmap = explain.explain(engine, scene.render(), f"the {obj.colour} {obj.shape}")
-        cell = synthetic.IMAGE_SIZE / heatmap.grid.shape[0]
-        for grid, what in ((heatmap.grid, "peaks"), (dict(heatmap.words)[obj.colour], "colour")):
-            y, x = explain.peak_cell(grid)
-            inside = obj.box_contains((x + 0.5) * cell, (y + 0.5) * cell)
-            peaks += inside and what == "peaks"
-            colour_peaks += inside and what == "colour"
+        peaks += peak_inside(obj, heatmap.grid)
+        colour_peaks += peak_inside(obj, dict(heatmap.words)[obj.colour])
         other = synthetic.make_scene(31338, "test", index, count=2 + index % 2)
         image, first = other.render(), other.objects[0]
         absent = next(s for s in synthetic.SHAPES if s not in {o.shape for o in other.objects})

@@ -603,7 +603,10 @@ class QFormerPretraining(nn.Module):
         features = self.train_features[torch.from_numpy(idx)]
         tokens = self._tokens(positives + negatives + [p for p, _ in phrases] + [n for _, n in phrases])
         hard_seed = int(rng.integers(2**31))
-        attributes = attribute_queries(scenes, rng) if self.attribute_weight else None
+        attributes = None
+        if self.attribute_weight:  # tokenized here, as the captions are: parts may run on other threads
+            texts, truth = attribute_queries(scenes, rng)
+            attributes = (self._tokens(texts), truth)
         # ITM pairs (image row, text row, label): the positives, the perturbed texts, then the
         # object phrases and their false twins; the hard wrong text per image and wrong image per
         # text follow in the first part. Their loss is the mean over all of them.
@@ -662,15 +665,14 @@ class QFormerPretraining(nn.Module):
         return parts + [functools.partial(matching, rows) for rows in split_rows(len(known[0]), count - 1)]
 
     def _attribute_loss(
-        self, image: torch.Tensor, temperature: torch.Tensor, texts: list[str], truth: torch.Tensor
+        self, image: torch.Tensor, temperature: torch.Tensor, tokens, truth: torch.Tensor
     ) -> torch.Tensor:
         """Each colour and each shape named alone (`shapes_data.attribute_queries`) against the batch:
         an image ranks the colours it shows above those it does not (and the shapes), as the Explain
         tab's zero-shot labels ask; a text ranks every image it is true of above the others, as a
         search's negative text ("a red shape") needs. A caption names every object, so ITC alone
         never asks for either."""
-        text = self.text_embeds(self._tokens(texts))
-        sim = torch.einsum("bqd,td->bqt", image, text).amax(dim=1) / temperature  # (B, attributes)
+        sim = torch.einsum("bqd,td->bqt", image, self.text_embeds(tokens)).amax(dim=1) / temperature
         n = len(COLOURS)
         colours = supervised_contrast(sim[:, :n], truth[:, :n])
         shapes = supervised_contrast(sim[:, n:], truth[:, n:])
