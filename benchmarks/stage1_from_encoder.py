@@ -1,7 +1,7 @@
 """Stage 1 alone, from the vision encoder of a finished training run (issue 19's diagnostics):
 which part of a run makes its retrieval twin weaker, the encoder or stage 1?
 
-    python benchmarks/stage1_from_encoder.py WORK/vision.pt --config shapes-demo-fast --out /tmp/itm
+    python benchmarks/stage1_from_encoder.py WORK/vision.pt --out /tmp/itm
     python benchmarks/stage1_from_encoder.py WORK/vision.pt --steps 1600 --out /tmp/itm-1600
 
 Renders the config's stage-1 data, trains stage 1 as `train` does (its seed, micro-batches and
@@ -32,7 +32,7 @@ from blip2_app.training.trainer import run_phase  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("vision", type=Path, help="a run's vision.pt (its work folder)")
-    parser.add_argument("--config", default="shapes-demo-fast")
+    parser.add_argument("--config", default="shapes-demo")
     parser.add_argument("--steps", type=int, help="stage-1 steps instead of the config's")
     parser.add_argument(
         "--attribute-queries", type=float, help="the attribute-query weight instead of the config's"

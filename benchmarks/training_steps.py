@@ -5,7 +5,7 @@
 
 For each phase of the config (its sizes and batch, fresh weights, 1,024 rendered scenes): the
 whole batch on one PyTorch thread and on two, and the phase's micro-batches (`micro_batches` of
-shapes-demo-fast) one after another on one thread and two at once. Median milliseconds a step
+shapes-demo) one after another on one thread and two at once. Median milliseconds a step
 (forward, backward, clipping, AdamW) after two warm-up steps, to <out>.json and <out>.md.
 """
 
@@ -89,7 +89,7 @@ def time_steps(phase, batch: int, parts: int, way: str, steps: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="shapes-demo-fast")
+    parser.add_argument("--config", default="shapes-demo")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per way")
     parser.add_argument("--images", type=int, default=1024)
     parser.add_argument("--out", type=Path, required=True)
