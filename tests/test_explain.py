@@ -50,8 +50,8 @@ def heatmaps(demo):
     return found
 
 
-# Measured with the bundled demo model (50 scenes, seed 31337): 43 of 50 and 44 of 50 (its
-# predecessor, whose retrieval twin spread the evidence over every shape: 26 and 24).
+# Measured with the bundled demo model (50 scenes, seed 31337): 46 of 50 and 47 of 50 (the
+# twin before issue 19, which spread the evidence over every shape: 26 and 24).
 @needs_demo
 def test_the_heatmap_peaks_inside_the_named_shape(heatmaps):
     hits = sum(_inside(obj, explain.peak_cell(h.grid), h.grid) for _, obj, h in heatmaps)
@@ -94,7 +94,7 @@ def test_an_absent_shape_matches_less_than_the_true_caption(demo):
     ("kind", "labels"), [("colour", list(synthetic.COLOURS)), ("shape", list(synthetic.SHAPES))]
 )
 def test_zero_shot_labels_name_the_shape(demo, kind, labels):
-    """Single-shape held-out scenes; measured 49/50 colours, 49/50 shapes (chance: 1/6, 1/4)."""
+    """Single-shape held-out scenes; measured 50/50 colours, 50/50 shapes (chance: 1/6, 1/4)."""
     right = 0
     for index in range(SCENES):
         scene = synthetic.make_scene(4242, "test", index, count=1)

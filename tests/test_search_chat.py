@@ -136,8 +136,8 @@ def galleries(searches, gallery, scenes, tmp_path_factory) -> list[tuple[list, G
 @needs_demo
 def test_more_like_this_from_a_red_circle_returns_red_circles_first(searches, galleries):
     """Every red circle of the galleries as the query (itself left out): the first result is a
-    red circle for at least 3 in 4 of them. Chance: about 1 in 24. (The bundled twin and the one
-    before it: 23 and 24 of 28; 2 and 3 of 4 on the first gallery alone.)"""
+    red circle for at least 3 in 4 of them. Chance: about 1 in 24. (The bundled twin: 22 of 28;
+    twins of other runs 22 to 26, benchmarks/results/twin_behaviour.md.)"""
     firsts = []
     for shown, session in galleries:
         for path, colour, shape in shown:
@@ -187,8 +187,8 @@ def test_shapes_like_this_one_but_not_red_rank_non_red_look_alikes_first(searche
 @needs_demo
 def test_but_not_red_keeps_red_shapes_out_of_the_top_three(searches, galleries):
     """Every red shape of the galleries as the example image, negative text "a red shape": no red
-    shape in the top 3 for at least 9 in 10 of them. (The bundled twin: 105 of 110; the one
-    before it 102; on the first gallery alone 17 and 19 of 20.)"""
+    shape in the top 3 for at least 9 in 10 of them. (The bundled twin: 110 of 110; twins whose
+    stage 1 saw full captions only, 84 to 105: benchmarks/results/twin_behaviour.md.)"""
     no_red_top3 = total = 0
     for shown, session in galleries:
         for path in [p for p, colour, _ in shown if colour == "red"]:
