@@ -100,10 +100,11 @@ def train(
     if (parallel or language_only) and work_dir is None:
         raise ValueError("A parallel run needs a work folder: the two processes meet there.")
     started = time.perf_counter()
-    # The config's `threads` (one in shapes-demo) wherever two phases share the machine, and a
-    # phase's own `threads` (two) where it has it to itself: two threads ran stage 2 thirty times
-    # slower whenever another process held a core (`--threads 1` on a busy machine). The Rust
-    # tokenizers' own thread pool is kept out of the way for the same reason.
+    # The config's `threads` (one in shapes-demo, whose phases run in micro-batches of one thread
+    # each) wherever two phases share the machine; a config may give a phase its own `threads` for
+    # where it has the machine to itself: two threads ran stage 2 thirty times slower whenever
+    # another process held a core (`--threads 1` on a busy machine). The Rust tokenizers' own
+    # thread pool is kept out of the way for the same reason.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(config.threads)
     # Deterministic kernels where torch has them; warn (not fail) where it has none.
