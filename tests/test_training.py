@@ -680,6 +680,40 @@ def test_stage1_from_an_encoder_retrains_the_twin_of_that_run(smoke, tmp_path, c
         torch.testing.assert_close(again[key], shipped[key], atol=REPRODUCE_ATOL, rtol=0, msg=key)
 
 
+def test_vision_encoder_fit_reads_a_run_as_its_own_validation_did(smoke, tmp_path):
+    """benchmarks/vision_encoder_fit.py: on a run's vision.pt its "val" row is the run's own
+    validation of the encoder, and it writes one table row per run."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "vision_encoder_fit", ROOT / "benchmarks" / "vision_encoder_fit.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    vision = smoke.itm_dir.parent / "work" / "vision.pt"
+    seed = TrainConfig.load("smoke").seed
+    before = torch.get_num_threads()
+    try:
+        argv = [
+            f"smoke={vision}:{seed}",
+            "--config",
+            "smoke",
+            "--train-pictures",
+            "8",
+            "--test-pictures",
+            "8",
+        ]
+        assert module.main([*argv, "--out", str(tmp_path / "fit")]) == 0
+    finally:
+        torch.set_num_threads(before)
+    rows = json.loads((tmp_path / "fit.json").read_text())["smoke"]
+    assert list(rows) == ["train", "val", "first generator"]
+    expected = smoke.phases["vision"].summary()["validation"]
+    assert rows["val"] == pytest.approx(expected, abs=1e-4)
+    assert "| `smoke` |" in (tmp_path / "fit.md").read_text()
+
+
 def test_training_steps_benchmark_times_every_phase_four_ways(tmp_path):
     import importlib.util
 
