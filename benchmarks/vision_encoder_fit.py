@@ -5,18 +5,19 @@ first-generator shapes short of steps, or has it memorised its training pictures
     python benchmarks/vision_encoder_fit.py shipped=RUN_A/vision.pt:1 RUN_B/vision.pt:0 --out results/fit
 
 Each argument is a run's `vision.pt` (its work folder) and the seed it was trained on, with an
-optional label before `=`. The heads
-of `VisionPretraining` (the encoder's pretraining phase) classify every object (its patch tokens
-averaged over the true object mask), every slot (from the CLS token) and the count; a row's
-object / slot accuracy is the share whose colour, shape and size are all right. "train" is the
-first `--train-pictures` of the run's own training split (the first N scenes of a split are the
-same whatever its size), "val" the run's validation split, "first generator" `shapes` test seed 0.
-About a minute on two cores.
+optional label before `=`. The heads of `VisionPretraining` (the encoder's pretraining phase)
+classify every object (its patch tokens averaged over the true object mask), every slot (from the
+CLS token) and the count; a row's object / slot accuracy is the share whose colour, shape and size
+are all right. "train" is the first `--train-pictures` of the run's own training split (the first
+N scenes of a split are the same whatever its size), "val" the run's validation split, both
+rendered by `train.render_data` as training renders them; "first generator" is `shapes` test
+seed 0. About a minute on two cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -30,6 +31,7 @@ from blip2_app.training import vocab  # noqa: E402
 from blip2_app.training.config import TrainConfig  # noqa: E402
 from blip2_app.training.phases import VisionPretraining  # noqa: E402
 from blip2_app.training.shapes_data import ShapesData  # noqa: E402
+from blip2_app.training.train import render_data  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,41 +46,32 @@ def main(argv: list[str] | None = None) -> int:
     arch, data = config.architecture, config.data
     torch.set_num_threads(2)
     captioning, _ = vocab.processors(arch.image_size, arch.num_query_tokens, arch.question_aware)
-    grid = arch.image_size // arch.patch_size
-
-    def split(seed: int, name: str, size: int, style: str = data.style) -> ShapesData:
-        share = data.classic_share if style == data.style else 0.0
-        return ShapesData.build(
-            seed,
-            name,
-            size,
-            captioning.image_processor,
-            grid,
-            unique_captions=name != "train",
-            style=style,
-            classic_share=share,
-        )
-
-    first_generator = split(0, "test", args.test_pictures, "classic")
+    first_generator = ShapesData.build(
+        0,
+        "test",
+        args.test_pictures,
+        captioning.image_processor,
+        arch.image_size // arch.patch_size,
+        unique_captions=True,
+        style="classic",
+    )
+    # Only the first pictures of each training split: the whole split is 12,000 or more.
+    few = config.replace(data=dataclasses.replace(data, train_images=args.train_pictures))
     results = {}
     for run in args.runs:
         label, _, spec = run.rpartition("=")
-        path, _, seed_text = spec.rpartition(":")
-        seed = int(seed_text)
-        run = label or spec
-        sets = {
-            "train": split(seed, "train", args.train_pictures),
-            "val": split(seed, "val", data.val_images),
-            "first generator": first_generator,
-        }
-        phase = VisionPretraining(arch, sets["train"], sets["val"], seed)
+        path, _, seed = spec.rpartition(":")
+        name = label or spec
+        train, val = render_data(few.replace(seed=int(seed)), captioning.image_processor, data.classic_share)
+        sets = {"train": train, "val": val, "first generator": first_generator}
+        phase = VisionPretraining(arch, train, val, int(seed))
         phase.load_state_dict(torch.load(path, weights_only=False)["state"])
         phase.eval()
-        results[run] = {}
-        for name, shapes in sets.items():
-            phase.val_data = shapes
-            results[run][name] = {k: round(v, 4) for k, v in phase.validate().items()}
-        print(run, json.dumps(results[run]))
+        results[name] = {}
+        for set_name, shapes in sets.items():
+            phase.val_data = shapes  # validate() reads val_data: the same measure on each set
+            results[name][set_name] = {k: round(v, 4) for k, v in phase.validate().items()}
+        print(name, json.dumps(results[name]))
     if args.out:
         args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
         args.out.with_suffix(".md").write_text(_markdown(results, args) + "\n")

@@ -680,7 +680,7 @@ def test_stage1_from_an_encoder_retrains_the_twin_of_that_run(smoke, tmp_path, c
         torch.testing.assert_close(again[key], shipped[key], atol=REPRODUCE_ATOL, rtol=0, msg=key)
 
 
-def test_vision_encoder_fit_reads_a_run_as_its_own_validation_did(smoke, tmp_path):
+def test_vision_encoder_fit_reads_a_run_as_its_own_validation_did(smoke, smoke_config, tmp_path):
     """benchmarks/vision_encoder_fit.py: on a run's vision.pt its "val" row is the run's own
     validation of the encoder, and it writes one table row per run."""
     import importlib.util
@@ -692,7 +692,7 @@ def test_vision_encoder_fit_reads_a_run_as_its_own_validation_did(smoke, tmp_pat
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     vision = smoke.itm_dir.parent / "work" / "vision.pt"
-    seed = TrainConfig.load("smoke").seed
+    seed = smoke_config.seed
     before = torch.get_num_threads()
     try:
         argv = [
