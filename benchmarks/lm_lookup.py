@@ -30,16 +30,6 @@ from blip2_app.training.phases import LanguagePretraining
 from blip2_app.training.trainer import CLIP_NORM, learning_rate
 
 
-@dataclasses.dataclass
-class Scenes:
-    """What language-model pretraining reads of a split: its scenes (no pixels)."""
-
-    scenes: list
-
-    def __len__(self) -> int:
-        return len(self.scenes)
-
-
 def pick(value, default):
     return default if value is None else value
 
@@ -85,8 +75,8 @@ def main() -> None:
         arch = dataclasses.replace(arch, question_aware=False, num_query_tokens=12)
     captioning, _ = vocab.processors(arch.image_size, arch.num_query_tokens, arch.question_aware)
     seed = config.seed
-    train = Scenes(synthetic.generate_split(seed, "train", config.data.train_images))
-    val = Scenes(synthetic.generate_split(seed, "val", config.data.val_images, unique_captions=True))
+    train = synthetic.generate_split(seed, "train", config.data.train_images)
+    val = synthetic.generate_split(seed, "val", config.data.val_images, unique_captions=True)
     torch.manual_seed(seed + 1)
     lm = LanguagePretraining(
         arch,
@@ -126,7 +116,7 @@ def main() -> None:
                 "seconds": round(time.perf_counter() - started, 1),
                 "loss": loss.item(),
             }
-            point.update({k: round(v, 4) for k, v in lm.answer_accuracy(val.scenes).items()})
+            point.update({k: round(v, 4) for k, v in lm.answer_accuracy(val).items()})
             record["curve"].append(point)
             print(json.dumps(point), flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)

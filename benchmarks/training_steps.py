@@ -52,7 +52,7 @@ def build_phases(config: TrainConfig, images: int) -> dict:
     return {
         "vision": VisionPretraining(arch, train, val, 0),
         "language": LanguagePretraining(
-            arch, train, val, captioning.tokenizer, 0, config.prefix_fraction, config.lm_prefix,
+            arch, train.scenes, val.scenes, captioning.tokenizer, 0, config.prefix_fraction, config.lm_prefix,
             config.lm_caption_fraction, config.lm_questions_per_text, config.chat_fraction,
             config.lm_prompt_variety,
         ),

@@ -18,8 +18,8 @@ from blip2_app.loading import auto_vision_precision
 from blip2_app.prompts import ChatTurn, chat_prompt
 from blip2_app.registry import Registry
 from blip2_app.startup import load_engine
+from blip2_app.training import architecture, synthetic, vocab
 from blip2_app.training import evaluate as evaluate_module
-from blip2_app.training import synthetic, vocab
 from blip2_app.training.config import ArchitectureConfig, PhaseConfig, TrainConfig
 from blip2_app.training.phases import (
     IGNORE,
@@ -32,7 +32,7 @@ from blip2_app.training.phases import (
     sample_prompt,
     varied_prompt,
 )
-from blip2_app.training.train import CAPTIONING_DATA, train, twin_folder
+from blip2_app.training.train import CAPTIONING_PICTURES, train, twin_folder
 from blip2_app.training.trainer import accumulate_gradients, run_phase
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,8 +215,10 @@ def test_only_answer_tokens_are_supervised(smoke_config):
     read = qformer_tokenizer.decode(qformer_tokenizer(prompts[0]).input_ids, skip_special_tokens=True)
     assert read.replace(" ", "") == prompts[0].lower().replace(" ", "")  # WordPiece spaces out ":"
     for prefix in ("caption", "scene", "slots"):
-        language = LanguagePretraining(arch, data, data, tokenizer, 0, prefix_fraction=1.0, prefix=prefix)
-        ids, labels, extra = language._sample(data, np.random.default_rng(0), 4)
+        language = LanguagePretraining(
+            arch, data.scenes, data.scenes, tokenizer, 0, prefix_fraction=1.0, prefix=prefix
+        )
+        ids, labels, extra = language._sample(data.scenes, np.random.default_rng(0), 4)
         # "slots": further words summed into the prefix positions only, never into the text
         assert extra.shape[-1] == (3 if prefix == "slots" else 0)
         for row, label, more in zip(ids.tolist(), labels.tolist(), extra.tolist(), strict=True):
@@ -230,8 +232,10 @@ def test_only_answer_tokens_are_supervised(smoke_config):
             prompt = tokenizer.decode(row[bos : supervised[0] + 1])
             assert prompt == "</s>" or prompt.endswith("Short answer:")
     # several questions about one scene code: each answer and its EOS supervised, nothing else
-    language = LanguagePretraining(arch, data, data, tokenizer, 0, 1.0, "scene", 0.0, questions_per_text=3)
-    ids, labels, _ = language._sample(data, np.random.default_rng(0), 4)
+    language = LanguagePretraining(
+        arch, data.scenes, data.scenes, tokenizer, 0, 1.0, "scene", 0.0, questions_per_text=3
+    )
+    ids, labels, _ = language._sample(data.scenes, np.random.default_rng(0), 4)
     for row, label in zip(ids.tolist(), labels.tolist(), strict=True):
         text = tokenizer.decode([t for t in row if t != tokenizer.pad_token_id])
         assert text.count("Question:") == text.count("Short answer:") == 3
@@ -384,7 +388,9 @@ def _smoke_phases(config):
     torch.manual_seed(0)
     phases = {
         "vision": VisionPretraining(arch, data, data, 0),
-        "language": LanguagePretraining(arch, data, data, captioning.tokenizer, 0, 0.8, "scene", 0.5),
+        "language": LanguagePretraining(
+            arch, data.scenes, data.scenes, captioning.tokenizer, 0, 0.8, "scene", 0.5
+        ),
         "stage1": QFormerPretraining(arch, data, data, retrieval, states[0], 0, PHRASE_SHARE),
         "stage2": GenerativePretraining(
             arch, data, data, captioning, retrieval.tokenizer, *states, 0, 0.3, "scene", 1.0, text_embeddings
@@ -646,18 +652,56 @@ def test_bundled_model_is_small_and_in_the_app_format():
     assert itm_config["architectures"] == ["Blip2ForImageTextRetrieval"]
 
 
-def test_saved_data_is_read_back_only_for_the_data_it_was_rendered_for(smoke_config, tmp_path):
-    from blip2_app.training.train import _load_data, _save_data
+def test_stage_2_pictures_are_rendered_once_and_borrowed_where_the_scene_is_the_same(smoke_config, tmp_path):
+    """The captioning data (its own classic share) takes the pixels of the vision data's pictures
+    where the scene is the same and renders the rest: the same tensors as rendering it whole, one
+    process or two (the helper's file). The file is read back only for its data section."""
+    from blip2_app.training.shapes_data import new_rows
+    from blip2_app.training.train import _load_pictures, _save_pictures, render_data, scene_lists
 
-    path, data = tmp_path / CAPTIONING_DATA, ("train", "val")
-    _save_data(path, smoke_config, data)  # type: ignore[arg-type]
-    assert _load_data(path, smoke_config) == data
-    other_grid = smoke_config.replace(
-        architecture=dataclasses.replace(smoke_config.architecture, patch_size=16)
+    config = smoke_config.replace(data=dataclasses.replace(smoke_config.data, train_images=60, val_images=20))
+    processor = vocab.image_processor(config.architecture.image_size)
+    vision_share, captioning_share = config.data.classic_share, config.data.captioning_share
+    assert vision_share != captioning_share
+    vision = render_data(config, processor, vision_share)
+    whole = render_data(config, processor, captioning_share)
+    borrowed = render_data(config, processor, captioning_share, borrow=vision)
+    path = tmp_path / CAPTIONING_PICTURES
+    _save_pictures(
+        path, config, scene_lists(config, captioning_share), scene_lists(config, vision_share), processor
     )
-    assert _load_data(path, other_grid) is None  # patch labels counted on another grid
-    assert _load_data(path, smoke_config.replace(seed=1)) is None
-    assert _load_data(tmp_path / "missing.pt", smoke_config) is None
+    helped = _load_pictures(path, config, vision)
+    assert helped is not None
+    rows = [len(new_rows(w.scenes, v.scenes)) for w, v in zip(whole, vision, strict=True)]
+    assert 0 < rows[0] < len(whole[0])  # some pictures borrowed, some rendered
+    for data in (borrowed, helped):
+        for mine, theirs in zip(data, whole, strict=True):
+            assert mine.scenes == theirs.scenes
+            for field in ("pixels", "patch_labels", "object_labels", "slot_labels", "counts"):
+                assert torch.equal(getattr(mine, field), getattr(theirs, field)), field
+    other_grid = config.replace(architecture=dataclasses.replace(config.architecture, patch_size=16))
+    assert _load_pictures(path, other_grid, vision) is None  # patch labels counted on another grid
+    assert _load_pictures(path, config.replace(seed=1), vision) is None
+    assert _load_pictures(tmp_path / "missing.pt", config, vision) is None
+    assert _load_pictures(path, config, whole) is None  # rendered against other scenes
+
+
+def test_vision_features_side_by_side_are_the_features_of_one_thread(smoke_config):
+    from blip2_app.training.phases import vision_features
+
+    arch = smoke_config.architecture
+    _, retrieval = vocab.processors(arch.image_size, arch.num_query_tokens, arch.question_aware)
+    torch.manual_seed(0)
+    vision = architecture.new_retrieval_model(arch, retrieval).vision_model
+    pixels = torch.randn(70, 3, arch.image_size, arch.image_size)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = vision_features(vision, pixels, chunk=16)
+        two = vision_features(vision, pixels, chunk=16, workers=2)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two) and not one.requires_grad
 
 
 def test_stage1_from_an_encoder_retrains_the_twin_of_that_run(smoke, tmp_path, capsys):
@@ -739,9 +783,9 @@ def test_a_parallel_run_gives_the_weights_of_one_process(smoke, smoke_config, tm
         smoke_config, tmp_path / "model", work_dir=tmp_path / "work", progress=False, parallel=True
     )
     assert report.finished and (tmp_path / "work" / "parallel-config.json").exists()
-    # stage 2 read the data the helper rendered (the smoke recipe's captioning share is its own)
+    # stage 2 read the pictures the helper rendered (the smoke recipe's captioning share is its own)
     assert smoke_config.data.captioning_share != smoke_config.data.classic_share
-    assert (tmp_path / "work" / CAPTIONING_DATA).exists()
+    assert (tmp_path / "work" / CAPTIONING_PICTURES).exists()
     for folder in (lambda r: r.out_dir, lambda r: r.itm_dir):
         one, two = (load_file(folder(r) / "model.safetensors") for r in (smoke, report))
         assert one.keys() == two.keys()

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,7 @@ from .config import ArchitectureConfig
 from .shapes_data import (
     ATTRIBUTE_CLASSES,
     COLOURS,
+    Scene,
     ShapesData,
     attribute_queries,
     perturb,
@@ -192,8 +194,8 @@ class LanguagePretraining(nn.Module):
     def __init__(
         self,
         arch,
-        train: ShapesData,
-        val: ShapesData,
+        train: Sequence[Scene],
+        val: Sequence[Scene],
         tokenizer,
         seed: int,
         prefix_fraction: float,
@@ -207,21 +209,21 @@ class LanguagePretraining(nn.Module):
         self.lm = architecture.new_language_model(arch, tokenizer)
         self.caption_fraction, self.questions_per_text = caption_fraction, questions_per_text
         self.chat_fraction, self.prompt_variety = chat_fraction, prompt_variety
-        self.tokenizer, self.train_data, self.val_data = tokenizer, train, val
+        self.tokenizer, self.train_scenes, self.val_scenes = tokenizer, train, val
         self.ids = TokenIds(tokenizer)
         self.seed, self.prefix_fraction, self.prefix = seed, prefix_fraction, prefix
         self.code = SceneCode(tokenizer, prefix, arch.num_query_tokens, answer_slot=arch.question_aware)
 
-    def _sample(self, data: ShapesData, rng: np.random.Generator, batch_size: int):
+    def _sample(self, scenes: Sequence[Scene], rng: np.random.Generator, batch_size: int):
         """(ids, labels, extra): `extra` (batch, length, k) holds the further words summed into
         each prefix position of a "slots" code (-1 where none; k = 0 for the text prefixes)."""
         tok = self.tokenizer
         ids, labels, extras = [], [], []
         variety = batch_variety(rng, self.prompt_variety)
-        for i in rng.choice(len(data), batch_size, replace=False):
-            scene = data.scenes[int(i)]
+        for i in rng.choice(len(scenes), batch_size, replace=False):
+            scene = scenes[int(i)]
             prompt, answer = sample_prompt(
-                scene, rng, self.caption_fraction, self.chat_fraction, variety, data.scenes
+                scene, rng, self.caption_fraction, self.chat_fraction, variety, scenes
             )
             with_prefix = rng.random() < self.prefix_fraction
             prefix, extra = self.code(scene, answer if prompt else None) if with_prefix else ([], [])
@@ -267,7 +269,9 @@ class LanguagePretraining(nn.Module):
         return self.parts(step, batch_size, 1)[0]()
 
     def parts(self, step: int, batch_size: int, count: int) -> list[Part]:
-        ids, labels, extra = self._sample(self.train_data, batch_rng(self.seed, self.INDEX, step), batch_size)
+        ids, labels, extra = self._sample(
+            self.train_scenes, batch_rng(self.seed, self.INDEX, step), batch_size
+        )
         supervised = int((labels != IGNORE).sum())  # the loss is their mean over the whole batch
         return [
             functools.partial(
@@ -332,11 +336,13 @@ class LanguagePretraining(nn.Module):
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        batch = self._sample(self.val_data, np.random.default_rng(self.seed), min(256, len(self.val_data)))
+        batch = self._sample(
+            self.val_scenes, np.random.default_rng(self.seed), min(256, len(self.val_scenes))
+        )
         result = {"val_loss": self._loss(*batch).item()}
         if self.prefix != "caption":
-            result.update(self.answer_accuracy(self.val_data.scenes))
-            result["prefix_caption_exact"] = self.caption_accuracy(self.val_data.scenes)
+            result.update(self.answer_accuracy(self.val_scenes))
+            result["prefix_caption_exact"] = self.caption_accuracy(self.val_scenes)
         return result
 
 
@@ -508,13 +514,24 @@ def _chat_templates():
     return Registry.load().families["instructblip-opt"].templates
 
 
-@torch.no_grad()
-def vision_features(vision: nn.Module, pixels: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """The frozen encoder's output for every image, computed once: later phases only read it."""
+def vision_features(
+    vision: nn.Module, pixels: torch.Tensor, chunk: int = 256, workers: int = 1
+) -> torch.Tensor:
+    """The frozen encoder's output for every image, computed once: later phases only read it.
+    With `workers` > 1 and one PyTorch thread, that many chunks run side by side, each on its own
+    thread: every chunk is the same call on the same single thread, so the features are the same
+    bits (with more PyTorch threads the chunks run in turn, as the thread count decides them)."""
     vision.eval()
-    return torch.cat(
-        [vision(pixel_values=pixels[i : i + chunk]).last_hidden_state for i in range(0, len(pixels), chunk)]
-    )
+
+    def encode(start: int) -> torch.Tensor:
+        with torch.no_grad():  # grad mode is per thread
+            return vision(pixel_values=pixels[start : start + chunk]).last_hidden_state
+
+    starts = range(0, len(pixels), chunk)
+    if workers < 2 or torch.get_num_threads() != 1 or len(starts) < 2:
+        return torch.cat([encode(start) for start in starts])
+    with ThreadPoolExecutor(workers) as pool:
+        return torch.cat(list(pool.map(encode, starts)))
 
 
 # With `object_phrases` (the randomised recipe), one image in this many also gets an object
@@ -541,6 +558,7 @@ class QFormerPretraining(nn.Module):
         seed: int,
         phrase_share: int = 0,  # 0: no object phrases (the classic recipe); else one image in this many
         attribute_weight: float = 0.0,  # weight of the attribute-query loss (0: none)
+        feature_workers: int = 1,  # threads computing the frozen encoder's features (`vision_features`)
     ):
         super().__init__()
         self.phrase_share, self.attribute_weight = phrase_share, attribute_weight
@@ -550,8 +568,8 @@ class QFormerPretraining(nn.Module):
         self.model.query_tokens.data.normal_(0.0, 0.02)
         self.log_temperature = nn.Parameter(torch.tensor(0.07).log())
         self.tokenizer, self.train_data, self.val_data, self.seed = processor.tokenizer, train, val, seed
-        self.train_features = vision_features(self.model.vision_model, train.pixels)
-        self.val_features = vision_features(self.model.vision_model, val.pixels)
+        self.train_features = vision_features(self.model.vision_model, train.pixels, workers=feature_workers)
+        self.val_features = vision_features(self.model.vision_model, val.pixels, workers=feature_workers)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -715,6 +733,7 @@ class GenerativePretraining(nn.Module):
         text_embeddings_state: dict | None = None,
         chat_fraction: float = 0.0,
         prompt_variety: float = 0.0,
+        feature_workers: int = 1,  # threads computing the frozen encoder's features (`vision_features`)
     ):
         super().__init__()
         self.model = architecture.new_captioning_model(arch, processor, qformer_tokenizer)
@@ -755,8 +774,8 @@ class GenerativePretraining(nn.Module):
         self.code_loss_weight = code_loss_weight
         if code_loss_weight and lm_prefix == "caption":
             raise ValueError("code_loss_weight needs a fixed-length scene code (lm_prefix scene or slots).")
-        self.train_features = vision_features(self.model.vision_model, train.pixels)
-        self.val_features = vision_features(self.model.vision_model, val.pixels)
+        self.train_features = vision_features(self.model.vision_model, train.pixels, workers=feature_workers)
+        self.val_features = vision_features(self.model.vision_model, val.pixels, workers=feature_workers)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

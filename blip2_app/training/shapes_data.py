@@ -7,6 +7,7 @@ so training sees exactly the pixels the app will feed the model.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,19 +47,31 @@ class ShapesData:
         image_processor,
         grid: int,
         unique_captions: bool = False,
-        chunk: int = 512,
         style: str = "classic",
         classic_share: float = 0.0,
+        borrow: ShapesData | None = None,
     ) -> ShapesData:
+        """The split's scenes, rendered; rows where `borrow` holds the same scene at the same index
+        take its pixels instead of rendering them again (a scene's pixels are a function of it)."""
         if style == "paint":
             raise ValueError("paint scenes are for evaluation only: training never sees that renderer")
         scenes = synthetic.generate_split(
             seed, split, size, unique_captions=unique_captions, style=style, classic_share=classic_share
         )
-        pixels = []
-        for start in range(0, len(scenes), chunk):
-            images = [scene.render() for scene in scenes[start : start + chunk]]
-            pixels.append(image_processor(images, return_tensors="pt").pixel_values)
+        if borrow is None:
+            return cls.from_scenes(scenes, render_pixels(scenes, image_processor), grid)
+        new = new_rows(scenes, borrow.scenes)
+        return cls.from_scenes(
+            scenes,
+            fill_pixels(len(scenes), new, render_pixels([scenes[i] for i in new], image_processor), borrow),
+            grid,
+        )
+
+    @classmethod
+    def from_scenes(cls, scenes: list[Scene], pixels: torch.Tensor, grid: int) -> ShapesData:
+        """The data of `scenes` with their pixels: the labels follow from the scenes."""
+        if len(pixels) != len(scenes):
+            raise ValueError(f"{len(pixels)} pictures for {len(scenes)} scenes")
         patch = np.stack([patch_attributes(scene, grid) for scene in scenes])
         slots = np.stack([slot_attributes(scene) for scene in scenes])
         objects = np.zeros((len(scenes), len(POSITIONS), 3), dtype=np.int64)
@@ -67,12 +80,42 @@ class ShapesData:
                 objects[row, index] = attributes(obj)
         return cls(
             scenes=scenes,
-            pixels=torch.cat(pixels),
+            pixels=pixels,
             patch_labels=torch.from_numpy(patch).long(),
             object_labels=torch.from_numpy(objects).long(),
             slot_labels=torch.from_numpy(slots).long(),
             counts=torch.tensor([len(scene.objects) - 1 for scene in scenes]),
         )
+
+
+def new_rows(scenes: Sequence[Scene], known: Sequence[Scene]) -> list[int]:
+    """Indices of `scenes` whose scene is not `known`'s at the same index: the ones to render."""
+    return [i for i, scene in enumerate(scenes) if i >= len(known) or known[i] != scene]
+
+
+def fill_pixels(count: int, rows: Sequence[int], rendered: torch.Tensor, borrow: ShapesData) -> torch.Tensor:
+    """(count, 3, H, W): `rendered` at `rows` (`new_rows`), `borrow`'s pixels at every other index."""
+    pixels = torch.empty((count, *borrow.pixels.shape[1:]), dtype=borrow.pixels.dtype)
+    borrowed = torch.ones(count, dtype=torch.bool)
+    borrowed[list(rows)] = False
+    index = borrowed.nonzero().squeeze(1)
+    pixels[index] = borrow.pixels[index]
+    if len(rows):
+        pixels[list(rows)] = rendered
+    return pixels
+
+
+def render_pixels(scenes: Sequence[Scene], image_processor, chunk: int = 512) -> torch.Tensor:
+    """(n, 3, H, W) float32: each scene rendered and passed through `image_processor`."""
+    if not scenes:
+        return torch.empty(0)
+    pixels = [
+        image_processor(
+            [scene.render() for scene in scenes[start : start + chunk]], return_tensors="pt"
+        ).pixel_values
+        for start in range(0, len(scenes), chunk)
+    ]
+    return torch.cat(pixels)
 
 
 def attributes(obj: synthetic.ShapeObject) -> tuple[int, int, int]:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from . import vocab
+from . import synthetic, vocab
 from .config import TrainConfig
 from .phases import (
     PHRASE_SHARE,
@@ -34,14 +34,15 @@ from .phases import (
     QFormerPretraining,
     VisionPretraining,
 )
-from .shapes_data import ShapesData
+from .shapes_data import ShapesData, fill_pixels, new_rows, render_pixels
+from .synthetic import Scene
 from .trainer import PhaseOutcome, run_phase, save_atomically, use_threads
 
 DEFAULT_OUT = Path("assets/models/blip2-shapes")
 INFO_FILE = "training.json"
-# In the work folder: the language model's data, rendered by the `--parallel` helper, read back by
-# the first process for stage 2.
-CAPTIONING_DATA = "captioning-data.pt"
+# In the work folder: the language model's scenes and the pictures of those the first process does
+# not render itself, from the `--parallel` helper, read back by the first process for stage 2.
+CAPTIONING_PICTURES = "captioning-pictures.pt"
 
 
 def twin_folder(out_dir: Path) -> Path:
@@ -115,10 +116,13 @@ def train(
     captioning, retrieval = vocab.processors(arch.image_size, arch.num_query_tokens, arch.question_aware)
     report = TrainReport(config)
 
-    def build(classic_share: float) -> tuple[ShapesData, ShapesData]:
-        return render_data(config, captioning.image_processor, classic_share)
+    def build(
+        classic_share: float, borrow: tuple[ShapesData, ShapesData] | None = None
+    ) -> tuple[ShapesData, ShapesData]:
+        return render_data(config, captioning.image_processor, classic_share, borrow)
 
-    # Started first: the helper renders the data it needs on the other core meanwhile.
+    # Started first: on the other core the helper renders the pictures stage 2 needs that this
+    # process does not render, then trains the language model.
     helper = _start_language_process(config, work_dir, progress) if parallel and work_dir else None
 
     def wait_for_helper() -> None:
@@ -158,11 +162,11 @@ def train(
         use_threads(config.threads_at(name, 0), wait_for_helper)
         torch.manual_seed(seed + TrainConfig.PHASES.index(name))  # vision: seed, language: seed + 1, ...
 
-    def train_language(data: tuple[ShapesData, ShapesData]) -> LanguagePretraining | None:
+    def train_language(scenes: tuple[list[Scene], list[Scene]]) -> LanguagePretraining | None:
         set_up("language")
         language = LanguagePretraining(
             arch,
-            *data,
+            *scenes,
             captioning.tokenizer,
             seed,
             config.prefix_fraction,
@@ -175,10 +179,19 @@ def train(
         return language if run("language", language, list(language.parameters())) else None
 
     if language_only:
-        captioning_data = build(config.data.captioning_share)
-        if work_dir is not None:  # stage 2's data, so the first process need not render it again
-            _save_data(work_dir / CAPTIONING_DATA, config, captioning_data)
-        report.finished = train_language(captioning_data) is not None
+        # The language model reads scenes alone. Stage 2's pictures are those of the first
+        # process where the scene is the same: render the rest for it first (a few minutes of
+        # rendering less on its side, which waits for them before training).
+        captioning_scenes = scene_lists(config, config.data.captioning_share)
+        if work_dir is not None and config.data.captioning_share != config.data.classic_share:
+            _save_pictures(
+                work_dir / CAPTIONING_PICTURES,
+                config,
+                captioning_scenes,
+                scene_lists(config, config.data.classic_share),
+                captioning.image_processor,
+            )
+        report.finished = train_language(captioning_scenes) is not None
         return _stopped(report, started)
     # The vision encoder's and stage 1's data; the language model's and stage 2's are the same
     # data when the classic shares are equal.
@@ -195,7 +208,15 @@ def train(
         set_up("stage1")
         phrase_share = PHRASE_SHARE if config.object_phrases else 0
         stage1 = QFormerPretraining(
-            arch, train_data, val_data, retrieval, vision_state, seed, phrase_share, config.attribute_queries
+            arch,
+            train_data,
+            val_data,
+            retrieval,
+            vision_state,
+            seed,
+            phrase_share,
+            config.attribute_queries,
+            feature_workers=workers(),
         )
         if not run("stage1", stage1, stage1.trainable_parameters()):
             return _stopped(report, started)
@@ -206,10 +227,13 @@ def train(
     captioning_data = (
         (train_data, val_data)
         if same_share
-        else _load_data(work_dir / CAPTIONING_DATA if work_dir else None, config)
-        or build(config.data.captioning_share)
+        else _load_pictures(
+            work_dir / CAPTIONING_PICTURES if work_dir else None, config, (train_data, val_data)
+        )
+        or build(config.data.captioning_share, borrow=(train_data, val_data))
     )
-    language = train_language(captioning_data)  # with `parallel`: the helper's finished checkpoint
+    # with `parallel`: the helper's finished checkpoint
+    language = train_language((captioning_data[0].scenes, captioning_data[1].scenes))
     if language is None:
         return _stopped(report, started)
     captioning_train, captioning_val = captioning_data
@@ -232,6 +256,7 @@ def train(
         stage1.model.embeddings.state_dict(),
         config.chat_fraction,
         config.prompt_variety,
+        feature_workers=workers(),
     )
     if not run("stage2", stage2, stage2.trainable_parameters()):
         return _stopped(report, started)
@@ -247,11 +272,15 @@ def train(
     return report
 
 
-def render_data(config: TrainConfig, image_processor, classic_share: float) -> tuple[ShapesData, ShapesData]:
+def render_data(
+    config: TrainConfig,
+    image_processor,
+    classic_share: float,
+    borrow: tuple[ShapesData, ShapesData] | None = None,
+) -> tuple[ShapesData, ShapesData]:
     """A phase's (train, val) data; validation captions are unique so retrieval on them is well
-    defined."""
+    defined. Pictures of `borrow`'s (train, val) whose scene is the same are not rendered again."""
     arch = config.architecture
-    splits = (("train", config.data.train_images), ("val", config.data.val_images))
     train_split, val_split = (
         ShapesData.build(
             config.seed,
@@ -262,10 +291,31 @@ def render_data(config: TrainConfig, image_processor, classic_share: float) -> t
             unique_captions=split != "train",
             style=config.data.style,
             classic_share=classic_share,
+            borrow=borrow[index] if borrow else None,
         )
-        for split, size in splits
+        for index, (split, size) in enumerate(_splits(config))
     )
     return train_split, val_split
+
+
+def scene_lists(config: TrainConfig, classic_share: float) -> tuple[list[Scene], list[Scene]]:
+    """The (train, val) scenes `render_data` renders."""
+    train_scenes, val_scenes = (
+        synthetic.generate_split(
+            config.seed,
+            split,
+            size,
+            unique_captions=split != "train",
+            style=config.data.style,
+            classic_share=classic_share,
+        )
+        for split, size in _splits(config)
+    )
+    return train_scenes, val_scenes
+
+
+def _splits(config: TrainConfig) -> tuple[tuple[str, int], tuple[str, int]]:
+    return ("train", config.data.train_images), ("val", config.data.val_images)
 
 
 def available_cores() -> int:
@@ -297,16 +347,47 @@ def _data_key(config: TrainConfig) -> dict:
     }
 
 
-def _save_data(path: Path, config: TrainConfig, data: tuple[ShapesData, ShapesData]) -> None:
-    save_atomically(path, {"key": _data_key(config), "data": data})
+def _save_pictures(
+    path: Path,
+    config: TrainConfig,
+    scenes: tuple[list[Scene], list[Scene]],
+    known: tuple[list[Scene], list[Scene]],
+    image_processor,
+) -> None:
+    """(train, val) `scenes`, and the pictures of those not at the same index of `known`."""
+    splits = []
+    for wanted, have in zip(scenes, known, strict=True):
+        rows = new_rows(wanted, have)
+        splits.append(
+            {
+                "scenes": wanted,
+                "rows": rows,
+                "pixels": render_pixels([wanted[i] for i in rows], image_processor),
+            }
+        )
+    save_atomically(path, {"key": _data_key(config), "splits": splits})
 
 
-def _load_data(path: Path | None, config: TrainConfig) -> tuple[ShapesData, ShapesData] | None:
-    """The helper's data when it was rendered for this config's data section, else None."""
+def _load_pictures(
+    path: Path | None, config: TrainConfig, borrow: tuple[ShapesData, ShapesData]
+) -> tuple[ShapesData, ShapesData] | None:
+    """The helper's (train, val) data, its pictures completed from `borrow`'s, when it was rendered
+    for this config's data section and against `borrow`'s scenes; else None."""
     if path is None or not path.exists():
         return None
     saved = torch.load(path, weights_only=False)
-    return saved["data"] if saved["key"] == _data_key(config) else None
+    if saved["key"] != _data_key(config):
+        return None
+    grid = config.architecture.image_size // config.architecture.patch_size
+    data = []
+    for split, known in zip(saved["splits"], borrow, strict=True):
+        scenes, rows = split["scenes"], split["rows"]
+        if rows != new_rows(scenes, known.scenes):
+            return None
+        data.append(
+            ShapesData.from_scenes(scenes, fill_pixels(len(scenes), rows, split["pixels"], known), grid)
+        )
+    return data[0], data[1]
 
 
 def _wait_for(helper: subprocess.Popen) -> None:
