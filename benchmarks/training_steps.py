@@ -33,7 +33,7 @@ from blip2_app.training.phases import (  # noqa: E402
     QFormerPretraining,
     VisionPretraining,
 )
-from blip2_app.training.train import PHRASE_SHARE, render_data  # noqa: E402
+from blip2_app.training.train import render_data  # noqa: E402
 from blip2_app.training.trainer import CLIP_NORM, accumulate_gradients  # noqa: E402
 
 WAYS = ("whole, 1 thread", "whole, 2 threads", "parts in turn, 1 thread", "parts side by side")
@@ -48,7 +48,7 @@ def build_phases(config: TrainConfig, images: int) -> dict:
     itm = architecture.new_retrieval_model(arch, retrieval)
     lm = architecture.new_language_model(arch, captioning.tokenizer)
     vision_state = itm.vision_model.state_dict()
-    phrases = PHRASE_SHARE if config.object_phrases else 0
+    phrases = config.stage1_phrase_share
     return {
         "vision": VisionPretraining(arch, train, val, 0),
         "language": LanguagePretraining(

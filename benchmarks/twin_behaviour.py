@@ -1,6 +1,7 @@
 """What the search and Explain tabs do with a retrieval twin of the demo model (issue 19): the
-counts behind tests/test_search_chat.py's and tests/test_explain.py's ranking tests, on the same
-held-out scenes, plus the same questions in words the twin was never trained on.
+counts behind tests/test_search_chat.py's, tests/test_explain.py's and test_demo_model.py's ranking
+and matching tests, on the same held-out scenes, plus the same questions in words the twin was
+never trained on. `--scenes 1000 --pairs 1000` tells a twin's rates from one draw's luck.
 
     python benchmarks/twin_behaviour.py                                   # the bundled twin
     python benchmarks/twin_behaviour.py assets/models/blip2-shapes-itm /tmp/run/out/blip2-shapes-itm \
@@ -9,8 +10,9 @@ held-out scenes, plus the same questions in words the twin was never trained on.
 Per twin (fp32), about 30 seconds: "more like this" from each red circle of six galleries of 120
 single-shape pictures (first result a red circle), an example image of a red shape with a
 negative text (no red shape in the top 3; first result a non-red look-alike), heatmap peaks in
-the named shape, a caption's match above that of an absent shape, and zero-shot labels of one
-shape's colour and shape. Stage 1 is trained on some forms of "a red shape" / "a photo of {}"
+the named shape, a caption's match above that of an absent shape, zero-shot labels of one
+shape's colour and shape, and ITM of an object's phrase above its false twin ("the blue circle"
+for a red one) on both renderers. Stage 1 is trained on some forms of "a red shape" / "a photo of {}"
 (`shapes_data.COLOUR_FORMS`, `SHAPE_FORMS`); "anything red", "a drawing of {}", "this shape is {}"
 and "this is a {}" are not among them.
 """
@@ -23,6 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +35,7 @@ from blip2_app import explain  # noqa: E402
 from blip2_app.config import Settings  # noqa: E402
 from blip2_app.startup import load_engine  # noqa: E402
 from blip2_app.training import synthetic  # noqa: E402
+from blip2_app.training.shapes_data import phrase_pair  # noqa: E402
 from blip2_app.ui.tabs.retrieval import RetrievalHandlers, SearchView  # noqa: E402
 
 FIRST_GALLERY_SEED = 777  # tests/test_search_chat.py's six galleries: seeds 777-782, 120 pictures
@@ -122,14 +126,33 @@ def explain_counts(engine, scenes: int) -> dict[str, tuple[int, int]]:
     return counts
 
 
+def false_twin_counts(engine, scenes: int, batch: int = 50) -> dict[str, tuple[int, int]]:
+    """(count, out of) of ITM scoring an object's phrase above its false twin on the same image, per
+    renderer: tests/test_demo_model.py's pairs (seed 20266, the phrase generator seeded 0; 40 there)."""
+    counts = {}
+    for renderer in ("random", "paint"):
+        rng = np.random.default_rng(0)
+        drawn = [synthetic.make_scene(20266, "test", i, style=renderer) for i in range(scenes)]
+        pairs = [phrase_pair(scene, rng) for scene in drawn]
+        above = 0
+        for start in range(0, scenes, batch):
+            images = [scene.render() for scene in drawn[start : start + batch]]
+            true = engine.itm(images, [t for t, _ in pairs[start : start + batch]])
+            false = engine.itm(images, [f for _, f in pairs[start : start + batch]])
+            above += int((np.asarray(true) > np.asarray(false)).sum())
+        counts[f"ITM: named object above its false twin ({renderer})"] = (above, scenes)
+    return counts
+
+
 def measure(
-    twin: str, galleries: int = 6, gallery_size: int = 120, scenes: int = 50
+    twin: str, galleries: int = 6, gallery_size: int = 120, scenes: int = 50, pairs: int = 40
 ) -> dict[str, tuple[int, int]]:
     engine = load_engine(Settings(model=twin, precision="fp32", retrieval_model="none"))
     with tempfile.TemporaryDirectory() as folder:
         return {
             **search_counts(engine, Path(folder), galleries, gallery_size),
             **explain_counts(engine, scenes),
+            **false_twin_counts(engine, pairs),
         }
 
 
@@ -161,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--galleries", type=int, default=6, help="galleries of single-shape pictures")
     parser.add_argument("--gallery-size", type=int, default=120)
     parser.add_argument("--scenes", type=int, default=50, help="scenes per Explain measure")
+    parser.add_argument("--pairs", type=int, default=40, help="scenes per false-twin ITM measure")
     parser.add_argument("--out", type=Path, help="write <out>.json and <out>.md")
     args = parser.parse_args(argv)
     names = args.name or args.twins
@@ -168,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give one --name per twin")
     torch.set_num_threads(args.threads)
     results = {
-        name: measure(twin, args.galleries, args.gallery_size, args.scenes)
+        name: measure(twin, args.galleries, args.gallery_size, args.scenes, args.pairs)
         for name, twin in zip(names, args.twins, strict=True)
     }
     text = markdown(results)

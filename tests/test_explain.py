@@ -21,6 +21,7 @@ from blip2_app.config import Settings
 from blip2_app.errors import InvalidRequestError
 from blip2_app.startup import load_engine
 from blip2_app.training import synthetic
+from blip2_app.training.shapes_data import phrase_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "assets" / "models" / "blip2-shapes-itm"
@@ -214,7 +215,7 @@ def test_twin_behaviour_benchmark_counts_what_the_tests_count(demo, tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import twin_behaviour
 
-    small = ["--galleries", "1", "--gallery-size", "30", "--scenes", "4"]
+    small = ["--galleries", "1", "--gallery-size", "30", "--scenes", "4", "--pairs", "6"]
     twin_behaviour.main(["shapes-demo-itm", *small, "--out", str(tmp_path / "t")])
     counts = json.loads((tmp_path / "t.json").read_text())["counts"]["shapes-demo-itm"]
     gallery = [synthetic.make_scene(777, "test", i, count=1).objects[0] for i in range(30)]
@@ -228,4 +229,10 @@ def test_twin_behaviour_benchmark_counts_what_the_tests_count(demo, tmp_path):
         for s in scenes
     )
     assert counts["zero-shot colour: 'a photo of {}'"] == [right, 4]
+    rng = np.random.default_rng(0)
+    drawn = [synthetic.make_scene(20266, "test", i, style="paint") for i in range(6)]
+    pairs = [phrase_pair(scene, rng) for scene in drawn]  # tests/test_demo_model.py's first six
+    images = [scene.render() for scene in drawn]
+    true, false = demo.itm(images, [t for t, _ in pairs]), demo.itm(images, [f for _, f in pairs])
+    assert counts["ITM: named object above its false twin (paint)"] == [int((true > false).sum()), 6]
     assert (tmp_path / "t.md").read_text().count("\n| ") == len(counts) + 1

@@ -66,6 +66,13 @@ def test_configs_are_validated():
         TrainConfig.from_dict({"name": "x", "lm_prefix": "caption", "code_loss_weight": 1.0})
     with pytest.raises(ValueError, match="attribute_queries must not be negative"):
         TrainConfig.from_dict({"name": "x", "attribute_queries": -0.1})
+    with pytest.raises(ValueError, match="phrase_share must be a positive"):
+        TrainConfig.from_dict({"name": "x", "phrase_share": 0})
+    with pytest.raises(ValueError, match="phrase_share must be a whole number"):
+        TrainConfig.from_dict({"name": "x", "phrase_share": 2.5})
+    # phrase pairs in stage 1 only with object_phrases; one image in phrase_share otherwise
+    assert (config.object_phrases, config.stage1_phrase_share) == (True, config.phrase_share)
+    assert TrainConfig.from_dict({"name": "x", "phrase_share": 2}).stage1_phrase_share == 0
     with pytest.raises(ValueError, match="positive"):
         PhaseConfig(steps=0, batch_size=8, lr=1e-3)
     with pytest.raises(ValueError, match="multiple of"):
@@ -379,7 +386,6 @@ def _fresh_states(arch, captioning, retrieval):
 def _smoke_phases(config):
     """Every phase of the smoke recipe on fresh weights and 16 images, with its trainable parameters."""
     from blip2_app.training.phases import QFormerPretraining, VisionPretraining
-    from blip2_app.training.train import PHRASE_SHARE
 
     arch = config.architecture
     captioning, retrieval = vocab.processors(arch.image_size, arch.num_query_tokens, arch.question_aware)
@@ -391,7 +397,7 @@ def _smoke_phases(config):
         "language": LanguagePretraining(
             arch, data.scenes, data.scenes, captioning.tokenizer, 0, 0.8, "scene", 0.5
         ),
-        "stage1": QFormerPretraining(arch, data, data, retrieval, states[0], 0, PHRASE_SHARE),
+        "stage1": QFormerPretraining(arch, data, data, retrieval, states[0], 0, 4),
         "stage2": GenerativePretraining(
             arch, data, data, captioning, retrieval.tokenizer, *states, 0, 0.3, "scene", 1.0, text_embeddings
         ),

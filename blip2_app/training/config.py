@@ -169,6 +169,9 @@ class TrainConfig:
     language_prompt_variety: float | None = None
     # Stage 1 also matches phrases about one object (and their false twins): the randomised recipe.
     object_phrases: bool = False
+    # With object_phrases, one image in this many gets such a phrase pair (1: every image). More
+    # pairs teach the ITM head the Explain tab's "the red circle" vs "the blue circle".
+    phrase_share: int = 4
     # Stage 1: weight of the loss on each colour and shape named alone ("a red shape", "a photo of
     # a circle"; `QFormerPretraining._attribute_loss`), which search negatives and zero-shot labels
     # need (0: none).
@@ -176,10 +179,15 @@ class TrainConfig:
 
     PHASES = ("vision", "language", "stage1", "stage2")
 
+    @property
+    def stage1_phrase_share(self) -> int:
+        """One image in this many gets an object phrase pair in stage 1; 0: none."""
+        return self.phrase_share if self.object_phrases else 0
+
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("A training config needs a name.")
-        _positive(self, "threads", "workers", "lm_questions_per_text")
+        _positive(self, "threads", "workers", "lm_questions_per_text", "phrase_share")
         if self.lm_prefix not in ("caption", "scene", "slots"):
             raise ValueError(f"lm_prefix must be 'caption', 'scene' or 'slots'; got {self.lm_prefix!r}.")
         queries = self.architecture.num_query_tokens
@@ -187,6 +195,8 @@ class TrainConfig:
             raise ValueError("lm_prefix 'slots' needs num_query_tokens a multiple of 3 (one share per slot).")
         if self.code_loss_weight < 0:
             raise ValueError("code_loss_weight must not be negative.")
+        if not isinstance(self.phrase_share, int):
+            raise ValueError(f"phrase_share must be a whole number; got {self.phrase_share!r}.")
         if self.attribute_queries < 0:
             raise ValueError("attribute_queries must not be negative.")
         question_aware = self.architecture.question_aware

@@ -534,11 +534,6 @@ def vision_features(
         return torch.cat(list(pool.map(encode, starts)))
 
 
-# With `object_phrases` (the randomised recipe), one image in this many also gets an object
-# phrase and its false twin as ITM pairs.
-PHRASE_SHARE = 4
-
-
 class QFormerPretraining(nn.Module):
     """Stage 1: ITC (max over query tokens of the cosine, as BLIP-2 and the app's `itc`) and ITM
     with hard negatives: the most similar wrong text/image in the batch (sampled by ITC weight, as

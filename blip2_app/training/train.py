@@ -28,7 +28,6 @@ import transformers
 from . import synthetic, vocab
 from .config import TrainConfig
 from .phases import (
-    PHRASE_SHARE,
     GenerativePretraining,
     LanguagePretraining,
     QFormerPretraining,
@@ -179,9 +178,9 @@ def train(
         return language if run("language", language, list(language.parameters())) else None
 
     if language_only:
-        # The language model reads scenes alone. Stage 2's pictures are those of the first
-        # process where the scene is the same: render the rest for it first (a few minutes of
-        # rendering less on its side, which waits for them before training).
+        # The language model reads scenes alone. Stage 2's pictures are the first process's
+        # where the scene is the same (most of them in shapes-demo): render only the others,
+        # and first, so they wait in the work folder long before stage 2 starts.
         captioning_scenes = scene_lists(config, config.data.captioning_share)
         if work_dir is not None and config.data.captioning_share != config.data.classic_share:
             _save_pictures(
@@ -206,7 +205,7 @@ def train(
         vision_state = vision.vision.state_dict()
 
         set_up("stage1")
-        phrase_share = PHRASE_SHARE if config.object_phrases else 0
+        phrase_share = config.stage1_phrase_share
         stage1 = QFormerPretraining(
             arch,
             train_data,
