@@ -49,15 +49,21 @@ class ShapesData:
         unique_captions: bool = False,
         style: str = "classic",
         classic_share: float = 0.0,
-        borrow: ShapesData | None = None,
     ) -> ShapesData:
-        """The split's scenes, rendered; rows where `borrow` holds the same scene at the same index
-        take its pixels instead of rendering them again (a scene's pixels are a function of it)."""
+        """The split's scenes, rendered."""
         if style == "paint":
             raise ValueError("paint scenes are for evaluation only: training never sees that renderer")
         scenes = synthetic.generate_split(
             seed, split, size, unique_captions=unique_captions, style=style, classic_share=classic_share
         )
+        return cls.rendered(scenes, image_processor, grid)
+
+    @classmethod
+    def rendered(
+        cls, scenes: list[Scene], image_processor, grid: int, borrow: ShapesData | None = None
+    ) -> ShapesData:
+        """`scenes` rendered; rows where `borrow` holds the same scene at the same index take its
+        pixels instead of rendering them again (a scene's pixels are a function of it)."""
         if borrow is None:
             return cls.from_scenes(scenes, render_pixels(scenes, image_processor), grid)
         new = new_rows(scenes, borrow.scenes)

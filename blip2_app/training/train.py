@@ -280,25 +280,16 @@ def render_data(
     """A phase's (train, val) data; validation captions are unique so retrieval on them is well
     defined. Pictures of `borrow`'s (train, val) whose scene is the same are not rendered again."""
     arch = config.architecture
+    grid = arch.image_size // arch.patch_size
     train_split, val_split = (
-        ShapesData.build(
-            config.seed,
-            split,
-            size,
-            image_processor,
-            arch.image_size // arch.patch_size,
-            unique_captions=split != "train",
-            style=config.data.style,
-            classic_share=classic_share,
-            borrow=borrow[index] if borrow else None,
-        )
-        for index, (split, size) in enumerate(_splits(config))
+        ShapesData.rendered(scenes, image_processor, grid, borrow[index] if borrow else None)
+        for index, scenes in enumerate(scene_lists(config, classic_share))
     )
     return train_split, val_split
 
 
 def scene_lists(config: TrainConfig, classic_share: float) -> tuple[list[Scene], list[Scene]]:
-    """The (train, val) scenes `render_data` renders."""
+    """The (train, val) scenes `render_data` renders (`data.style` is never "paint": DataConfig)."""
     train_scenes, val_scenes = (
         synthetic.generate_split(
             config.seed,
