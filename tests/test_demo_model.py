@@ -88,8 +88,8 @@ def test_answers_about_the_object_the_question_names(demo_engine):
     """Fresh images of three shapes, where an answer about *a* shape is right a third of the time
     (the second bundled model's colour answers were right half the time over all images). Its
     Q-Former now reads the question (docs/decisions/0004-question-aware-qformer-for-the-demo-model.md).
-    Measured on these 60 objects: colour asked by shape 60 of 60, place asked by colour and shape 46 of 60
-    (places are its weakest kind: 0.89 on the test split, 0.77 with three shapes)."""
+    Measured on these 60 objects: colour asked by shape 60 of 60, place asked by colour and shape 60 of 60
+    (an earlier model: 46 of 60 places, its weakest kind)."""
     images, colour_questions, place_questions, colours, places = [], [], [], [], []
     for scene in _three_shape_scenes(20263, 20):
         image = scene.render()
@@ -212,7 +212,7 @@ def test_an_answer_may_repeat_an_earlier_answer_or_an_examples(demo_engine):
 def test_itm_tells_the_named_object_from_its_false_twin(demo_engine, renderer):
     """The Explain tab's need: on one image, ITM scores "the red circle" above "the blue circle"
     when the circle is red (the false phrase changes the colour, to another object's colour or
-    an absent one, or the shape). At least 36 of 40 pairs (the bundled twin: 37 on each renderer)."""
+    an absent one, or the shape). At least 36 of 40 pairs (the bundled twin: 40 on each renderer)."""
     rng = np.random.default_rng(0)
     scenes = [synthetic.make_scene(20266, "test", i, style=renderer) for i in range(40)]
     pairs = [phrase_pair(scene, rng) for scene in scenes]

@@ -51,7 +51,7 @@ def heatmaps(demo):
     return found
 
 
-# Measured with the bundled demo model (50 scenes, seed 31337): 46 of 50 and 47 of 50 (the
+# Measured with the bundled demo model (50 scenes, seed 31337): 48 of 50 and 50 of 50 (the
 # twin before issue 19, which spread the evidence over every shape: 26 and 24).
 @needs_demo
 def test_the_heatmap_peaks_inside_the_named_shape(heatmaps):

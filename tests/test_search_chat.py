@@ -136,7 +136,7 @@ def galleries(searches, gallery, scenes, tmp_path_factory) -> list[tuple[list, G
 @needs_demo
 def test_more_like_this_from_a_red_circle_returns_red_circles_first(searches, galleries):
     """Every red circle of the galleries as the query (itself left out): the first result is a
-    red circle for at least 3 in 4 of them. Chance: about 1 in 24. (The bundled twin: 22 of 28;
+    red circle for at least 3 in 4 of them. Chance: about 1 in 24. (The bundled twin: 24 of 28;
     twins of other runs 22 to 26, benchmarks/results/twin_behaviour.md.)"""
     firsts = []
     for shown, session in galleries:
