@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         "--attribute-queries", type=float, help="the attribute-query weight instead of the config's"
     )
     parser.add_argument(
-        "--phrase-share", type=int, help="one image in this many gets ITM phrase pairs (the config's: 4)"
+        "--phrase-share", type=int, help="ITM phrase pairs for one image in N (default: the config's)"
     )
     parser.add_argument("--out", type=Path, required=True, help="folder for the retrieval twin")
     args = parser.parse_args(argv)
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config.replace(stage1=dataclasses.replace(config.stage1, steps=args.steps))
     if args.attribute_queries is not None:
         config = config.replace(attribute_queries=args.attribute_queries)
-    if args.phrase_share:
+    if args.phrase_share is not None:
         config = config.replace(phrase_share=args.phrase_share)
     arch, seed = config.architecture, config.seed
     torch.set_num_threads(config.threads_at("stage1", 0))
